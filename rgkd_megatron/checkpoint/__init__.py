@@ -1,0 +1,1 @@
+"""Atomic, layout-independent checkpoints on megatron-core dist_checkpointing."""

@@ -1,0 +1,158 @@
+"""Save/load of a role's full training state with megatron-core ``dist_checkpointing``.
+
+Layout on disk (``root`` = the run's checkpoint directory)::
+
+    root/iter_0000010/          dist_checkpointing dir: model + optimizer shards, common state
+    root/iter_0000010/rgkd.json  completion marker: iteration, layout, world size (written last)
+    root/iter_0000010/rng/rank_00003.pt   per-rank RNG states
+    root/latest                  text file naming the newest complete iteration (atomic replace)
+
+Atomicity: everything is written into ``iter_XXXXXXX.tmp`` and renamed once every rank has
+finished; a crash mid-save leaves only a ``.tmp`` directory, which is never loaded and is cleared
+by the next save. ``find_latest_checkpoint`` trusts a directory only when its marker exists.
+
+Resharding: model weights and the optimizer (``fully_reshardable`` format for the distributed
+optimizer) reload at any TP/PP/DP; RNG states are restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from rgkd_megatron.checkpoint.rng import capture_rng_state, restore_rng_state
+from rgkd_megatron.utils.logging import get_logger
+
+logger = get_logger(__name__)
+MARKER = "rgkd.json"
+_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+    "singleton_local_shards": False,
+}
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint under ``root`` (``latest`` file first, then a scan), or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    latest = root / "latest"
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / MARKER).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("iter_*") if p.suffix != ".tmp" and (p / MARKER).is_file())
+    return complete[-1] if complete else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _layout_of(engine_or_groups: Any) -> dict[str, int]:
+    layout = engine_or_groups.groups.layout
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": dist.get_world_size()}
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict:
+    return model.sharded_state_dict(metadata=dict(_METADATA))
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra: dict | None = None) -> Path:
+    """Collectively save model, optimizer, LR schedule, ``extra`` (e.g. data cursor) and RNG."""
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    model = engine.unwrapped()
+    model_sd = model_sharded_state_dict(model)
+    state = {
+        "model": model_sd,
+        "optimizer": engine.optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=dict(_METADATA)
+        ),
+        "scheduler": engine.scheduler.state_dict(),
+        "iteration": iteration,
+        "extra": extra or {},
+    }
+    dist_checkpointing.save(state, str(tmp))
+    torch.save(capture_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / MARKER).write_text(
+            json.dumps({"iteration": iteration, "layout": _layout_of(engine)}, indent=1)
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / "latest", final.name)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, engine: Any, load_optimizer: bool = True) -> dict:
+    """Load a checkpoint saved at any layout into ``engine``; returns {'iteration', 'extra'}."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{path}: not a complete rgkd checkpoint (missing {MARKER})")
+    meta = json.loads(marker.read_text())
+    model = engine.unwrapped()
+    model_sd = model_sharded_state_dict(model)
+    state: dict[str, Any] = {"model": model_sd, "scheduler": None, "iteration": None, "extra": None}
+    if load_optimizer:
+        state["optimizer"] = engine.optimizer.sharded_state_dict(
+            model_sharded_state_dict(model), is_loading=True, metadata=dict(_METADATA)
+        )
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"])
+    if load_optimizer:
+        engine.optimizer.load_state_dict(loaded["optimizer"])
+        engine.scheduler.load_state_dict(loaded["scheduler"])
+    if meta["layout"] == _layout_of(engine):
+        rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+        restore_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        logger.warning(
+            "checkpoint layout %s differs from the current %s: RNG states not restored",
+            meta["layout"],
+            _layout_of(engine),
+        )
+    return {"iteration": int(loaded["iteration"]), "extra": loaded["extra"]}
+
+
+def save_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Weights only (e.g. an initialisation shared by several layouts, or a converted checkpoint)."""
+    path = Path(path)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model_sharded_state_dict(model)}, str(path))
+    dist.barrier()
+
+
+def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, str(path))
+    model.load_state_dict(loaded["model"])

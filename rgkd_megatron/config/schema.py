@@ -1,0 +1,179 @@
+"""The config tree: one dataclass per section, the single source of truth for every knob.
+
+Design:
+- Plain dataclasses, no framework. Each field carries a one-line docstring right under it.
+- The defaults describe a tiny model that trains in seconds on CPU (the CI recipe).
+- Fields with a fixed set of values are typed ``Literal[...]``; the loader checks the choices from
+  the type hint, so the allowed values are written in exactly one place.
+- Parsing YAML, overrides and validation live in ``loader.py``; this module has no logic.
+
+Usage::
+
+    from rgkd_megatron.config import RGKDConfig, load_config
+    cfg = load_config("examples/tiny_sft.yaml", ["train.lr=1e-4"])
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the (student) GPT model: Llama-style, RMSNorm + SwiGLU + RoPE."""
+
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    ffn_hidden_size: int = 176
+    """Inner width of the SwiGLU MLP."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int | None = None
+    """Number of key/value heads for grouped-query attention; None = multi-head attention."""
+    vocab_size: int | None = None
+    """Vocabulary size before padding; None = take it from the tokenizer."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (times the TP size)."""
+    max_position_embeddings: int = 256
+    """Longest sequence the position encoding is set up for."""
+    rotary_base: float = 10000.0
+    """RoPE base frequency (theta)."""
+    rotary_scaling_factor: float | None = None
+    """RoPE context-extension scaling factor (Llama-3.1 style); None = no scaling."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the RMSNorm layers."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the output projection weights."""
+    add_qkv_bias: bool = False
+    """Add a bias to the QKV projection (Qwen-style)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    spec: Literal["auto", "local", "te"] = "auto"
+    """Layer spec: te = Transformer Engine, local = pure torch, auto = te when importable."""
+    params_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Parameter/compute dtype; auto = bf16 on GPU, fp32 on CPU."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none, selective (core attention) or full (whole layers)."""
+    load: str | None = None
+    """Path of a checkpoint to initialise the weights from; None = random initialisation."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout and communication options."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (PP)."""
+    sequence_parallel: bool = False
+    """Shard layer norms and dropout along the sequence over the TP group (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel group (ZeRO-1)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, gloo without."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer hyper-parameters (the learning-rate schedule is in ``train``)."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    """Optimizer: adam (AdamW, decoupled weight decay) or sgd."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay coefficient."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam denominator epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+
+
+@dataclass
+class DataConfig:
+    """Training data and tokenizer."""
+
+    train_path: str = ""
+    """JSONL file of {prompt, response} records, or a preprocessed dataset prefix."""
+    valid_path: str | None = None
+    """Validation data in the same format as train_path; None = no validation set."""
+    tokenizer: str = ""
+    """Path of a HF tokenizer.json (or its directory) or a sentencepiece .model file."""
+    seq_length: int = 128
+    """Tokens per training sequence (prompt + response, truncated or padded)."""
+    packing: bool = False
+    """Pack several short samples into one sequence instead of padding each."""
+
+
+@dataclass
+class TrainConfig:
+    """Training loop, batch sizes and learning-rate schedule."""
+
+    train_iters: int = 20
+    """Number of optimizer steps."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward pass on one data-parallel rank."""
+    global_batch_size: int = 4
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 2
+    """Linear warm-up steps from 0 to lr."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to min_lr after warm-up."""
+    seed: int = 1234
+    """Random seed (weights, data order, sampling)."""
+    log_interval: int = 1
+    """Log metrics every this many steps."""
+    save_interval: int = 0
+    """Save a checkpoint every this many steps; 0 = only at the end."""
+    eval_interval: int = 0
+    """Evaluate on valid_path every this many steps; 0 = never during training."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes and what it reports."""
+
+    run_dir: str = "runs/default"
+    """Directory for the resolved config, checkpoints, logs and metrics."""
+    wandb: bool = False
+    """Log metrics to Weights & Biases."""
+    wandb_project: str = "rgkd"
+    """wandb project name."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """wandb mode; offline writes under run_dir and syncs later."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under run_dir."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of the rank-aware logger."""
+
+
+@dataclass
+class RGKDConfig:
+    """Root of the config tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data and tokenizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop and schedule."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Outputs and metrics."""

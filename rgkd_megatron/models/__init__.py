@@ -1,0 +1,1 @@
+"""Model builders (policy, reward model, teacher) on megatron-core GPTModel."""

@@ -1,0 +1,1 @@
+"""Launch detection, process groups per role, and the CPU compatibility module."""

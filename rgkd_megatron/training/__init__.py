@@ -1,0 +1,1 @@
+"""Training core: engines (model + DDP + optimizer + LR schedule), steps, objectives, the loop."""

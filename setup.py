@@ -1,0 +1,50 @@
+"""Packaging for rgkd_megatron.
+
+CPU (tests, the embedded default): torch must be the CPU wheel, installed first and pinned
+(`pip install torch==2.13.0`); GPU users bring their own CUDA torch (e.g. an NGC container).
+megatron-core is pinned to the version verified on CPU/gloo and on Python 3.11.
+apex is not a pip dependency (the PyPI 'apex' is unrelated): GPU users build NVIDIA apex from
+source; it is detected at import time.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rgkd_megatron",
+    version="0.1.0",
+    description="Reward-guided preference-based knowledge distillation of LLMs on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rgkd_megatron", "rgkd_megatron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "einops>=0.7",
+        "numpy>=1.24",
+        "packaging",
+        "psutil",  # undeclared dependency of megatron-core dist_checkpointing saves (hangs without it)
+        "pyyaml>=6",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+        "wandb>=0.17",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.0", "triton>=3.0"],
+        "mpi": ["mpi4py>=3.1"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "transformers>=4.45",
+            "mpi4py>=3.1",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "rgkd-train=rgkd_megatron.cli.train:main",
+        ]
+    },
+)
