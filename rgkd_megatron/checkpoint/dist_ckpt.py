@@ -63,9 +63,13 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _layout_of(engine_or_groups: Any) -> dict[str, int]:
-    layout = engine_or_groups.groups.layout
+def _layout_of(engine: Any) -> dict[str, int]:
+    layout = engine.groups.layout
     return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": dist.get_world_size()}
+
+
+def _uses_distributed_optimizer(engine: Any) -> bool:
+    return bool(engine.model[0].ddp_config.use_distributed_optimizer)
 
 
 def model_sharded_state_dict(model: torch.nn.Module) -> dict:
@@ -83,7 +87,6 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        (tmp / "rng").mkdir()
     dist.barrier()
     model = engine.unwrapped()
     model_sd = model_sharded_state_dict(model)
@@ -97,11 +100,19 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra:
         "extra": extra or {},
     }
     dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
     torch.save(capture_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         (tmp / MARKER).write_text(
-            json.dumps({"iteration": iteration, "layout": _layout_of(engine)}, indent=1)
+            json.dumps(
+                {
+                    "iteration": iteration,
+                    "layout": _layout_of(engine),
+                    "distributed_optimizer": _uses_distributed_optimizer(engine),
+                },
+                indent=1,
+            )
         )
         if final.exists():
             shutil.rmtree(final)
@@ -119,10 +130,18 @@ def load_checkpoint(path: str | os.PathLike, engine: Any, load_optimizer: bool =
     if not marker.is_file():
         raise FileNotFoundError(f"{path}: not a complete rgkd checkpoint (missing {MARKER})")
     meta = json.loads(marker.read_text())
+    saved_distopt = meta.get("distributed_optimizer")
+    if load_optimizer and saved_distopt is not None and saved_distopt != _uses_distributed_optimizer(engine):
+        raise ValueError(
+            f"{path}: saved with parallel.use_distributed_optimizer={str(saved_distopt).lower()}, this run "
+            f"has {str(not saved_distopt).lower()}; the optimizer states have different formats. Use the "
+            "same setting to resume, or start a new run with model.load pointing at this checkpoint"
+        )
     model = engine.unwrapped()
     model_sd = model_sharded_state_dict(model)
     state: dict[str, Any] = {"model": model_sd, "scheduler": None, "iteration": None, "extra": None}
     if load_optimizer:
+        _init_optimizer_state(engine.optimizer)
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             model_sharded_state_dict(model), is_loading=True, metadata=dict(_METADATA)
         )
@@ -130,6 +149,7 @@ def load_checkpoint(path: str | os.PathLike, engine: Any, load_optimizer: bool =
     model.load_state_dict(loaded["model"])
     if load_optimizer:
         engine.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(engine.optimizer)
         engine.scheduler.load_state_dict(loaded["scheduler"])
     if meta["layout"] == _layout_of(engine):
         rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
@@ -141,6 +161,31 @@ def load_checkpoint(path: str | os.PathLike, engine: Any, load_optimizer: bool =
             _layout_of(engine),
         )
     return {"iteration": int(loaded["iteration"]), "extra": loaded["extra"]}
+
+
+def _init_optimizer_state(optimizer: Any) -> None:
+    """Create empty optimizer state before building the *load* state dict (its structure must
+    match the saved one). megatron's init_state_fn makes exp_avg/exp_avg_sq; torch's Adam (used
+    when neither TE nor apex is installed) also keeps a per-param ``step`` tensor, which the
+    distributed optimizer's state_dict() reads, so we add it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if inner.init_state_fn is not None:
+            inner.init_state_fn(inner.optimizer, inner.config)
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                state = inner.optimizer.state[param]
+                if isinstance(inner.optimizer, torch.optim.Adam) and "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """torch's Optimizer.load_state_dict can leave ONE ``step`` tensor shared by every param; torch
+    Adam increments it in place once per param, so the resumed run's bias correction silently
+    drifts. Give each param its own copy."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def save_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:

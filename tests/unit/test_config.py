@@ -442,9 +442,9 @@ def test_recipe_uses_defaults_and_points_at_tiny_data():
     assert cfg.data.train_path == "examples/data/tiny_sft.jsonl"
     assert cfg.data.tokenizer == "examples/tokenizer/tokenizer.json"
     assert cfg.logging.run_dir == "runs/tiny_sft"
-    assert cfg.model == ModelConfig()
     assert cfg.parallel == ParallelConfig()
-    assert cfg.train == TrainConfig()
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.train_iters) == (4, 128, 300)
+    assert cfg.model.spec == ModelConfig().spec and cfg.train.seed == TrainConfig().seed
 
 
 @pytest.mark.parametrize(
@@ -457,7 +457,7 @@ def test_recipe_uses_defaults_and_points_at_tiny_data():
         (4, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
         (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
         (4, ["parallel.tensor_model_parallel_size=4"]),
-        (4, ["train.global_batch_size=8"]),
+        (4, ["train.global_batch_size=16"]),
     ],
 )
 def test_recipe_validates(world_size, overrides):
@@ -466,5 +466,5 @@ def test_recipe_validates(world_size, overrides):
 
 def test_recipe_pure_data_parallel_on_4_ranks_needs_a_bigger_batch():
     cfg = load_config(str(RECIPE))
-    with pytest.raises(ValueError, match=_field_error("train.global_batch_size", "(2 * 4 = 8), got 4")):
+    with pytest.raises(ValueError, match=_field_error("train.global_batch_size", "(4 * 4 = 16), got 8")):
         validate_config(cfg, world_size=4)
