@@ -4,7 +4,7 @@ One process, gloo world of size 1. Both sides start from the same weights (megat
 with ``plain_llama.load_from_mcore``), see the same batches and use AdamW with the same
 hyper-parameters (no weight decay on 1-D params, global-norm clipping, constant LR):
 
-- mcore: ``build_engine`` + ``train_step`` with ``sft_forward_step`` (megatron DDP grad buffer,
+- mcore: ``build_engine`` + ``train_step`` with ``make_sft_forward_step`` (megatron DDP grad buffer,
   forward_backward_no_pipelining, finalize_model_grads, Megatron optimizer, LR schedule);
 - plain: ``plain_llama.PlainLlama`` (SDPA attention) + torch.optim.AdamW.
 
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     from rgkd_megatron.models.builders import build_policy
     from rgkd_megatron.parallel.groups import layout_for_world
     from rgkd_megatron.training.engine import build_engine, train_step
-    from rgkd_megatron.training.objectives import sft_forward_step
+    from rgkd_megatron.training.objectives import make_sft_forward_step
     from rgkd_megatron.training.setup import init_role, teardown_roles
 
     model_cfg = ModelConfig(
@@ -153,7 +153,12 @@ def main(argv=None) -> dict:
 
     def mcore_step(mbs):
         metrics = train_step(
-            engine, sft_forward_step, iter(mbs), len(mbs), args.seq_length, args.micro_batch_size
+            engine,
+            make_sft_forward_step(engine.groups.pg_collection.tp),
+            iter(mbs),
+            len(mbs),
+            args.seq_length,
+            args.micro_batch_size,
         )
         return metrics["lm_loss"]
 

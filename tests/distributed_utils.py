@@ -15,7 +15,9 @@ after `timeout` seconds so a hang never blocks the suite.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -47,7 +49,9 @@ def _worker(fn, rank, world_size, port, args, queue, init_pg):
 
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, True, out))
+        # plain pickle: tensors travel by value (torch's queue pickler would send shared-memory
+        # handles that die with this process)
+        queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -88,10 +92,19 @@ def run_distributed(
                     f"distributed test timed out after {timeout}s; got ranks {sorted(results)}"
                 ) from exc
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break
+        if errors:  # give the other ranks a moment to report their own (often the root-cause) error
+            deadline = time.monotonic() + 10
+            while len(results) + len(errors) < world_size and time.monotonic() < deadline:
+                try:
+                    rank, ok, payload = queue.get(timeout=max(0.1, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - queue.Empty
+                    break
+                if not ok:
+                    errors.append(f"--- rank {rank} ---\n{payload}")
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)

@@ -137,6 +137,9 @@ def _build_world_role(layout: RoleLayout, timeout_minutes: int) -> RoleGroups:
 
 
 def _build_window_role(layout: RoleLayout) -> RoleGroups:
+    # not a group: the scratch allocator megatron's local attention takes its matmul buffer from
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
     grid = HyperCommGrid([layout.tp, 1, layout.dp, layout.pp], _DIM_NAMES, rank_offset=layout.rank_offset)
     groups = {
         "tp": grid.create_pg("tp"),

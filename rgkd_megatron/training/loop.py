@@ -31,7 +31,7 @@ from rgkd_megatron.models.builders import build_policy
 from rgkd_megatron.models.specs import resolve_spec_name
 from rgkd_megatron.parallel.groups import RoleGroups, layout_for_world
 from rgkd_megatron.training.engine import Engine, build_engine, run_forward_backward, train_step
-from rgkd_megatron.training.objectives import sft_forward_step
+from rgkd_megatron.training.objectives import make_sft_forward_step
 from rgkd_megatron.training.setup import init_role
 from rgkd_megatron.utils.logging import get_logger
 from rgkd_megatron.utils.metrics import MetricsLogger
@@ -121,7 +121,13 @@ def evaluate(engine: Engine, dataset: IndexedDataset, cfg: RGKDConfig) -> dict[s
     for chunk in engine.model:
         chunk.eval()
     metrics = run_forward_backward(
-        engine, sft_forward_step, iter(batches), len(batches), cfg.data.seq_length, mbs, forward_only=True
+        engine,
+        make_sft_forward_step(groups.pg_collection.tp),
+        iter(batches),
+        len(batches),
+        cfg.data.seq_length,
+        mbs,
+        forward_only=True,
     )
     for chunk in engine.model:
         chunk.train()
@@ -205,7 +211,7 @@ def _loop(cfg, engine, data: SFTBatches, valid, start_iter: int, ckpt_root: Path
             batches = data.next_step()
             last = train_step(
                 engine,
-                sft_forward_step,
+                make_sft_forward_step(engine.groups.pg_collection.tp),
                 _iter(batches),
                 data.num_microbatches,
                 cfg.data.seq_length,

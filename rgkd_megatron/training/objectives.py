@@ -9,10 +9,12 @@ global count (``calculate_per_token_loss``), so TP/PP/DP layouts all optimise th
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
+from rgkd_megatron.losses.cross_entropy import vocab_parallel_cross_entropy
 from rgkd_megatron.losses.preference import bradley_terry_loss
 from rgkd_megatron.models.builders import sequence_rewards
 from rgkd_megatron.training.engine import metric_pair
@@ -26,11 +28,21 @@ def masked_token_loss(loss_mask_bs: torch.Tensor, per_token_loss_bs: torch.Tenso
     return total, count.to(torch.int), {"lm_loss": metric_pair(total, count)}
 
 
-def sft_forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    """Vocab-parallel cross-entropy of the next token on response tokens."""
-    batch = next(data_iterator)
-    per_token_loss_bs = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return per_token_loss_bs, partial(masked_token_loss, batch["loss_mask"])
+def _sft_loss(tp_group, batch: dict, logits_bsv: torch.Tensor):
+    per_token_loss_bs = vocab_parallel_cross_entropy(logits_bsv, batch["labels"], tp_group)
+    return masked_token_loss(batch["loss_mask"], per_token_loss_bs)
+
+
+def make_sft_forward_step(tp_group: dist.ProcessGroup) -> Callable:
+    """Forward step for SFT/SeqKD: vocab-parallel cross-entropy of the next token on response
+    tokens, over the role's own TP group."""
+
+    def sft_forward_step(data_iterator: Iterator, model: torch.nn.Module):
+        batch = next(data_iterator)
+        logits_bsv = model(batch["tokens"], batch["position_ids"], None)
+        return logits_bsv, partial(_sft_loss, tp_group, batch)
+
+    return sft_forward_step
 
 
 def pairwise_reward_loss(last_index_b: torch.Tensor, values_bs1: torch.Tensor):

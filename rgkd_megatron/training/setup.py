@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
 
@@ -16,9 +15,11 @@ def init_role(layout: RoleLayout, seed: int) -> RoleGroups:
     cpu_compat.apply()
     groups = build_role_groups(layout)
     torch.manual_seed(seed)  # CPU-initialised weights draw from the default generator
-    if groups.is_member and groups.layout.size == dist.get_world_size():
-        # megatron-core's seeding reads parallel_state for the TP/PP/EP ranks (world-spanning roles)
-        mcore_random.model_parallel_cuda_manual_seed(seed)
+    if groups.is_member:
+        # ranks passed explicitly: megatron-core would otherwise read them from parallel_state,
+        # which describes at most one (world-spanning) role
+        tp_rank = groups.tp_rank
+        mcore_random.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=tp_rank)
     return groups
 
 

@@ -94,7 +94,7 @@ def _step(kind, tp, pp, distopt, sp, workdir, save_init):
     from rgkd_megatron.models.builders import build_policy, build_reward_model
     from rgkd_megatron.parallel.groups import layout_for_world
     from rgkd_megatron.training.engine import build_engine, run_forward_backward
-    from rgkd_megatron.training.objectives import reward_forward_step, sft_forward_step
+    from rgkd_megatron.training.objectives import make_sft_forward_step, reward_forward_step
     from rgkd_megatron.training.setup import init_role, teardown_roles
 
     model_cfg, parallel_cfg, opt_cfg = _cfgs(tp, pp, distopt, sp)
@@ -116,7 +116,7 @@ def _step(kind, tp, pp, distopt, sp, workdir, save_init):
         decay_style="constant",
     )
     batches = _batches(kind, groups.dp_rank, groups.layout.dp)
-    fwd = reward_forward_step if kind == "reward" else sft_forward_step
+    fwd = reward_forward_step if kind == "reward" else make_sft_forward_step(groups.pg_collection.tp)
     for chunk in engine.model:
         chunk.zero_grad_buffer()
     engine.optimizer.zero_grad()

@@ -72,7 +72,7 @@ def _body(rank, world_size):
     from rgkd_megatron.models.builders import build_policy
     from rgkd_megatron.parallel.groups import layout_for_world
     from rgkd_megatron.training.engine import build_engine, train_step
-    from rgkd_megatron.training.objectives import sft_forward_step
+    from rgkd_megatron.training.objectives import make_sft_forward_step
     from rgkd_megatron.training.setup import init_role, teardown_roles
 
     groups = init_role(layout_for_world(1, 1, 1), seed=5)
@@ -106,7 +106,9 @@ def _body(rank, world_size):
             )
             mbs = [_batch(2), _batch(3)]
             before = [p.detach().clone() for p in plain.parameters()]
-            metrics = train_step(engine, sft_forward_step, iter(mbs), len(mbs), SEQ, 2)
+            metrics = train_step(
+                engine, make_sft_forward_step(groups.pg_collection.tp), iter(mbs), len(mbs), SEQ, 2
+            )
             plain_loss = plain_train_step(plain, optimizer, mbs, opt_cfg.clip_grad)
             stepped = _plain_copy(model, model_cfg)
             out["step"] = {
