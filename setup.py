@@ -39,7 +39,6 @@ setup(
             "pytest>=8",
             "ruff>=0.6",
             "transformers>=4.45",
-            "mpi4py>=3.1",
         ],
     },
     entry_points={
