@@ -26,10 +26,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "torch==${TORCH_CPU_VERSION}"
 fi
 
-stamp=".venv/.rgkd-installed$([ $DEV = 1 ] && echo -dev)"
+stamp=".venv/.rgkd-installed"
+extras=""
+if [ "$DEV" = 1 ]; then
+  stamp=".venv/.rgkd-installed-dev"
+  extras="[dev]"
+fi
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  extras=""
-  [ $DEV = 1 ] && extras="[dev]"
   echo "[install] rgkd_megatron${extras} (editable)"
   "${PIP[@]}" install -e ".${extras}"
   touch "$stamp"
