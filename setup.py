@@ -31,6 +31,8 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.15",
         "wandb>=0.17",
+        "rouge-score>=0.1.2",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "triton>=3.0"],

@@ -1,0 +1,1 @@
+"""Evaluation: ROUGE-L, teacher NLL of student outputs, reward gap, gap closed, Markdown report."""

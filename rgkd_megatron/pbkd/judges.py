@@ -1,0 +1,141 @@
+"""Judges: label a (teacher response, student response) pair for the preference set.
+
+Every judge maps (prompt, teacher response, student response) -> score difference
+d = s(teacher) - s(student): d > tol -> teacher preferred, d < -tol -> student preferred, else a tie.
+
+- ``teacher_wins`` (default, DESIGN.md s.4): the teacher response is always preferred.
+- ``teacher_loglik`` (white-box): s(y) = mean per-token log-prob of y under the teacher, given a
+  scorer callable (the live teacher role or the cache).
+- ``entry_point``: a user function named ``package.module:function`` taking
+  (prompt_text, response_text) -> float. It is imported by name from the user's installed code; no
+  code is ever read from a config or checkpoint file.
+- ``label_file``: an external JSONL of {"prompt_id": int, "preferred": "teacher"|"student"|"tie"}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+_ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    margin: float
+    """s(teacher) - s(student)."""
+    tie: bool
+
+    @property
+    def teacher_preferred(self) -> bool:
+        return not self.tie and self.margin > 0
+
+
+class Judge(Protocol):
+    name: str
+
+    def __call__(self, prompt_id: int, prompt: str, teacher: str, student: str) -> Judgement: ...
+
+
+class TeacherWinsJudge:
+    name = "teacher_wins"
+
+    def __call__(self, prompt_id: int, prompt: str, teacher: str, student: str) -> Judgement:
+        return Judgement(margin=1.0, tie=teacher == student)
+
+
+class ScoreJudge:
+    """Compares a scalar score of each response; equal within ``tie_tolerance`` is a tie."""
+
+    def __init__(self, name: str, score: Callable[[int, str, str], float], tie_tolerance: float = 0.0):
+        self.name = name
+        self.score = score
+        self.tie_tolerance = tie_tolerance
+
+    def __call__(self, prompt_id: int, prompt: str, teacher: str, student: str) -> Judgement:
+        margin = float(self.score(prompt_id, prompt, teacher)) - float(self.score(prompt_id, prompt, student))
+        return Judgement(margin=margin, tie=abs(margin) <= self.tie_tolerance)
+
+
+def load_entry_point(spec: str) -> Callable:
+    """Import ``package.module:function`` (the user's installed code, named explicitly)."""
+    if not _ENTRY_POINT.match(spec):
+        raise ValueError(f"judge entry point {spec!r}: expected 'package.module:function'")
+    module_name, func_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"judge entry point {spec!r}: cannot import {module_name} ({exc})") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"judge entry point {spec!r}: {module_name} has no callable {func_name}")
+    return func
+
+
+class LabelFileJudge:
+    name = "label_file"
+
+    def __init__(self, path: str):
+        self.labels: dict[int, str] = {}
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    prompt_id, preferred = int(row["prompt_id"]), row["preferred"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{lineno}: expected {{prompt_id, preferred}} ({exc})") from exc
+                if preferred not in ("teacher", "student", "tie"):
+                    raise ValueError(
+                        f"{path}:{lineno}: preferred must be teacher|student|tie, got {preferred!r}"
+                    )
+                self.labels[prompt_id] = preferred
+
+    def __call__(self, prompt_id: int, prompt: str, teacher: str, student: str) -> Judgement:
+        if prompt_id not in self.labels:
+            raise KeyError(f"label file has no label for prompt_id {prompt_id}")
+        preferred = self.labels[prompt_id]
+        return Judgement(
+            margin={"teacher": 1.0, "student": -1.0, "tie": 0.0}[preferred], tie=preferred == "tie"
+        )
+
+
+def make_judge(
+    kind: str,
+    *,
+    entry_point: str | None = None,
+    label_file: str | None = None,
+    teacher_loglik: Callable[[int, str, str], float] | None = None,
+    tie_tolerance: float = 0.0,
+) -> Judge:
+    """Build the judge named by the config (``pbkd.judge``)."""
+    if kind == "teacher_wins":
+        return TeacherWinsJudge()
+    if kind == "teacher_loglik":
+        if teacher_loglik is None:
+            raise ValueError("judge teacher_loglik needs a teacher scorer (white-box run)")
+        return ScoreJudge("teacher_loglik", teacher_loglik, tie_tolerance)
+    if kind == "entry_point":
+        if not entry_point:
+            raise ValueError("judge entry_point needs pbkd.judge_entry_point='package.module:function'")
+        func = load_entry_point(entry_point)
+        return ScoreJudge(
+            f"entry_point:{entry_point}", lambda _pid, prompt, resp: func(prompt, resp), tie_tolerance
+        )
+    if kind == "label_file":
+        if not label_file or not Path(label_file).is_file():
+            raise ValueError(f"judge label_file needs an existing pbkd.judge_label_file, got {label_file!r}")
+        return LabelFileJudge(label_file)
+    raise ValueError(f"pbkd.judge: expected teacher_wins|teacher_loglik|entry_point|label_file, got {kind!r}")
+
+
+def orient(judgement: Judgement, teacher_ids: Sequence[int], student_ids: Sequence[int]):
+    """(chosen, rejected) token ids following the judgement (teacher first on a tie)."""
+    if judgement.tie or judgement.margin > 0:
+        return tuple(teacher_ids), tuple(student_ids)
+    return tuple(student_ids), tuple(teacher_ids)
