@@ -9,6 +9,7 @@ from rgkd_megatron.config.loader import (
     save_resolved_config,
     validate_config,
 )
+from rgkd_megatron.config.pbkd import PbKDConfig
 from rgkd_megatron.config.schema import (
     DataConfig,
     LoggingConfig,
@@ -22,6 +23,7 @@ from rgkd_megatron.config.schema import (
 __all__ = [
     "DataConfig",
     "LoggingConfig",
+    "PbKDConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",

@@ -35,6 +35,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from rgkd_megatron.config.pbkd import validate_pbkd
 from rgkd_megatron.config.schema import RGKDConfig
 
 __all__ = [
@@ -395,6 +396,7 @@ def validate_config(cfg: RGKDConfig, world_size: int | None = None) -> None:
         )
     if t.min_lr > t.lr:
         errors.append(f"train.min_lr: expected <= train.lr ({t.lr}), got {t.min_lr}")
+    errors.extend(validate_pbkd(cfg.pbkd))
 
     dp = 1
     if world_size is not None:

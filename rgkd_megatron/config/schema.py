@@ -16,6 +16,8 @@ Usage::
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rgkd_megatron.config.pbkd import PbKDConfig
+
 
 @dataclass
 class ModelConfig:
@@ -177,3 +179,5 @@ class RGKDConfig:
     """Training loop and schedule."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Outputs and metrics."""
+    pbkd: PbKDConfig = field(default_factory=PbKDConfig)
+    """Distillation method (PbKD, MM-PbKD, KD baselines)."""

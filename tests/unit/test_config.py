@@ -468,3 +468,21 @@ def test_recipe_pure_data_parallel_on_4_ranks_needs_a_bigger_batch():
     cfg = load_config(str(RECIPE))
     with pytest.raises(ValueError, match=_field_error("train.global_batch_size", "(4 * 4 = 16), got 8")):
         validate_config(cfg, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["pbkd.k_r=0", "pbkd.k_p=0"], "pbkd.k_r"),
+        (["pbkd.samples_per_prompt=1"], "pbkd.samples_per_prompt"),
+        (["pbkd.heldout_fraction=1.5"], "pbkd.heldout_fraction"),
+        (["pbkd.reward_bound=0"], "pbkd.reward_bound"),
+        (["pbkd.ppo_clip=-0.2"], "pbkd.ppo_clip"),
+        (["pbkd.kd_beta=1.0"], "pbkd.kd_beta"),
+        (["pbkd.judge=label_file"], "pbkd.judge_label_file"),
+        (["pbkd.method=distill"], "pbkd.method"),
+    ],
+)
+def test_pbkd_section_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        validate_config(load_config(str(RECIPE), overrides, validate=False), world_size=1)

@@ -1,0 +1,119 @@
+"""Config of the distillation method (the ``pbkd`` section): PbKD, MM-PbKD and the KD baselines.
+
+Every constant of DESIGN.md section 4 is a field here. Validation of this section lives in
+``validate_pbkd`` (called by ``validate_config``), so the generic loader stays small.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+METHODS = ("pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+
+
+@dataclass
+class PbKDConfig:
+    """Reward-guided distillation (DESIGN.md s.4) and its baselines."""
+
+    method: Literal["pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = "pbkd"
+    """pbkd (black-box min-max), mm_pbkd (white-box Q-function), seqkd, or a token-level KD baseline."""
+    prompts_path: str = ""
+    """JSONL of {prompt, response[, reference]}: prompts with the teacher's responses."""
+    heldout_fraction: float = 0.2
+    """Share of prompts held out for evaluation (chosen by a seeded shuffle)."""
+    rounds: int = 2
+    """Online rounds T (1 = offline: pairs only from the initial student)."""
+    pairs_per_round: int = 16
+    """Prompts sampled from the student and judged per round."""
+    iterations_per_round: int = 4
+    """Min-max iterations per round; each runs k_r RM steps then k_p policy steps."""
+    k_r: int = 1
+    """Reward-model steps per iteration."""
+    k_p: int = 1
+    """Policy steps per iteration."""
+    samples_per_prompt: int = 4
+    """n: student samples per prompt for the RLOO/group baseline."""
+    prompts_per_step: int = 4
+    """Prompts per policy step (x samples_per_prompt responses)."""
+    reward_bound: float = 5.0
+    """B: rewards are B * tanh(raw / B)."""
+    bt_lambda: float = 1.0
+    """lambda: weight of the Bradley-Terry confidence-set penalty."""
+    kl_beta: float = 0.05
+    """beta: KL(pi_theta || pi_ref) coefficient in the policy step."""
+    seqkd_alpha: float = 0.0
+    """alpha: weight of the SeqKD anchor (NLL of teacher responses) in the policy step."""
+    ppo_clip: float | None = None
+    """PPO clip epsilon; null = plain REINFORCE with the RLOO baseline."""
+    rm_lr: float = 1.0e-4
+    """Reward-model learning rate."""
+    judge: Literal["teacher_wins", "teacher_loglik", "entry_point", "label_file"] = "teacher_wins"
+    """Judge labelling (teacher, student) pairs."""
+    judge_entry_point: str | None = None
+    """'package.module:function' (prompt, response) -> score, for judge=entry_point."""
+    judge_label_file: str | None = None
+    """JSONL {prompt_id, preferred: teacher|student|tie}, for judge=label_file."""
+    tie_tolerance: float = 0.0
+    """Score differences within this are ties (score-based judges)."""
+    gamma: float = 1.0
+    """Discount of the token-level return (MM-PbKD)."""
+    beta_mm: float = 0.5
+    """MM-PbKD mix of on-policy (student prefixes) and off-policy (teacher prefixes) moment terms."""
+    kd_beta: float = 0.5
+    """JSD mixture weight (GKD convention)."""
+    kd_alpha: float = 0.1
+    """Skew KL mixture weight (DistiLLM)."""
+    kd_temperature: float = 1.0
+    """Temperature of token-level KD (must match the cache's)."""
+    on_policy: bool = False
+    """Token-level KD on student samples with a live teacher (GKD) instead of teacher responses."""
+    cache_path: str | None = None
+    """Teacher top-k cache (white-box methods, off-policy)."""
+    teacher_load: str | None = None
+    """Teacher checkpoint (megatron dist ckpt dir) for live scoring."""
+    teacher_model_config: str | None = None
+    """YAML with the teacher's model section (written next to converted checkpoints)."""
+    max_new_tokens: int = 48
+    """Generation length limit for student samples and evaluation."""
+    temperature: float = 1.0
+    """Sampling temperature for student rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling for rollouts."""
+    top_k: int = 0
+    """Top-k sampling for rollouts (0 = off)."""
+
+
+_POSITIVE = ("rounds", "pairs_per_round", "iterations_per_round", "samples_per_prompt", "prompts_per_step",
+             "reward_bound", "rm_lr", "max_new_tokens", "temperature", "kd_temperature")  # fmt: skip
+_NON_NEGATIVE = ("k_r", "k_p", "bt_lambda", "kl_beta", "seqkd_alpha", "tie_tolerance", "top_k")
+_UNIT = ("heldout_fraction", "gamma", "beta_mm", "top_p")
+
+
+def validate_pbkd(cfg: PbKDConfig) -> list[str]:
+    """Problems of the ``pbkd`` section, each naming its field (empty list = valid)."""
+    errors = []
+    for name in _POSITIVE:
+        if getattr(cfg, name) <= 0:
+            errors.append(f"pbkd.{name}: expected a value > 0, got {getattr(cfg, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            errors.append(f"pbkd.{name}: expected a value >= 0, got {getattr(cfg, name)}")
+    for name in _UNIT:
+        if not 0 <= getattr(cfg, name) <= 1:
+            errors.append(f"pbkd.{name}: expected a value in [0, 1], got {getattr(cfg, name)}")
+    if cfg.k_r == 0 and cfg.k_p == 0:
+        errors.append("pbkd.k_r: k_r and k_p are both 0: an iteration would do nothing")
+    if cfg.samples_per_prompt < 2 and cfg.method in ("pbkd", "mm_pbkd"):
+        errors.append(
+            f"pbkd.samples_per_prompt: RLOO needs >= 2 samples per prompt, got {cfg.samples_per_prompt}"
+        )
+    if cfg.ppo_clip is not None and cfg.ppo_clip <= 0:
+        errors.append(f"pbkd.ppo_clip: expected null or a value > 0, got {cfg.ppo_clip}")
+    if not 0 < cfg.kd_beta < 1:
+        errors.append(f"pbkd.kd_beta: expected a value in (0, 1), got {cfg.kd_beta}")
+    if not 0 <= cfg.kd_alpha < 1:
+        errors.append(f"pbkd.kd_alpha: expected a value in [0, 1), got {cfg.kd_alpha}")
+    if cfg.judge == "entry_point" and not cfg.judge_entry_point:
+        errors.append("pbkd.judge_entry_point: required when pbkd.judge is entry_point")
+    if cfg.judge == "label_file" and not cfg.judge_label_file:
+        errors.append("pbkd.judge_label_file: required when pbkd.judge is label_file")
+    return errors
