@@ -46,6 +46,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rgkd-train=rgkd_megatron.cli.train:main",
+            "rgkd-distill=rgkd_megatron.cli.distill:main",
         ]
     },
 )

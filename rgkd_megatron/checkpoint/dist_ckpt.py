@@ -201,3 +201,16 @@ def save_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
 def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, str(path))
     model.load_state_dict(loaded["model"])
+
+
+def load_backbone_weights(
+    path: str | os.PathLike, model: torch.nn.Module, skip_prefix: str = "output_layer."
+) -> None:
+    """Load every weight except the head (e.g. a reward model initialised from a policy checkpoint,
+    whose output layer is a [vocab, hidden] projection, not the RM's scalar head)."""
+    sharded = {k: v for k, v in model_sharded_state_dict(model).items() if not k.startswith(skip_prefix)}
+    loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    bad_missing = [k for k in missing if not k.startswith(skip_prefix) and not k.endswith("_extra_state")]
+    if bad_missing or unexpected:
+        raise ValueError(f"{path}: backbone load mismatch: missing {bad_missing}, unexpected {unexpected}")

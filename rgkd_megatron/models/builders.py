@@ -139,6 +139,18 @@ def build_teacher(model_cfg: Any, parallel_cfg: Any, groups: RoleGroups, vocab_s
     return model
 
 
+def build_policy_skeleton(model_cfg: Any, parallel_cfg: Any, groups: RoleGroups, vocab_size: int) -> GPTModel:
+    """The policy on the meta device (no memory, no initialisation): its ``sharded_state_dict()`` is
+    the layout of the policy's checkpoint (keys, global shapes, dtypes), which the checkpoint
+    converters (``rgkd_megatron.convert``) fill tensor by tensor. CPU initialisation is forced so
+    that nothing is allocated on a GPU."""
+    overrides = {"use_cpu_initialization": True, "perform_initialization": False}
+    with torch.device("meta"):
+        return _build_gpt(
+            model_cfg, parallel_cfg, groups, vocab_size, model_cfg.tie_word_embeddings, overrides
+        )
+
+
 def sequence_rewards(values_bs: torch.Tensor, last_index_b: torch.Tensor) -> torch.Tensor:
     """Sequence reward = the value at each row's last response token. values [b, s] -> [b]."""
     return values_bs.gather(1, last_index_b.long().unsqueeze(1)).squeeze(1)

@@ -93,7 +93,9 @@ def test_label_file_judge(tmp_path):
 
 def test_teacher_loglik_judge_uses_the_scorer():
     scores = {"good": -0.5, "bad": -2.0}
-    judge = make_judge("teacher_loglik", teacher_loglik=lambda pid, prompt, resp: scores[resp], tie_tolerance=0.1)
+    judge = make_judge(
+        "teacher_loglik", teacher_loglik=lambda pid, prompt, resp: scores[resp], tie_tolerance=0.1
+    )
     assert judge(0, "p", "good", "bad").margin == pytest.approx(1.5)
     assert judge(0, "p", "bad", "good").margin == pytest.approx(-1.5)
     with pytest.raises(ValueError, match="teacher scorer"):

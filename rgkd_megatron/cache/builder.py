@@ -1,0 +1,332 @@
+"""Build a teacher top-k cache: the teacher (megatron-core, any TP/PP) over a tokenized dataset.
+
+Collective over the world (every rank calls ``build_teacher_cache`` with its role groups)::
+
+    groups = init_role(layout_for_world(tp, pp, world_size), seed)
+    teacher = build_teacher(model_cfg, parallel_cfg, groups, model_vocab); load_model_weights(ckpt, teacher)
+    manifest = build_teacher_cache(teacher, groups, dataset, "cache_dir", BuildOptions(k=64), identity)
+
+Work split. Rank 0 plans the shards (``manifest.plan_shards``; only missing ones on a resume) and
+broadcasts the pending list; DP rank d takes pending shards d, d + dp, ... . Inside a DP group the
+TP x PP ranks run the same shards in lockstep; the last pipeline stage's TP rank 0 writes them.
+
+Micro-batches are canonical: a shard's samples with at least one row, in id order, in groups of
+``micro_batch_size`` (the last one padded with empty rows), ``num_microbatches`` of them per call of
+megatron-core's schedule (no pipelining, or 1F1B with PP), each call padded to its longest sample
+rounded up to ``pad_multiple`` (at most ``seq_length``). Nothing depends on the DP size, the rank or
+a seed, so the bytes of a shard are the same whichever rank computes it, in whatever run.
+
+The last stage's "loss function" is ``teacher_topk`` on the vocab-parallel logits of the real
+positions (collect_non_loss_data: the schedule hands back its outputs; no loss, no backward).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import __version__ as megatron_core_version
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.pipeline_parallel.schedules import (
+    forward_backward_no_pipelining,
+    forward_backward_pipelining_without_interleaving,
+)
+
+from rgkd_megatron.cache.format import ShardArrays
+from rgkd_megatron.cache.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ROW_INDEX,
+    load_manifest,
+    rows_per_sample,
+)
+from rgkd_megatron.cache.topk import teacher_topk
+from rgkd_megatron.cache.writer import CacheWriter, row_index_bytes
+from rgkd_megatron.parallel.groups import RoleGroups
+from rgkd_megatron.utils.logging import get_logger
+from rgkd_megatron.utils.progress import ProgressBar
+
+__all__ = ["BuildOptions", "build_identity", "build_teacher_cache", "run_teacher_forward"]
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class BuildOptions:
+    """What to store and how to batch the teacher (all but ``max_shards``/``progress`` are identity)."""
+
+    k: int = 64
+    """Top-k ids kept per token."""
+    temperature: float = 1.0
+    """Log-probs are of softmax(logits / temperature)."""
+    dtype: str = "fp16"
+    """Storage dtype of the log-probs: fp16, bf16 or fp32."""
+    seq_length: int = 2048
+    """Samples are truncated to seq_length + 1 tokens (seq_length rows at most)."""
+    micro_batch_size: int = 4
+    """Samples per teacher forward."""
+    num_microbatches: int = 1
+    """Micro-batches per schedule call (> 1 fills the pipeline with PP)."""
+    pad_multiple: int = 64
+    """Each call is padded to its longest sample rounded up to this."""
+    rows_per_shard: int = 1 << 20
+    """Target rows (tokens) per shard file."""
+    block_rows: int = 1024
+    """Rows per crc32 block."""
+    max_shards: int | None = None
+    """Build at most this many pending shards in this run (the build stays resumable)."""
+    progress: bool = True
+    """tqdm bar with tokens/s on rank 0."""
+
+    def validate(self) -> None:
+        for name in ("k", "seq_length", "micro_batch_size", "num_microbatches", "pad_multiple",
+                     "rows_per_shard", "block_rows"):  # fmt: skip
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if (
+            not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature))
+            or self.temperature <= 0
+        ):
+            raise ValueError(f"temperature: expected a finite value > 0, got {self.temperature!r}")
+        if self.dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"dtype: expected fp16, bf16 or fp32, got {self.dtype!r}")
+        if self.max_shards is not None and self.max_shards < 1:
+            raise ValueError(f"max_shards: expected a positive int or None, got {self.max_shards!r}")
+
+
+def build_identity(
+    options: BuildOptions, teacher: dict, dataset, vocab_size: int, layout, device: str
+) -> tuple[dict, np.ndarray]:
+    """(manifest without shards, row offsets [N + 1]) for this dataset, teacher and options."""
+    options.validate()
+    if not 1 <= options.k <= vocab_size:
+        raise ValueError(f"k: expected 1 <= k <= vocab_size ({vocab_size}), got {options.k}")
+    rows = rows_per_sample(dataset.lengths, options.seq_length)
+    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    index = row_index_bytes(offsets)
+
+    identity = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "teacher": teacher,
+        "tokenizer_fingerprint": dataset.tokenizer_fingerprint,
+        "vocab_size": vocab_size,
+        "k": options.k,
+        "temperature": float(options.temperature),
+        "dtype": options.dtype,
+        "ids_dtype": "int32",
+        "dataset": {
+            "fingerprint": dataset.fingerprint,
+            "num_samples": len(dataset),
+            "num_tokens": int(dataset.num_tokens),
+            "path": getattr(dataset, "prefix", None),
+        },
+        "seq_length": options.seq_length,
+        "rows_per_shard": options.rows_per_shard,
+        "block_rows": options.block_rows,
+        "num_rows": int(offsets[-1]),
+        "row_index": {"name": ROW_INDEX, "size": len(index), "sha256": hashlib.sha256(index).hexdigest()},
+        "build": {
+            "micro_batch_size": options.micro_batch_size,
+            "num_microbatches": options.num_microbatches,
+            "pad_multiple": options.pad_multiple,
+            "tp": layout.tp,
+            "pp": layout.pp,
+            "device": device,
+            "versions": {"torch": torch.__version__, "megatron_core": megatron_core_version},
+        },
+    }
+    return identity, offsets
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher forward (megatron-core schedules, forward only)
+
+
+def _storage(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "fp32":
+        return logprobs.float().cpu().numpy()
+    if dtype == "fp16":
+        return logprobs.clamp(min=torch.finfo(torch.float16).min).half().cpu().numpy()
+    return logprobs.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def _rows_from_logits(options: BuildOptions, tp_group, vocab_size: int, keep: bool, batch: dict, logits_bsv,
+                      non_loss_data: bool = True):  # fmt: skip
+    """Last stage: cache rows of the real positions, in (row, position) order; numpy when ``keep``."""
+    flat_tv = logits_bsv.reshape(-1, logits_bsv.shape[-1])
+    valid = batch["valid"].reshape(-1)
+    if not bool(valid.all()):
+        flat_tv = flat_tv[valid.to(flat_tv.device)]
+    rows = teacher_topk(
+        flat_tv, options.k, temperature=options.temperature, tp_group=tp_group, vocab_size=vocab_size
+    )
+    if not keep:
+        return None
+    return ShardArrays(
+        _storage(rows.logprobs, options.dtype),
+        rows.ids.to(torch.int32).cpu().numpy(),
+        rows.lse.float().cpu().numpy(),
+        rows.tail.float().cpu().numpy(),
+    )
+
+
+def run_teacher_forward(model, groups: RoleGroups, batches: list[dict], loss_func, seq_length: int) -> list:
+    """megatron-core forward-only schedule over ``batches`` (dicts with tokens/position_ids [b, s]);
+    returns ``loss_func(batch, logits)`` per micro-batch on the last stage ([] elsewhere)."""
+    pg = groups.pg_collection
+    pipelined = groups.layout.pp > 1
+
+    def forward_step(data_iterator, module):
+        batch = next(data_iterator)
+        output = module(batch["tokens"], batch["position_ids"], None)
+        return output, partial(loss_func, batch)
+
+    schedule = (
+        forward_backward_pipelining_without_interleaving if pipelined else forward_backward_no_pipelining
+    )
+    with torch.no_grad():
+        return schedule(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model] if pipelined else model,
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=True,
+            collect_non_loss_data=True,
+            p2p_communicator=P2PCommunicator(pp_group=pg.pp, config=model.config) if pipelined else None,
+            pg_collection=pg,
+        )
+
+
+def _micro_batch(dataset, samples: list[int], rows: np.ndarray, length: int, mbs: int, device) -> dict:
+    tokens = np.zeros((mbs, length), dtype=np.int64)
+    valid = np.zeros((mbs, length), dtype=bool)
+    for j, i in enumerate(samples):
+        n = int(rows[i])
+        tokens[j, :n] = dataset[i][0][:n]
+        valid[j, :n] = True
+    return {
+        "tokens": torch.from_numpy(tokens).to(device),
+        "position_ids": torch.arange(length, device=device).expand(mbs, length),
+        "valid": torch.from_numpy(valid),
+    }
+
+
+def _compute_shard(model, groups, dataset, shard, rows, options, vocab_size, keep, bar, device):
+    """Teacher rows of one shard (ShardArrays on the writing rank, None elsewhere)."""
+    samples = [
+        i for i in range(shard["first_sample"], shard["first_sample"] + shard["num_samples"]) if rows[i] > 0
+    ]
+    arrays = ShardArrays.empty(shard["num_rows"], options.k, options.dtype) if keep else None
+    mbs, per_call = options.micro_batch_size, options.num_microbatches
+    micro = [samples[j : j + mbs] for j in range(0, len(samples), mbs)]
+    cursor = 0
+    loss_func = partial(_rows_from_logits, options, groups.pg_collection.tp, vocab_size, keep)
+    for c in range(0, len(micro), per_call):
+        call = micro[c : c + per_call]
+        longest = max(int(rows[i]) for mb in call for i in mb)
+        length = min(options.seq_length, -(-longest // options.pad_multiple) * options.pad_multiple)
+        batches = [_micro_batch(dataset, mb, rows, length, mbs, device) for mb in call]
+        outputs = run_teacher_forward(model, groups, batches, loss_func, length)
+        if keep:
+            for out in outputs:
+                n = out.lse.shape[0]
+                for name in ("logprobs", "ids", "lse", "tail"):
+                    getattr(arrays, name)[cursor : cursor + n] = getattr(out, name)
+                cursor += n
+        done = sum(int(rows[i]) for mb in call for i in mb)
+        bar.update(done, tokens=done)
+    if keep and cursor != shard["num_rows"]:
+        raise RuntimeError(f"shard rows {cursor} != planned {shard['num_rows']}")
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------------
+# the build
+
+
+def _broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def build_teacher_cache(
+    model: torch.nn.Module,
+    groups: RoleGroups,
+    dataset,
+    directory: str,
+    options: BuildOptions,
+    identity: dict,
+    row_offsets: np.ndarray,
+    overwrite: bool = False,
+) -> dict | None:
+    """Build (or resume, or find complete) the cache in ``directory``; collective over the world.
+
+    ``identity``/``row_offsets`` come from ``build_identity``. Returns the manifest on rank 0 when the
+    cache is complete after this call, None elsewhere or when ``max_shards`` left shards pending.
+    """
+    rank = dist.get_rank()
+    writer = CacheWriter(directory, identity, row_offsets)
+    status: tuple = ("ok", None)
+    if rank == 0:
+        try:
+            status = ("ok", writer.prepare(overwrite))
+        except (ValueError, OSError) as exc:
+            status = ("error", f"{type(exc).__name__}: {exc}")
+    status = _broadcast(status)
+    if status[0] == "error":
+        raise ValueError(status[1])
+    pending = status[1]
+    if pending is None:
+        logger.info("teacher cache %s is already complete", directory)
+        dist.barrier()
+        return load_manifest(directory) if rank == 0 else None
+    if options.max_shards is not None:
+        pending = pending[: options.max_shards]
+    dp, dp_rank = groups.layout.dp, groups.dp_rank
+    mine = pending[dp_rank::dp]
+    keep = groups.is_last_stage and groups.tp_rank == 0
+    rows = np.diff(writer.row_offsets)
+    logger.info(
+        "teacher cache %s: %d shards planned, %d pending in this run; DP rank %d builds %d",
+        directory, len(writer.plan), len(pending), dp_rank, len(mine),
+    )  # fmt: skip
+    device = next(model.parameters()).device
+    total = sum(writer.plan[i]["num_rows"] for i in mine)
+    with ProgressBar(
+        total, desc=f"teacher cache (DP rank 0 of {dp})", enabled=options.progress, unit="tok"
+    ) as bar:
+        for index in mine:
+            shard = writer.plan[index]
+            arrays = _compute_shard(
+                model, groups, dataset, shard, rows, options, identity["vocab_size"], keep, bar, device
+            )
+            if keep:
+                writer.commit(index, arrays)
+    dist.barrier()
+    manifest = None
+    if rank == 0:
+        if not writer.pending():
+            manifest = writer.finalize()
+            logger.info(
+                "teacher cache %s complete: %d shards, %d rows",
+                directory,
+                len(manifest["shards"]),
+                manifest["num_rows"],
+            )
+        else:
+            logger.info(
+                "teacher cache %s: %d shards still pending (rerun to resume)",
+                directory,
+                len(writer.pending()),
+            )
+    dist.barrier()
+    return manifest

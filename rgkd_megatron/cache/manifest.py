@@ -1,0 +1,302 @@
+"""Teacher top-k cache manifest: identity, row keying, shard plan, fingerprints, compatibility checks.
+
+Keying. The cache is keyed by (dataset fingerprint, sample id, token offset), nothing else. Sample
+``i`` of ``L`` tokens is fed to the teacher truncated to ``seq_length + 1`` tokens, so it has
+``n_i = max(0, min(L, seq_length + 1) - 1)`` rows; row ``t`` (``0 <= t < n_i``) is the teacher's
+distribution after reading tokens ``0..t``, i.e. over the token at offset ``t + 1``. In a training
+batch that is the position whose ``position_ids == t`` and ``sample_ids == i``
+(``rgkd_megatron.data.batching``). Rows of all samples are numbered globally in sample order; the
+row index ``rows.npy`` (int64 ``[N + 1]``) holds the first global row of every sample.
+
+Shards. Consecutive samples are grouped into shards of at most ``rows_per_shard`` rows (a sample
+never straddles two shards; a sample longer than the target gets a shard of its own). The plan
+depends only on the dataset, ``seq_length`` and ``rows_per_shard``: never on the writer's DP size,
+micro-batch or seed, so any layout can write or resume any cache, and any student can read it.
+
+Files of a cache directory::
+
+    manifest.json          written last, when every shard exists (its presence = complete cache)
+    rows.npy               row index (see above)
+    shard_000000.bin ...   shards (``format.py``)
+    build.json             the identity of a build in progress (resume checks it); removed at the end
+    shard_000000.json ...  per-shard sidecars ({size, sha256}) of a build in progress; removed at the end
+
+Manifest (JSON object): ``format``, ``version``, ``teacher`` {fingerprint, source, checkpoint,
+random_init_seed, model, padded_vocab_size, params_dtype}, ``tokenizer_fingerprint``, ``vocab_size``
+(the real, shared tokenizer vocabulary: ids are below it and the teacher's softmax covers exactly
+it, its padding columns excluded), ``k``, ``temperature``, ``dtype``, ``ids_dtype``, ``dataset``
+{fingerprint, num_samples, num_tokens, path}, ``seq_length``, ``rows_per_shard``, ``block_rows``,
+``num_rows``, ``row_index`` {name, size, sha256}, ``shards`` [{name, first_sample, num_samples,
+first_row, num_rows, size, sha256}], ``build`` {micro_batch_size, num_microbatches, pad_multiple,
+tp, pp, dp, device, versions}. ``build.dp`` is informational; every other build field changes the
+teacher's arithmetic, so a resumed build must use the same values (``resume_mismatch``).
+
+Compatibility (``check_compatible``): a student reading the cache must have the same tokenizer
+fingerprint, the same real vocabulary size (its own padded output size may differ, e.g. 151,936 vs
+the teacher's 152,064, as long as it is >= the shared size) and the same dataset fingerprint.
+Every mismatch raises ``CacheMismatchError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from rgkd_megatron.cache.format import fsync_dir, shard_layout, storage_dtype
+
+__all__ = [
+    "FORMAT_NAME",
+    "CacheMismatchError",
+    "check_compatible",
+    "checkpoint_fingerprint",
+    "load_manifest",
+    "plan_shards",
+    "resume_mismatch",
+    "rows_per_sample",
+    "shard_name",
+    "teacher_fingerprint",
+    "write_json_atomic",
+]
+
+FORMAT_NAME = "rgkd_teacher_topk_cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUILD_STATE = "build.json"
+ROW_INDEX = "rows.npy"
+_SMALL_FILE = 1 << 20
+# fields of the manifest that a resumed build must reproduce exactly (dotted paths)
+IDENTITY_FIELDS = (
+    "format", "version", "teacher.fingerprint", "tokenizer_fingerprint", "vocab_size", "k", "temperature",
+    "dtype", "ids_dtype", "dataset.fingerprint", "seq_length", "rows_per_shard", "block_rows",
+    "build.micro_batch_size", "build.num_microbatches", "build.pad_multiple", "build.tp", "build.pp",
+    "build.device",
+)  # fmt: skip
+
+
+class CacheMismatchError(ValueError):
+    """The cache was built for another tokenizer / vocabulary / dataset / teacher / settings."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:06d}.bin"
+
+
+def rows_per_sample(lengths: np.ndarray, seq_length: int) -> np.ndarray:
+    """Cache rows of each sample: ``max(0, min(L, seq_length + 1) - 1)`` (int64)."""
+    if seq_length < 1:
+        raise ValueError(f"seq_length={seq_length}: must be >= 1")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.clip(np.minimum(lengths, seq_length + 1) - 1, 0, None)
+
+
+def plan_shards(rows: np.ndarray, rows_per_shard: int) -> list[dict[str, int]]:
+    """Group consecutive samples into shards of at most ``rows_per_shard`` rows (module docstring)."""
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard={rows_per_shard}: must be >= 1")
+    shards: list[dict[str, int]] = []
+    first_sample, first_row, count = 0, 0, 0
+    for i, n in enumerate(np.asarray(rows, dtype=np.int64).tolist()):
+        if count > 0 and count + n > rows_per_shard:
+            shards.append(dict(first_sample=first_sample, num_samples=i - first_sample,
+                               first_row=first_row, num_rows=count))  # fmt: skip
+            first_sample, first_row, count = i, first_row + count, 0
+        count += n
+    if len(rows) > first_sample or not shards:
+        shards.append(dict(first_sample=first_sample, num_samples=len(rows) - first_sample,
+                           first_row=first_row, num_rows=count))  # fmt: skip
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(directory: str) -> str:
+    """sha256 over a checkpoint directory's metadata: every file's relative path and size, plus the
+    contents of every file up to 1 MiB (dist_checkpointing's metadata.json, .metadata, common.pt,
+    our markers). Cheap for a 70B checkpoint; weight files are identified by name and size only."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"teacher checkpoint directory {directory} not found")
+    entries = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            entry = {"path": os.path.relpath(path, directory), "size": size}
+            if size <= _SMALL_FILE:
+                entry["sha256"] = _sha256_file(path)
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"teacher checkpoint directory {directory} is empty")
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def teacher_fingerprint(
+    model: dict[str, Any],
+    padded_vocab_size: int,
+    params_dtype: str,
+    checkpoint: str | None = None,
+    random_init: dict[str, Any] | None = None,
+) -> str:
+    """Identity of the teacher: its resolved model config and either its checkpoint's metadata or,
+    for random weights, everything they depend on (seed, and the layout/device for the RNG)."""
+    if (checkpoint is None) == (random_init is None):
+        raise ValueError("teacher_fingerprint: give exactly one of checkpoint or random_init")
+    weights = {"checkpoint": checkpoint_fingerprint(checkpoint)} if checkpoint else {"random": random_init}
+    payload = {
+        "model": model,
+        "padded_vocab_size": padded_vocab_size,
+        "params_dtype": params_dtype,
+        **weights,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _get(obj: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def resume_mismatch(existing: dict, requested: dict) -> str | None:
+    """The first identity field (dotted) where a build in progress differs from the request, or None."""
+    for field in IDENTITY_FIELDS:
+        if _get(existing, field) != _get(requested, field):
+            return field
+    return None
+
+
+def load_manifest(directory: str) -> dict[str, Any]:
+    """Read and structurally validate ``directory/manifest.json``; errors name the file and field."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        hint = " (a build is in progress or was interrupted: rerun the build to resume it)"
+        raise FileNotFoundError(
+            f"teacher cache {directory}: {MANIFEST} not found"
+            + (hint if os.path.exists(os.path.join(directory, BUILD_STATE)) else "")
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot parse {path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: field 'format' is not {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: field 'version' is {manifest.get('version')!r}, expected {FORMAT_VERSION}")
+    for field, kind in (("k", int), ("vocab_size", int), ("num_rows", int), ("block_rows", int),
+                        ("seq_length", int), ("temperature", (int, float)), ("dtype", str),
+                        ("tokenizer_fingerprint", str), ("shards", list), ("row_index", dict),
+                        ("dataset", dict), ("teacher", dict)):  # fmt: skip
+        if not isinstance(manifest.get(field), kind) or isinstance(manifest.get(field), bool):
+            raise ValueError(f"{path}: field '{field}' missing or of the wrong type")
+    storage_dtype(manifest["dtype"])
+    _check_shard_list(manifest, path)
+    return manifest
+
+
+def _check_shard_list(manifest: dict, path: str) -> None:
+    next_sample, next_row = 0, 0
+    for i, shard in enumerate(manifest["shards"]):
+        keys = ("name", "first_sample", "num_samples", "first_row", "num_rows", "size", "sha256")
+        if not isinstance(shard, dict) or any(key not in shard for key in keys):
+            raise ValueError(f"{path}: field 'shards[{i}]' lacks one of {keys}")
+        if shard["first_sample"] != next_sample or shard["first_row"] != next_row:
+            raise ValueError(f"{path}: field 'shards[{i}]' does not continue the previous shard")
+        expected = shard_layout(shard["num_rows"], manifest["k"], manifest["dtype"], manifest["block_rows"])
+        if shard["size"] != expected.size:
+            raise ValueError(
+                f"{path}: field 'shards[{i}].size' = {shard['size']}, the format needs {expected.size}"
+            )
+        next_sample += shard["num_samples"]
+        next_row += shard["num_rows"]
+    if next_sample != manifest["dataset"].get("num_samples") or next_row != manifest["num_rows"]:
+        raise ValueError(
+            f"{path}: the shards cover {next_sample} samples / {next_row} rows, fields 'dataset.num_samples' "
+            f"/ 'num_rows' say {manifest['dataset'].get('num_samples')} / {manifest['num_rows']}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# compatibility with a student
+
+
+def _short(value: Any) -> str:
+    return value[:16] + "..." if isinstance(value, str) and len(value) > 19 else repr(value)
+
+
+def check_compatible(
+    manifest: dict[str, Any],
+    *,
+    tokenizer_fingerprint: str | None = None,
+    vocab_size: int | None = None,
+    padded_vocab_size: int | None = None,
+    dataset_fingerprint: str | None = None,
+    temperature: float | None = None,
+    k: int | None = None,
+    teacher_fingerprint: str | None = None,
+    where: str = "teacher cache",
+) -> None:
+    """Refuse a cache that does not match the student's setup; each error names the field.
+
+    ``vocab_size`` is the student's real (tokenizer) vocabulary: it must equal the cache's shared
+    ``vocab_size``; ``padded_vocab_size`` (the student's output-layer rows, any padding) must be >= it.
+    Arguments left None are not checked.
+    """
+
+    def mismatch(field: str, cached: Any, student: Any, why: str) -> CacheMismatchError:
+        return CacheMismatchError(
+            f"{where}: field '{field}' is {_short(cached)} but the student has {_short(student)} ({why})"
+        )
+
+    checks = (
+        ("tokenizer_fingerprint", tokenizer_fingerprint, "the cache was built with another tokenizer"),
+        ("dataset.fingerprint", dataset_fingerprint, "the cache was built over another tokenized dataset"),
+        (
+            "vocab_size",
+            vocab_size,
+            "different real vocabularies; padding must not differ here, it is handled by padded_vocab_size",
+        ),  # fmt: skip
+        ("k", k, "different top-k"),
+        ("teacher.fingerprint", teacher_fingerprint, "another teacher"),
+    )
+    for field, student, why in checks:
+        if student is not None and _get(manifest, field) != student:
+            raise mismatch(field, _get(manifest, field), student, why)
+    if temperature is not None and abs(float(manifest["temperature"]) - float(temperature)) > 1e-12:
+        raise mismatch(
+            "temperature", manifest["temperature"], temperature, "log-probs are stored at the cache's T"
+        )
+    if padded_vocab_size is not None and padded_vocab_size < manifest["vocab_size"]:
+        raise mismatch(
+            "vocab_size", manifest["vocab_size"], padded_vocab_size,
+            "the student's output layer has fewer rows than the shared vocabulary",
+        )  # fmt: skip

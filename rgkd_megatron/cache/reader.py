@@ -1,0 +1,415 @@
+"""Read a teacher top-k cache: memory-mapped, random access by (sample id, token range), prefetching.
+
+Usage::
+
+    cache = TeacherCacheReader("cache_dir", tokenizer_fingerprint=tok.fingerprint,
+                               vocab_size=tok.vocab_size, dataset_fingerprint=ds.fingerprint)
+    rows = cache.get(sample_id, 0, 100)          # TopKRows of rows 0..99 (offsets 1..100 predicted)
+    teacher = cache.gather(batch["sample_ids"], batch["position_ids"])   # [b, s, k] for a batch
+    for batch, teacher in cache.prefetch(batches): ...                    # gathered in a thread
+
+Design choices:
+- Any layout reads any cache: rows are keyed by (sample id, token offset) only (``manifest.py``).
+- Opening reads the manifest, checks it against the student (``check_compatible``: tokenizer
+  fingerprint, real vocabulary, dataset fingerprint, optionally k / temperature / teacher; errors name
+  the field), checks the row index's sha256 and every shard's size and header (a truncated or
+  replaced shard fails here), and memory-maps the shards lazily.
+- Corruption: ``verify="blocks"`` (default) checks the crc32 of every block of rows the first time any
+  of its rows is read, so a flipped byte is reported (``CacheCorruptionError`` naming the shard, block
+  and samples) before it reaches a loss, at no cost once a block is verified; ``"full"`` checks every
+  shard's sha256 at open; ``"none"`` checks sizes and headers only.
+- Vocabulary padding: ids are below the manifest's shared ``vocab_size`` (the tokenizer's size). A
+  student whose output layer is padded differently from the teacher's passes its padded size as
+  ``padded_vocab_size`` (must be >= the shared size) and ``vocab_size=reader.vocab_size`` to its KD
+  loss, which then ignores its padding columns.
+- ``gather`` fills padding positions (sample id < 0) with zeros (finite, as the KD losses need) and
+  marks them in ``valid``; a position beyond the rows of its sample (the cache's ``seq_length``) is an
+  error, never silently zero.
+- ``prefetch`` runs ``gather`` for the next ``depth`` batches in a daemon thread (numpy copies and
+  crc32 release the GIL); an error in the thread is raised in the consumer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import zlib
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from rgkd_megatron.cache.format import read_header, shard_layout, storage_dtype
+from rgkd_megatron.cache.manifest import check_compatible, load_manifest
+
+__all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
+
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class CacheCorruptionError(ValueError):
+    """A shard (or the row index) does not hold the bytes the manifest promises."""
+
+
+class TopKRows(NamedTuple):
+    """Cache rows: logprobs [n, k] (cache dtype), ids [n, k] int32, lse [n] fp32, tail [n] fp32."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    lse: torch.Tensor
+    tail: torch.Tensor
+
+
+class _Shard:
+    def __init__(self, path: str, entry: dict, manifest: dict):
+        self.path, self.entry = path, entry
+        self.layout = shard_layout(
+            entry["num_rows"], manifest["k"], manifest["dtype"], manifest["block_rows"]
+        )
+        self.block_rows = manifest["block_rows"]
+        self.verified = np.zeros(-(-entry["num_rows"] // self.block_rows), dtype=bool)
+        self.columns: tuple[np.ndarray, ...] | None = None
+        self.crcs: np.ndarray | None = None
+
+
+class TeacherCacheReader:
+    """Random access to a complete teacher cache. Thread-safe for reads; picklable (maps reopen lazily).
+
+    Args:
+        directory: the cache directory (holding manifest.json).
+        verify: "blocks" (default), "full" or "none" (module docstring).
+        tokenizer_fingerprint / vocab_size / padded_vocab_size / dataset_fingerprint / k / temperature /
+        teacher_fingerprint: the student's values, checked against the manifest when given.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        verify: str = "blocks",
+        tokenizer_fingerprint: str | None = None,
+        vocab_size: int | None = None,
+        padded_vocab_size: int | None = None,
+        dataset_fingerprint: str | None = None,
+        k: int | None = None,
+        temperature: float | None = None,
+        teacher_fingerprint: str | None = None,
+    ):
+        if verify not in ("blocks", "full", "none"):
+            raise ValueError(f"verify={verify!r}: expected 'blocks', 'full' or 'none'")
+        self.directory = os.fspath(directory)
+        self.verify = verify
+        self.manifest = load_manifest(self.directory)
+        check_compatible(
+            self.manifest, tokenizer_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size,
+            padded_vocab_size=padded_vocab_size, dataset_fingerprint=dataset_fingerprint, k=k,
+            temperature=temperature, teacher_fingerprint=teacher_fingerprint,
+            where=f"teacher cache {self.directory}",
+        )  # fmt: skip
+        self.row_offsets = self._load_row_index()
+        self._shards = [
+            _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
+        ]
+        self._shard_first_sample = np.array(
+            [e["first_sample"] for e in self.manifest["shards"]], dtype=np.int64
+        )
+        for shard in self._shards:
+            self._check_file(shard)
+        if verify == "full":
+            self.verify_checksums()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ properties
+    k = property(lambda self: self.manifest["k"])
+    vocab_size = property(lambda self: self.manifest["vocab_size"], doc="shared (real) vocabulary size")
+    temperature = property(lambda self: float(self.manifest["temperature"]))
+    seq_length = property(lambda self: self.manifest["seq_length"])
+    num_samples = property(lambda self: len(self.row_offsets) - 1)
+    num_rows = property(lambda self: self.manifest["num_rows"])
+    dtype = property(lambda self: _TORCH_DTYPES[self.manifest["dtype"]], doc="torch dtype of the log-probs")
+
+    def num_rows_of(self, sample_id: int) -> int:
+        """Rows of a sample: ``min(len, seq_length + 1) - 1`` (row t predicts the token at offset t + 1)."""
+        i = self._check_sample(sample_id)
+        return int(self.row_offsets[i + 1] - self.row_offsets[i])
+
+    @property
+    def bytes_per_row(self) -> float:
+        return sum(e["size"] for e in self.manifest["shards"]) / max(1, self.num_rows)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"TeacherCacheReader({self.directory!r}, samples={self.num_samples}, rows={self.num_rows}, k={m['k']}, "
+            f"T={m['temperature']}, dtype={m['dtype']}, vocab={m['vocab_size']}, shards={len(self._shards)})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock")
+        state["_shards"] = [_Shard(s.path, s.entry, self.manifest) for s in self._shards]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _load_row_index(self) -> np.ndarray:
+        info = self.manifest["row_index"]
+        path = os.path.join(self.directory, info["name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher cache {self.directory}: row index {path} not found")
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CacheCorruptionError(
+                f"teacher cache {self.directory}: row index {path} does not match field 'row_index' of the "
+                f"manifest ({len(data)} bytes; size or sha256 differs): corrupted or replaced"
+            )
+        offsets = np.load(path, allow_pickle=False)
+        expected_len = self.manifest["dataset"]["num_samples"] + 1
+        if offsets.shape != (expected_len,) or offsets[0] != 0 or offsets[-1] != self.manifest["num_rows"]:
+            raise CacheCorruptionError(f"teacher cache {self.directory}: row index {path} is inconsistent")
+        return offsets
+
+    def _check_file(self, shard: _Shard) -> None:
+        if not os.path.isfile(shard.path):
+            raise FileNotFoundError(f"teacher cache {self.directory}: shard {shard.path} is missing")
+        size = os.path.getsize(shard.path)
+        if size != shard.layout.size:
+            kind = "truncated" if size < shard.layout.size else "larger than recorded"
+            raise CacheCorruptionError(
+                f"shard {shard.path} is {kind}: {size} bytes, the manifest and format need {shard.layout.size}"
+            )
+        header = read_header(shard.path)
+        e, m = shard.entry, self.manifest
+        got = (header.k, header.dtype, header.block_rows, header.num_rows, header.first_row, header.first_sample,
+               header.num_samples)  # fmt: skip
+        want = (
+            m["k"],
+            m["dtype"],
+            m["block_rows"],
+            e["num_rows"],
+            e["first_row"],
+            e["first_sample"],
+            e["num_samples"],
+        )
+        if got != want:
+            raise CacheCorruptionError(
+                f"shard {shard.path}: header {got} does not match the manifest {want} "
+                "(k, dtype, block_rows, rows, first row, first sample, samples): corrupted or from another cache"
+            )
+
+    def verify_checksums(self, progress=None) -> None:
+        """sha256 of every shard against the manifest (reads every byte); CacheCorruptionError on a mismatch."""
+        for shard in self._shards:
+            digest = hashlib.sha256()
+            with open(shard.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            if digest.hexdigest() != shard.entry["sha256"]:
+                raise CacheCorruptionError(
+                    f"shard {shard.path}: sha256 {digest.hexdigest()[:16]}... differs from the manifest's "
+                    f"{shard.entry['sha256'][:16]}... (corrupted or replaced)"
+                )
+            shard.verified[:] = True
+
+    # ----------------------------------------------------------------------------------------- access
+    def _check_sample(self, sample_id: int) -> int:
+        i = int(sample_id)
+        if not 0 <= i < self.num_samples:
+            raise IndexError(
+                f"sample id {sample_id} out of range: the cache holds {self.num_samples} samples"
+            )
+        return i
+
+    def _open(self, shard: _Shard) -> tuple[np.ndarray, ...]:
+        if shard.columns is None:
+            with self._lock:
+                if shard.columns is None:
+                    mm = np.memmap(shard.path, dtype=np.uint8, mode="r")
+                    r, k, lay = shard.entry["num_rows"], self.k, shard.layout
+                    lp_dtype = storage_dtype(self.manifest["dtype"])
+
+                    def col(offset: int, dtype, shape):
+                        count = int(np.prod(shape))
+                        return np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+                    shard.crcs = col(lay.crc, np.dtype("<u4"), (shard.verified.size,))
+                    shard.columns = (
+                        col(lay.logprobs, lp_dtype, (r, k)),
+                        col(lay.ids, np.dtype("<i4"), (r, k)),
+                        col(lay.lse, np.dtype("<f4"), (r,)),
+                        col(lay.tail, np.dtype("<f4"), (r,)),
+                    )
+        return shard.columns
+
+    def _verify_blocks(self, shard: _Shard, lo: int, hi: int) -> None:
+        b0, b1 = lo // shard.block_rows, -(-hi // shard.block_rows)
+        for b in range(b0, b1):
+            if shard.verified[b]:
+                continue
+            rows = slice(b * shard.block_rows, min((b + 1) * shard.block_rows, shard.entry["num_rows"]))
+            crc = 0
+            for col in shard.columns:
+                crc = zlib.crc32(memoryview(np.ascontiguousarray(col[rows])).cast("B"), crc)
+            if crc != int(shard.crcs[b]):
+                first = shard.entry["first_row"]
+                samples = (
+                    np.searchsorted(
+                        self.row_offsets, [first + rows.start, first + rows.stop - 1], side="right"
+                    )
+                    - 1
+                )
+                raise CacheCorruptionError(
+                    f"shard {shard.path}: block {b} (rows {rows.start}..{rows.stop - 1}, samples "
+                    f"{samples[0]}..{samples[1]}) fails its crc32 check: the shard is corrupted"
+                )
+            shard.verified[b] = True
+
+    def _shard_rows(self, i: int, start: int, end: int) -> tuple[_Shard, int, int]:
+        shard = self._shards[int(np.searchsorted(self._shard_first_sample, i, side="right")) - 1]
+        lo = int(self.row_offsets[i] - shard.entry["first_row"]) + start
+        self._open(shard)
+        if self.verify != "none":
+            self._verify_blocks(shard, lo, lo + end - start)
+        return shard, lo, lo + end - start
+
+    def _range(self, sample_id: int, start: int, end: int | None) -> tuple[int, int, int]:
+        i = self._check_sample(sample_id)
+        n = int(self.row_offsets[i + 1] - self.row_offsets[i])
+        end = n if end is None else int(end)
+        if not 0 <= int(start) <= end <= n:
+            raise IndexError(
+                f"rows [{start}, {end}) of sample {i}: the cache holds {n} rows for it (its length - 1, at most "
+                f"seq_length = {self.seq_length}); a longer student sequence needs a cache built with a larger "
+                "--seq-length"
+            )
+        return i, int(start), end
+
+    def get_numpy(self, sample_id: int, start: int = 0, end: int | None = None) -> tuple[np.ndarray, ...]:
+        """Rows [start, end) of a sample as numpy copies (logprobs in the storage dtype: bf16 as uint16)."""
+        i, start, end = self._range(sample_id, start, end)
+        shard, lo, hi = self._shard_rows(i, start, end)
+        return tuple(np.array(col[lo:hi]) for col in shard.columns)
+
+    def get(self, sample_id: int, start: int = 0, end: int | None = None) -> TopKRows:
+        """Rows [start, end) of a sample (default: all) as torch tensors; row t predicts token t + 1."""
+        logprobs, ids, lse, tail = self.get_numpy(sample_id, start, end)
+        return TopKRows(
+            self._logprobs_tensor(logprobs),
+            torch.from_numpy(ids),
+            torch.from_numpy(lse),
+            torch.from_numpy(tail),
+        )
+
+    def _logprobs_tensor(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if self.manifest["dtype"] == "bf16" else t
+
+    def gather(self, sample_ids_bs, position_ids_bs) -> dict[str, torch.Tensor]:
+        """Teacher rows for a batch laid out as ``rgkd_megatron.data.batching`` makes it.
+
+        Args: sample_ids_bs / position_ids_bs: [b, s] int tensors or arrays (sample id -1 = padding).
+        Returns: {'logprobs' [b, s, k] cache dtype, 'ids' [b, s, k] int32, 'lse' [b, s] fp32,
+        'tail' [b, s] fp32, 'valid' [b, s] bool}; padding positions are zero and not valid.
+        """
+        sid = np.asarray(
+            sample_ids_bs.cpu() if torch.is_tensor(sample_ids_bs) else sample_ids_bs, dtype=np.int64
+        )
+        pos = np.asarray(
+            position_ids_bs.cpu() if torch.is_tensor(position_ids_bs) else position_ids_bs, dtype=np.int64
+        )
+        if sid.shape != pos.shape or sid.ndim != 2:
+            raise ValueError(f"sample_ids {sid.shape} and position_ids {pos.shape} must both be [b, s]")
+        b, s, k = sid.shape[0], sid.shape[1], self.k
+        out = (
+            np.zeros((b, s, k), storage_dtype(self.manifest["dtype"])),
+            np.zeros((b, s, k), np.int32),
+            np.zeros((b, s), np.float32),
+            np.zeros((b, s), np.float32),
+        )
+        for row in range(b):
+            for lo, hi in _runs(sid[row], pos[row]):
+                i, start = int(sid[row, lo]), int(pos[row, lo])
+                i, start, end = self._range(i, start, start + hi - lo)
+                shard, a, z = self._shard_rows(i, start, end)
+                for dst, col in zip(out, shard.columns):
+                    dst[row, lo:hi] = col[a:z]
+        return {
+            "logprobs": self._logprobs_tensor(out[0]),
+            "ids": torch.from_numpy(out[1]),
+            "lse": torch.from_numpy(out[2]),
+            "tail": torch.from_numpy(out[3]),
+            "valid": torch.from_numpy(sid >= 0),
+        }
+
+    def prefetch(self, batches: Iterable[dict], depth: int = 2) -> Iterator[tuple[dict, dict]]:
+        """Yield ``(batch, gather(batch['sample_ids'], batch['position_ids']))``, gathering ``depth``
+        batches ahead in a background thread."""
+        return _Prefetcher(self, batches, depth)
+
+
+def _runs(sid: np.ndarray, pos: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal [lo, hi) runs of one valid sample id with consecutive positions."""
+    n = sid.shape[0]
+    if n == 0:
+        return []
+    brk = np.flatnonzero((sid[1:] != sid[:-1]) | (pos[1:] != pos[:-1] + 1)) + 1
+    bounds = np.concatenate([[0], brk, [n]])
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if sid[lo] >= 0]
+
+
+class _Prefetcher:
+    _DONE = object()
+
+    def __init__(self, reader: TeacherCacheReader, batches: Iterable[dict], depth: int):
+        if depth < 1:
+            raise ValueError(f"depth={depth}: must be >= 1")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(reader, iter(batches)), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, reader: TeacherCacheReader, batches: Iterator[dict]) -> None:
+        try:
+            for batch in batches:
+                if not self._put((batch, reader.gather(batch["sample_ids"], batch["position_ids"]))):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[dict, dict]:
+        item = self._queue.get()
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __del__(self) -> None:
+        self._stop.set()

@@ -1,0 +1,119 @@
+"""The models of a colocated PbKD run and the inference helpers on them.
+
+Colocated placement (DESIGN.md s.6): policy, frozen reference policy (the initial student, for the
+KL term), reward model and optional live teacher share one layout on all ranks. Role windows with
+their own layouts are the scheduler's job; everything here takes the groups explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from rgkd_megatron.checkpoint.dist_ckpt import load_backbone_weights, load_model_weights
+from rgkd_megatron.config import ModelConfig, RGKDConfig
+from rgkd_megatron.config.loader import config_from_dict
+from rgkd_megatron.generation.generate import (
+    _broadcast_from_last_stage,
+    _inference_mode,
+    _stage_forward,
+    score,
+)
+from rgkd_megatron.models.builders import build_policy, build_reward_model, build_teacher, sequence_rewards
+from rgkd_megatron.parallel.groups import RoleGroups
+from rgkd_megatron.training.engine import Engine, build_engine
+
+
+@dataclass
+class PbKDModels:
+    policy: Engine
+    reward: Engine
+    reference: torch.nn.Module
+    teacher: torch.nn.Module | None
+    vocab_size: int
+
+
+def teacher_model_config(path: str) -> ModelConfig:
+    """The ``model`` section of a YAML file (e.g. ``model_config.yaml`` next to a converted checkpoint)."""
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    section = raw.get("model", raw)
+    return config_from_dict({"model": section}).model
+
+
+def build_pbkd_models(cfg: RGKDConfig, groups: RoleGroups, vocab_size: int) -> PbKDModels:
+    policy = build_policy(cfg.model, cfg.parallel, groups, vocab_size)
+    reference = build_teacher(cfg.model, cfg.parallel, groups, vocab_size)  # frozen copy of the init
+    reward = build_reward_model(cfg.model, cfg.parallel, groups, vocab_size)
+    if cfg.model.load:
+        for model in (policy, reference):
+            load_model_weights(cfg.model.load, model)
+        load_backbone_weights(cfg.model.load, reward)
+    else:
+        reference.load_state_dict(policy.state_dict())
+    teacher = None
+    if cfg.pbkd.teacher_load:
+        if not cfg.pbkd.teacher_model_config:
+            raise ValueError("pbkd.teacher_model_config: required with pbkd.teacher_load")
+        teacher_cfg = teacher_model_config(cfg.pbkd.teacher_model_config)
+        teacher = build_teacher(teacher_cfg, cfg.parallel, groups, vocab_size)
+        load_model_weights(cfg.pbkd.teacher_load, teacher)
+    t = cfg.train
+    policy_engine = build_engine(
+        policy,
+        groups,
+        cfg.optimizer,
+        cfg.parallel,
+        t.lr,
+        t.min_lr,
+        t.lr_warmup_iters,
+        t.train_iters,
+        t.lr_decay_style,
+    )
+    reward_engine = build_engine(
+        reward,
+        groups,
+        cfg.optimizer,
+        cfg.parallel,
+        cfg.pbkd.rm_lr,
+        cfg.pbkd.rm_lr,
+        0,
+        t.train_iters,
+        "constant",
+    )
+    return PbKDModels(policy_engine, reward_engine, reference, teacher, vocab_size)
+
+
+def reward_scores(
+    model: torch.nn.Module, groups: RoleGroups, sequences: list[list[int]], pad_id: int
+) -> torch.Tensor:
+    """Raw reward r(x, y) of each full sequence (value at its last token), on every rank. [b] fp32."""
+    length = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)] = torch.tensor(s)
+    last = torch.tensor([len(s) - 1 for s in sequences])
+    rewards = None
+    with _inference_mode(model):
+        values = _stage_forward(model, groups, tokens, 0, None, gather=False)
+        if groups.is_last_stage:
+            rewards = sequence_rewards(values.squeeze(-1).float(), last)
+    return _broadcast_from_last_stage(rewards, (len(sequences),), torch.float32, groups)
+
+
+def response_nll(
+    model: torch.nn.Module,
+    groups: RoleGroups,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    vocab_size: int,
+) -> float:
+    """Mean per-token negative log-likelihood of the responses given the prompts under ``model``."""
+    logprobs = score(model, groups, [p + r for p, r in zip(prompts, responses)], vocab_size=vocab_size)
+    total, count = 0.0, 0
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        total -= float(logprobs[i, len(p) - 1 : len(p) - 1 + len(r)].sum())
+        count += len(r)
+    return total / max(count, 1)

@@ -1,0 +1,361 @@
+"""Online PbKD: T rounds of sample -> judge -> append -> re-solve the min-max, warm-started.
+
+Per round r = 1..T (T = 1 is the offline variant: pairs from the initial student only):
+  1. sample one response from the current student for ``pairs_per_round`` training prompts;
+  2. judge each against the teacher's response and append the pairs (with provenance) to the
+     preference store;
+  3. re-solve: ``iterations_per_round`` x (k_r RM steps, then k_p policy steps), continuing from the
+     current weights of both players.
+An RM step uses teacher responses y_E, the round's student samples y_pi and preference pairs
+(DESIGN.md s.4). A policy step samples n responses for each of ``prompts_per_step`` prompts, scores
+them with the (bounded) reward model, and applies RLOO (or PPO-clip) with beta * KL to the initial
+student and an optional alpha * SeqKD anchor.
+
+All sampling is seeded from (train.seed, round, step), so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rgkd_megatron.config import RGKDConfig
+from rgkd_megatron.data.preference import PreferencePair, PreferenceStore, Provenance
+from rgkd_megatron.data.tokenizer import Tokenizer
+from rgkd_megatron.eval.scores import rouge_l
+from rgkd_megatron.generation.generate import generate, score
+from rgkd_megatron.losses.policy_gradient import group_advantages
+from rgkd_megatron.losses.reward import bounded_reward
+from rgkd_megatron.pbkd.batches import collate_sequences, dp_shard, split_rows
+from rgkd_megatron.pbkd.judges import make_judge, orient
+from rgkd_megatron.pbkd.objectives import (
+    PolicyStepSizes,
+    RMStepSizes,
+    make_policy_forward_step,
+    make_rm_forward_step,
+)
+from rgkd_megatron.pbkd.prompts import PromptItem
+from rgkd_megatron.pbkd.roles import PbKDModels, response_nll, reward_scores
+from rgkd_megatron.training.engine import train_step
+from rgkd_megatron.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+class PbKDTrainer:
+    def __init__(
+        self, cfg: RGKDConfig, models: PbKDModels, tokenizer: Tokenizer, train_items, heldout_items, run_dir
+    ):
+        self.cfg, self.p, self.models, self.tok = cfg, cfg.pbkd, models, tokenizer
+        self.groups = models.policy.groups
+        self.train_items: list[PromptItem] = train_items
+        self.heldout_items: list[PromptItem] = heldout_items
+        self.run_dir = Path(run_dir)
+        self.store = PreferenceStore(self.run_dir / "preferences.jsonl")
+        self.judge = make_judge(
+            self.p.judge,
+            entry_point=self.p.judge_entry_point,
+            label_file=self.p.judge_label_file,
+            teacher_loglik=self._teacher_loglik if models.teacher is not None else None,
+            tie_tolerance=self.p.tie_tolerance,
+        )
+        self.policy_steps = 0
+        self.rm_steps = 0
+        self.round_samples: list[tuple[PromptItem, list[int]]] = []
+        self._check_lengths()
+
+    # ------------------------------------------------------------------ helpers
+    def _check_lengths(self) -> None:
+        longest = max(
+            len(i.prompt_ids) + max(len(i.teacher_ids), self.p.max_new_tokens) for i in self.train_items
+        )
+        if longest > self.cfg.data.seq_length:
+            raise ValueError(
+                f"data.seq_length: a prompt + response needs up to {longest} tokens, got "
+                f"{self.cfg.data.seq_length} (raise it or lower pbkd.max_new_tokens)"
+            )
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.train.seed, *keys])
+
+    def _seed(self, *keys: int) -> int:
+        return int(self._rng(*keys).integers(2**31 - 1))
+
+    def _teacher_loglik(self, prompt_id: int, prompt: str, response: str) -> float:
+        item = next(i for i in self.train_items + self.heldout_items if i.prompt_id == prompt_id)
+        ids = self.tok.encode(response) + [self.tok.eos_id]
+        return -response_nll(
+            self.models.teacher, self.groups, [list(item.prompt_ids)], [ids], self.models.vocab_size
+        )
+
+    def _sample(self, prompts: list[list[int]], seed: int, greedy: bool = False):
+        return generate(
+            self.models.policy.unwrapped(),
+            self.groups,
+            prompts,
+            max_new_tokens=self.p.max_new_tokens,
+            temperature=0.0 if greedy else self.p.temperature,
+            top_p=1.0 if greedy else self.p.top_p,
+            top_k=0 if greedy else self.p.top_k,
+            eos_id=self.tok.eos_id,
+            pad_id=self.tok.pad_id,
+            seed=seed,
+            vocab_size=self.models.vocab_size,
+        )
+
+    def _run(self, engine, forward_step, batch: dict, rows_per_micro: int) -> dict[str, float]:
+        local = dp_shard(batch, self.groups.dp_rank, self.groups.layout.dp)
+        micro = split_rows(local, rows_per_micro)
+        return train_step(
+            engine, forward_step, iter(micro), len(micro), self.cfg.data.seq_length, rows_per_micro
+        )
+
+    # ------------------------------------------------------------------ round: sample, judge, append
+    def collect(self, round_index: int) -> int:
+        rng = self._rng(round_index, 1)
+        picks = rng.choice(
+            len(self.train_items), size=min(self.p.pairs_per_round, len(self.train_items)), replace=False
+        )
+        items = [self.train_items[i] for i in picks]
+        out = self._sample([list(i.prompt_ids) for i in items], self._seed(round_index, 2))
+        pairs = []
+        self.round_samples = []
+        for item, response in zip(items, out.response_ids()):
+            self.round_samples.append((item, response))
+            verdict = self.judge(item.prompt_id, item.prompt, item.teacher, self.tok.decode(response))
+            chosen, rejected = orient(verdict, item.teacher_ids, response)
+            pairs.append(
+                PreferencePair(
+                    prompt_id=item.prompt_id,
+                    prompt_ids=item.prompt_ids,
+                    chosen_ids=chosen,
+                    rejected_ids=rejected,
+                    provenance=Provenance(
+                        round=round_index, student_step=self.policy_steps, judge=self.judge.name
+                    ),
+                    tie=verdict.tie,
+                    margin=verdict.margin,
+                )
+            )
+        if dist.get_rank() == 0:
+            self.store.extend(pairs)
+        else:
+            self.store.pairs.extend(pairs)
+        return len(pairs)
+
+    # ------------------------------------------------------------------ the max player
+    def rm_step(self, round_index: int) -> dict[str, float]:
+        dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
+        per_kind = max(1, mbs // 4)
+        count = self.p.prompts_per_step
+        if count % (dp * per_kind):
+            raise ValueError(
+                f"pbkd.prompts_per_step ({count}) must divide by DP x max(1, micro_batch_size // 4)"
+            )
+        rng = self._rng(round_index, 3, self.rm_steps)
+        experts = [self.train_items[i] for i in rng.choice(len(self.train_items), count, replace=False)]
+        samples = [self.round_samples[i] for i in rng.choice(len(self.round_samples), count, replace=True)]
+        trainable = self.store.trainable()
+        if not trainable:
+            raise RuntimeError("no non-tie preference pairs yet: every judged pair was a tie")
+        pairs = [trainable[i] for i in rng.choice(len(trainable), count, replace=len(trainable) < count)]
+        micro_count = count // per_kind
+        prompts, responses = [], []
+        for m in range(micro_count):  # rows of micro-batch m: experts, samples, chosen, rejected
+            sl = slice(m * per_kind, (m + 1) * per_kind)
+            prompts += [list(i.prompt_ids) for i in experts[sl]]
+            responses += [list(i.teacher_ids) for i in experts[sl]]
+            prompts += [list(i.prompt_ids) for i, _ in samples[sl]]
+            responses += [r for _, r in samples[sl]]
+            prompts += [list(p.prompt_ids) for p in pairs[sl]] * 2
+            responses += [list(p.chosen_ids) for p in pairs[sl]] + [list(p.rejected_ids) for p in pairs[sl]]
+        batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
+        sizes = RMStepSizes(per_kind, per_kind, per_kind, count, count, count)
+        step = make_rm_forward_step(sizes, self.p.bt_lambda, self.p.reward_bound)
+        self.rm_steps += 1
+        return self._run(self.models.reward, step, batch, sizes.rows)
+
+    # ------------------------------------------------------------------ the min player
+    def policy_step(self, round_index: int) -> dict[str, float]:
+        g, n = self.p.prompts_per_step, self.p.samples_per_prompt
+        dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
+        rng = self._rng(round_index, 4, self.policy_steps)
+        items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
+        prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
+        out = self._sample(prompts, self._seed(round_index, 5, self.policy_steps))
+        responses = out.response_ids()
+        sequences = [p + r for p, r in zip(prompts, responses)]
+        raw = reward_scores(self.models.reward.unwrapped(), self.groups, sequences, self.tok.pad_id)
+        rewards = bounded_reward(raw, self.p.reward_bound)
+        advantages = group_advantages(rewards.view(g, n)).reshape(-1)
+        seq_len = self.cfg.data.seq_length
+        batch = collate_sequences(prompts, responses, seq_len, self.tok.pad_id)
+        ref = score(self.models.reference, self.groups, sequences, vocab_size=self.models.vocab_size)
+        batch["ref_logprobs"] = _fit(ref, seq_len)
+        old = torch.zeros(len(prompts), seq_len)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            old[i, len(p) - 1 : len(p) - 1 + len(r)] = out.logprobs[i, : len(r)]
+        batch["old_logprobs"] = old
+        batch["advantage"] = advantages.float()
+        batch["reward"] = rewards.float()
+        rows_total = g * n
+        if rows_total % (dp * mbs):
+            raise ValueError(
+                f"pbkd.prompts_per_step x samples_per_prompt ({rows_total}) must divide by DP x micro_batch_size"
+            )
+        micro_count = rows_total // (dp * mbs)
+        teacher_rows = 0
+        if self.p.seqkd_alpha > 0:
+            if g % (dp * micro_count):
+                raise ValueError(
+                    "pbkd.seqkd_alpha > 0 needs prompts_per_step divisible by the micro-batch count"
+                )
+            teacher_rows = g // (dp * micro_count)
+            batch = _interleave_teacher_rows(batch, items, seq_len, self.tok.pad_id, dp * micro_count, mbs)
+        teacher_tokens = (
+            sum(min(len(i.teacher_ids), seq_len - len(i.prompt_ids)) for i in items) if teacher_rows else 0
+        )
+        sizes = PolicyStepSizes(mbs, teacher_rows, rows_total, teacher_tokens)
+        step = make_policy_forward_step(
+            sizes,
+            self.groups.pg_collection.tp,
+            self.models.vocab_size,
+            self.p.kl_beta,
+            self.p.ppo_clip,
+            self.p.seqkd_alpha,
+        )
+        self.policy_steps += 1
+        metrics = self._run(self.models.policy, step, batch, mbs + teacher_rows)
+        metrics["policy_sample_reward_mean"] = float(rewards.mean())
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, items: list[PromptItem] | None = None) -> dict[str, float]:
+        items = items or self.heldout_items
+        out = self._sample([list(i.prompt_ids) for i in items], seed=0, greedy=True)
+        responses = out.response_ids()
+        texts = [self.tok.decode([t for t in r if t != self.tok.eos_id]) for r in responses]
+        metrics = {"eval_rougeL_vs_teacher": rouge_l(texts, [i.teacher for i in items])}
+        refs = [(t, i.reference) for t, i in zip(texts, items) if i.reference]
+        if refs:
+            metrics["eval_rougeL_vs_reference"] = rouge_l([t for t, _ in refs], [r for _, r in refs])
+        prompts = [list(i.prompt_ids) for i in items]
+        rm = self.models.reward.unwrapped()
+        r_student = bounded_reward(
+            reward_scores(rm, self.groups, [p + r for p, r in zip(prompts, responses)], self.tok.pad_id),
+            self.p.reward_bound,
+        )
+        r_teacher = bounded_reward(
+            reward_scores(
+                rm, self.groups, [p + list(i.teacher_ids) for p, i in zip(prompts, items)], self.tok.pad_id
+            ),
+            self.p.reward_bound,
+        )
+        metrics["eval_reward_gap"] = float(r_teacher.mean() - r_student.mean())
+        metrics["eval_response_len"] = float(np.mean([len(r) for r in responses]))
+        if self.models.teacher is not None:
+            nonempty = [(p, r) for p, r in zip(prompts, responses) if r]
+            metrics["eval_teacher_nll_of_student"] = response_nll(
+                self.models.teacher,
+                self.groups,
+                [p for p, _ in nonempty],
+                [r for _, r in nonempty],
+                self.models.vocab_size,
+            )
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, metrics_logger=None, progress=None) -> dict[str, float]:
+        last: dict[str, float] = {}
+        step = 0
+        for round_index in range(1, self.p.rounds + 1):
+            started = time.perf_counter()
+            added = self.collect(round_index)
+            logger.info("round %d: %d pairs added (%d total)", round_index, added, len(self.store))
+            for _ in range(self.p.iterations_per_round):
+                for _ in range(self.p.k_r):
+                    last.update(self.rm_step(round_index))
+                for _ in range(self.p.k_p):
+                    last.update(self.policy_step(round_index))
+                step += 1
+                last.update(round=round_index, pairs=len(self.store))
+                if metrics_logger is not None:
+                    metrics_logger.log(step, dict(last))
+                if progress is not None:
+                    progress.update(1, reward=f"{last.get('policy_sample_reward_mean', 0):.3f}")
+            last.update(self.evaluate())
+            last["round_time_s"] = time.perf_counter() - started
+            if metrics_logger is not None:
+                metrics_logger.log(
+                    step, {k: v for k, v in last.items() if k.startswith("eval_") or k == "round"}
+                )
+        return last
+
+
+def _fit(rows_bt: torch.Tensor, seq_len: int) -> torch.Tensor:
+    out = torch.zeros(rows_bt.shape[0], seq_len)
+    width = min(rows_bt.shape[1], seq_len)
+    out[:, :width] = rows_bt[:, :width]
+    return out
+
+
+def _interleave_teacher_rows(batch, items, seq_len, pad_id, micro_total, mbs):
+    """Append teacher-response rows so each micro-batch is [mbs PG rows, t teacher rows]."""
+    teacher = collate_sequences(
+        [list(i.prompt_ids) for i in items], [list(i.teacher_ids) for i in items], seq_len, pad_id
+    )
+    per = len(items) // micro_total
+    zeros = {
+        k: torch.zeros((len(items), *v.shape[1:]), dtype=v.dtype)
+        for k, v in batch.items()
+        if k not in teacher
+    }
+    teacher.update(zeros)
+    out = {}
+    for key in batch:
+        parts = []
+        for m in range(micro_total):
+            parts.append(batch[key][m * mbs : (m + 1) * mbs])
+            parts.append(teacher[key][m * per : (m + 1) * per])
+        out[key] = torch.cat(parts)
+    return out
+
+
+class SeqKDTrainer(PbKDTrainer):
+    """The SeqKD / SFT baseline through the same data, budget and evaluation: each policy step is a
+    cross-entropy step on teacher responses (as many rows as a PbKD policy step), no reward model."""
+
+    def collect(self, round_index: int) -> int:
+        return 0
+
+    def rm_step(self, round_index: int) -> dict[str, float]:
+        return {}
+
+    def policy_step(self, round_index: int) -> dict[str, float]:
+        from rgkd_megatron.training.objectives import make_sft_forward_step
+
+        rows = self.p.prompts_per_step * self.p.samples_per_prompt
+        rng = self._rng(round_index, 6, self.policy_steps)
+        items = [
+            self.train_items[i]
+            for i in rng.choice(len(self.train_items), rows, replace=len(self.train_items) < rows)
+        ]
+        batch = collate_sequences(
+            [list(i.prompt_ids) for i in items],
+            [list(i.teacher_ids) for i in items],
+            self.cfg.data.seq_length,
+            self.tok.pad_id,
+        )
+        batch["loss_mask"] = batch.pop("response_mask")
+        self.policy_steps += 1
+        step = make_sft_forward_step(self.groups.pg_collection.tp)
+        return self._run(self.models.policy, step, batch, self.cfg.train.micro_batch_size)
+
+    def evaluate(self, items=None) -> dict[str, float]:
+        metrics = super().evaluate(items)
+        metrics.pop("eval_reward_gap", None)  # this baseline trains no reward model
+        return metrics
