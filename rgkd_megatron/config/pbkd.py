@@ -64,6 +64,8 @@ class PbKDConfig:
     """Skew KL mixture weight (DistiLLM)."""
     kd_temperature: float = 1.0
     """Temperature of token-level KD (must match the cache's)."""
+    kd_topk: int = 64
+    """k: teacher ids kept per token for token-level KD (the rest is one tail bucket)."""
     on_policy: bool = False
     """Token-level KD on student samples with a live teacher (GKD) instead of teacher responses."""
     cache_path: str | None = None
@@ -85,6 +87,7 @@ class PbKDConfig:
 _POSITIVE = ("rounds", "pairs_per_round", "iterations_per_round", "samples_per_prompt", "prompts_per_step",
              "reward_bound", "rm_lr", "max_new_tokens", "temperature", "kd_temperature")  # fmt: skip
 _NON_NEGATIVE = ("k_r", "k_p", "bt_lambda", "kl_beta", "seqkd_alpha", "tie_tolerance", "top_k")
+_POSITIVE += ("kd_topk",)
 _UNIT = ("heldout_fraction", "gamma", "beta_mm", "top_p")
 
 

@@ -157,7 +157,9 @@ def parse_hf_config(cfg: dict, ignore_sliding_window: bool = False) -> LlamaFami
     heads = _positive_int(cfg, "num_attention_heads")
     kv_heads = _positive_int(cfg, "num_key_value_heads", heads) if cfg.get("num_key_value_heads") else heads
     if hidden % heads:
-        raise ConversionError(f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+        raise ConversionError(
+            f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={heads}"
+        )
     if heads % kv_heads:
         raise ConversionError(
             f"config.json: num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}"
@@ -198,9 +200,7 @@ def parse_hf_config(cfg: dict, ignore_sliding_window: bool = False) -> LlamaFami
         num_heads=heads,
         num_kv_heads=kv_heads,
         vocab_size=_positive_int(cfg, "vocab_size"),
-        max_position_embeddings=_positive_int(
-            cfg, "max_position_embeddings", _DEFAULT_MAX_POSITIONS[family]
-        ),
+        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", _DEFAULT_MAX_POSITIONS[family]),
         rope_theta=theta,
         rope_scaling_factor=factor,
         norm_epsilon=float(eps),
@@ -274,7 +274,9 @@ def hf_config_from_model_fields(fields: dict[str, Any], dtype: str | None) -> di
         "max_position_embeddings": fields["max_position_embeddings"],
         "rms_norm_eps": fields["norm_epsilon"],
         "rope_theta": float(fields["rotary_base"]),
-        "rope_scaling": None if factor is None else {"rope_type": "llama3", "factor": factor, **_LLAMA3_FIXED},
+        "rope_scaling": None
+        if factor is None
+        else {"rope_type": "llama3", "factor": factor, **_LLAMA3_FIXED},
         "tie_word_embeddings": fields["tie_word_embeddings"],
         "hidden_act": "silu",
         "initializer_range": fields.get("init_method_std", 0.02),
@@ -336,7 +338,9 @@ def hf_shapes(arch: LlamaFamily) -> dict[str, tuple[int, ...]]:
         "mlp.down_proj.weight": (h, f),
     }
     if arch.qkv_bias:
-        per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        per_layer.update(
+            {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+        )
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)

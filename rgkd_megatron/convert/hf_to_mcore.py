@@ -77,7 +77,9 @@ def _check_inventory(ckpt: HFCheckpoint, arch: LlamaFamily) -> None:
             continue
         if name == "lm_head.weight" and arch.tie_word_embeddings:
             if info.shape != expected["model.embed_tokens.weight"]:
-                problems.append(f"tensor lm_head.weight: shape {list(info.shape)} differs from the embedding's")
+                problems.append(
+                    f"tensor lm_head.weight: shape {list(info.shape)} differs from the embedding's"
+                )
             continue
         problems.append(f"tensor {name}: unexpected for {arch.architecture} with this config.json")
     if problems:
@@ -145,7 +147,9 @@ def _check_skeleton(sharded_sd: dict, rules: list[Rule], arch: LlamaFamily, padd
         elif isinstance(value, ShardedTensorFactory):
             found[value.key] = None  # SwiGLU fc1: shape checked after the factory splits it
     expected = {
-        r.key: ((arch.num_layers, *mcore_shape(r, arch, padded)) if r.per_layer else mcore_shape(r, arch, padded))
+        r.key: (
+            (arch.num_layers, *mcore_shape(r, arch, padded)) if r.per_layer else mcore_shape(r, arch, padded)
+        )
         for r in rules
     }
     if set(found) != set(expected):
@@ -155,7 +159,9 @@ def _check_skeleton(sharded_sd: dict, rules: list[Rule], arch: LlamaFamily, padd
         )
     for key, shape in found.items():
         if shape is not None and shape != expected[key]:
-            raise AssertionError(f"megatron-core tensor {key}: global shape {shape}, mapping says {expected[key]}")
+            raise AssertionError(
+                f"megatron-core tensor {key}: global shape {shape}, mapping says {expected[key]}"
+            )
 
 
 def convert_hf_to_mcore(
@@ -204,17 +210,22 @@ def convert_hf_to_mcore(
         resolve = _make_resolver(ckpt, arch, rules, padded, out_dtype)
         save_lazily(sharded_sd, tmp, resolve, desc="hf->mcore")
         ckpt.close()
+        copied = copy_aux_files(src, tmp)
+        tokenizer_note = (
+            f"The tokenizer files are in this directory too: data.tokenizer={dst}"
+            if "tokenizer.json" in copied or "tokenizer.model" in copied
+            else "No tokenizer files were found next to the source: set data.tokenizer yourself."
+        )
         comment = (
             f"Model section for rgkd-train, written by tools/convert_checkpoint.py --to mcore from\n"
             f"{Path(src).resolve()} ({arch.architecture}).\n"
             f"Vocabulary {arch.vocab_size} rows, stored padded to {padded} (tp={tp}); loads at any TP/PP.\n"
             "Use: copy this block into your recipe (params_dtype/spec/recompute keep their defaults),\n"
             "or pass the fields as dotted overrides: model.load=... model.num_layers=... etc.\n"
-            f"The tokenizer files are in this directory too: data.tokenizer={dst}"
+            + tokenizer_note
         )
         (tmp / "model_config.yaml").write_text(model_config_yaml({**fields, "load": str(dst)}, comment))
         (tmp / "hf_config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
-        copied = copy_aux_files(src, tmp)
         seconds = time.perf_counter() - start
         meta = {
             "direction": "hf->mcore",

@@ -80,7 +80,9 @@ def conversion_plan(
     per_stage = arch.num_layers // pp
     by_key = {r.key: r for r in rules}
     layer_numel = sum(
-        _numel(mcore_shape(r, arch, padded)) // (tp if r.tp_axis is not None else 1) for r in rules if r.per_layer
+        _numel(mcore_shape(r, arch, padded)) // (tp if r.tp_axis is not None else 1)
+        for r in rules
+        if r.per_layer
     )
     embed_numel = _numel(mcore_shape(by_key["embedding.word_embeddings.weight"], arch, padded)) // tp
     ranks = []
@@ -117,14 +119,18 @@ def format_plan(plan: dict[str, Any], header: str) -> str:
     )
     lines.append("")
     w = max(len(t["megatron"]) for t in plan["tensors"])
-    lines.append(f"  {'megatron-core tensor':<{w}}  {'global shape':<20} {'size':>10}  hugging face tensor(s)")
+    lines.append(
+        f"  {'megatron-core tensor':<{w}}  {'global shape':<20} {'size':>10}  hugging face tensor(s)"
+    )
     for t in plan["tensors"]:
         shape = "[" + ", ".join(map(str, t["shape"])) + "]"
         note = f"  ({t['note']})" if t["note"] else ""
         lines.append(f"  {t['megatron']:<{w}}  {shape:<20} {format_bytes(t['bytes']):>10}  {t['hf']}{note}")
     lines.append(f"  total {format_bytes(plan['total_bytes'])}")
     lines.append("")
-    lines.append(f"  size per rank at tp={plan['tp']} pp={plan['pp']} (every TP rank of a stage holds the same):")
+    lines.append(
+        f"  size per rank at tp={plan['tp']} pp={plan['pp']} (every TP rank of a stage holds the same):"
+    )
     for r in plan["ranks"]:
         lines.append(
             f"    pp_rank {r['pp_rank']}: {r['params'] / 1e6:.2f} M params, {format_bytes(r['bytes'])} "

@@ -101,7 +101,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    eos_id: int,
+    eos_id: int | None,
     pad_id: int,
     seed: int,
     vocab_size: int,
@@ -115,7 +115,8 @@ def generate(
         prompts: b token-id lists, each non-empty, ids in [0, vocab_size).
         max_new_tokens: maximum generated ids per sample (EOS included).
         temperature: 0 = greedy; top_p in (0, 1], 1 = off; top_k >= 0, 0 = off.
-        eos_id, pad_id: stop id and the filler after a stop (ids < vocab_size).
+        eos_id: the stop id (None: no stop id, every sample runs to ``max_new_tokens``).
+        pad_id: the filler after a stop.
         seed: seeds the sampling generator (same seed -> same samples).
         vocab_size: real vocabulary; padded-vocab columns (ids >= vocab_size) are never sampled.
         use_kv_cache: False recomputes the whole prefix every step (reference / benchmark).
@@ -170,7 +171,8 @@ def generate(
             responses_br[act, response_len_b[act]] = ids_b[act]
             logprobs_br[act, response_len_b[act]] = logp_b[act]
             response_len_b += active_b.long()
-            finished_b |= active_b & (ids_b == eos_id)
+            if eos_id is not None:
+                finished_b |= active_b & (ids_b == eos_id)
             stopped_b |= finished_b | (response_len_b >= max_new_tokens)
             pos += 1
             if bool(stopped_b.all()):
@@ -266,7 +268,7 @@ def _check_generate_args(
     check_sampling_args(temperature, top_k, top_p)
     _check_ids("prompts", prompts, vocab_size, gpt.vocab_size)
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if not 0 <= value < vocab_size:
+        if value is not None and not 0 <= value < vocab_size:
             raise ValueError(f"generate: {name}={value} outside [0, {vocab_size})")
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > gpt.max_sequence_length:

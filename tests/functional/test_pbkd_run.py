@@ -76,3 +76,50 @@ def test_tensor_parallel_run_matches_single_process(tmp_path):
             tp1[key],
             tp2[key],
         )
+
+
+def _kd_with_live_teacher(rank, world_size, work, method, on_policy):
+    import dataclasses
+
+    import yaml
+    from megatron.core import parallel_state
+
+    from rgkd_megatron.checkpoint.dist_ckpt import save_model_weights
+    from rgkd_megatron.config import ModelConfig, ParallelConfig, load_config
+    from rgkd_megatron.models.builders import build_policy
+    from rgkd_megatron.parallel.groups import RoleLayout
+    from rgkd_megatron.pbkd.run import run_distillation
+    from rgkd_megatron.training.setup import init_role
+
+    teacher_cfg = ModelConfig(
+        num_layers=3,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        max_position_embeddings=192,
+        init_method_std=0.1,
+    )
+    groups = init_role(RoleLayout(tp=world_size), seed=99)
+    save_model_weights(f"{work}/teacher", build_policy(teacher_cfg, ParallelConfig(), groups, 512))
+    with open(f"{work}/teacher_model.yaml", "w") as f:
+        yaml.safe_dump({"model": dataclasses.asdict(teacher_cfg)}, f)
+    parallel_state.destroy_model_parallel()
+    cfg = load_config(
+        str(REPO / "examples" / "tiny_pbkd.yaml"),
+        [*COMMON, f"logging.run_dir={work}/run", f"pbkd.method={method}", f"pbkd.on_policy={str(on_policy).lower()}",
+         f"pbkd.teacher_load={work}/teacher", f"pbkd.teacher_model_config={work}/teacher_model.yaml",
+         "pbkd.rounds=1", "pbkd.iterations_per_round=8", "pbkd.kd_topk=16", "train.lr=3e-3"],
+    )  # fmt: skip
+    final = run_distillation(cfg)
+    parallel_state.destroy_model_parallel()
+    return final
+
+
+def test_token_level_kd_baseline_moves_the_student_towards_the_teacher(tmp_path):
+    final = run_distributed(_kd_with_live_teacher, 1, args=(str(tmp_path), "fkl", False))[0]
+    history = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    kd = [row["kd_loss"] for row in history if "kd_loss" in row]
+    assert len(kd) == 8 and kd[-1] < 0.8 * kd[0], kd
+    initial = history[0]["eval_teacher_nll_of_student"]
+    assert final["eval_teacher_nll_of_student"] < initial, (initial, final["eval_teacher_nll_of_student"])
+    assert 0 < final["kd_teacher_topk_mass"] <= 1.0

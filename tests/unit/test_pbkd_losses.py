@@ -132,7 +132,9 @@ def test_rm_on_separable_pairs_reaches_accuracy_and_stays_bounded():
 
 def test_group_advantages_closed_form():
     r = torch.randn(5, 4, generator=_gen(4), dtype=F64)
-    ref = torch.stack([torch.stack([r[g, i] - (r[g].sum() - r[g, i]) / 3 for i in range(4)]) for g in range(5)])
+    ref = torch.stack(
+        [torch.stack([r[g, i] - (r[g].sum() - r[g, i]) / 3 for i in range(4)]) for g in range(5)]
+    )
     torch.testing.assert_close(group_advantages(r), ref)
     torch.testing.assert_close(group_advantages(r, kind="group_mean"), ref * 3 / 4)
     std = group_advantages(r, kind="group_mean", scale_by_std=True, eps=0.0)
@@ -172,7 +174,9 @@ def test_reinforce_and_ppo_clip_closed_form():
     (g_ppo,) = torch.autograd.grad(ppo_clip_loss(lp, lp.detach(), adv, mask)[0], lp)
     (g_pg,) = torch.autograd.grad(reinforce_loss(lp, adv[:, None].expand(b, s), mask)[0], lp)
     torch.testing.assert_close(g_ppo, g_pg)
-    total, tm = policy_step_loss(loss, kl_loss=torch.tensor(0.5, dtype=F64), seqkd_nll=torch.tensor(2.0), alpha=0.1)
+    total, tm = policy_step_loss(
+        loss, kl_loss=torch.tensor(0.5, dtype=F64), seqkd_nll=torch.tensor(2.0), alpha=0.1
+    )
     torch.testing.assert_close(total, loss + 0.5 + 0.2)
 
 
@@ -302,7 +306,9 @@ def test_telescoping_identity_on_an_enumerated_lm(gamma):
     torch.testing.assert_close(j_e, v_e[:, 1].mean())  # J(pi_E, r) = V_E(s_0): every row starts at s_0
     torch.testing.assert_close(j_e - j_pi, gap)
     # the same gap through the Q-step helper; per-token rewards vs an explicit loop
-    torch.testing.assert_close(mm_q_gap(q_bsc, log_p, log_q, lm.mask, gamma), moment_gap(v_e, v_s, lm.mask, gamma))
+    torch.testing.assert_close(
+        mm_q_gap(q_bsc, log_p, log_q, lm.mask, gamma), moment_gap(v_e, v_s, lm.mask, gamma)
+    )
     r_bs = teacher_bellman_rewards(q_action, v_e, lm.mask, gamma)
     for n, y in enumerate(lm.seqs):
         for h in range(len(y)):
@@ -424,7 +430,9 @@ def test_topk_bucket_values_exact_at_k_equal_v_and_tail_estimates():
     for tail_est in ("sampled", "ghost"):
         t_ids = tail_ids if tail_est == "sampled" else None
         q_c, _ = head.bucket_values(hidden, ids, emb, tail_ids_tm=t_ids)
-        q_tail_value = dense.gather(-1, tail_ids).mean(-1) if tail_est == "sampled" else head(hidden, ids, emb)[1]
+        q_tail_value = (
+            dense.gather(-1, tail_ids).mean(-1) if tail_est == "sampled" else head(hidden, ids, emb)[1]
+        )
         ref_ve = (p_full.gather(-1, ids) * dense.gather(-1, ids)).sum(-1) + p_tail * q_tail_value
         ref_vs = (q_full.gather(-1, ids) * dense.gather(-1, ids)).sum(-1) + q_tail * q_tail_value
         torch.testing.assert_close(expected_q(log_p, q_c), ref_ve, msg=tail_est)
@@ -448,7 +456,9 @@ def test_q_step_loss_closed_form_and_detaching():
     q = torch.randn(b, s, c, generator=g, dtype=F64).requires_grad_()
     log_p = torch.log_softmax(torch.randn(b, s, c, generator=g, dtype=F64), -1)
     log_q = torch.log_softmax(torch.randn(b, s, c, generator=g, dtype=F64), -1).requires_grad_()
-    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = torch.tensor(
+        [[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool
+    )
     gap = mm_q_gap(q, log_p, log_q, mask, gamma)
     ref_gap = torch.zeros(b, dtype=F64)
     for i in range(b):
@@ -461,7 +471,10 @@ def test_q_step_loss_closed_form_and_detaching():
     q_action = torch.randn(b, s, generator=g, dtype=F64)
     ret = implied_returns(q_action, expected_q(log_p, q), mask, gamma)
     loss, m = mm_q_step_loss(gap[:2], gap[2:], ret[:2], ret[2:], beta_mm=0.3, lam=2.0)
-    ref = -(0.3 * gap[:2].mean() + 0.7 * gap[2:].mean()) + 2.0 * -torch.nn.functional.logsigmoid(ret[:2] - ret[2:]).mean()
+    ref = (
+        -(0.3 * gap[:2].mean() + 0.7 * gap[2:].mean())
+        + 2.0 * -torch.nn.functional.logsigmoid(ret[:2] - ret[2:]).mean()
+    )
     torch.testing.assert_close(loss, ref)
     loss.backward()
     assert log_q.grad is None and q.grad.abs().sum() > 0  # only Q is trained by the Q step

@@ -1,0 +1,111 @@
+"""Token-level KD baselines (forward/reverse KL, JSD/GKD, skew KL, TVD) through the PbKD trainer.
+
+Same prompts, student, step budget and evaluation as PbKD; each policy step minimises the sparse
+top-k + tail divergence (``rgkd_megatron.losses.topk_kd``) between the teacher and the student on
+the response tokens of either the teacher's responses (off-policy, word-level KD) or fresh student
+samples (``pbkd.on_policy=true``: GKD-style). Teacher top-k comes from the live teacher role (a
+no-grad forward per step); the loss is normalised by the step's global count of response tokens.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from rgkd_megatron.generation.generate import _broadcast_from_last_stage, _inference_mode, _stage_forward
+from rgkd_megatron.losses.topk_kd import topk_kd_loss
+from rgkd_megatron.pbkd.batches import collate_sequences
+from rgkd_megatron.pbkd.trainer import PbKDTrainer
+from rgkd_megatron.training.engine import metric_pair
+
+
+def teacher_topk(teacher, groups, tokens_bs: torch.Tensor, k: int, temperature: float, vocab_size: int):
+    """Teacher top-k ids and log-probs (at ``temperature``, real vocab only) per position, on every
+    rank: ([b, s, k] int64, [b, s, k] fp32)."""
+    b, s = tokens_bs.shape
+    ids = logprobs = None
+    with _inference_mode(teacher):
+        logits_bsv = _stage_forward(teacher, groups, tokens_bs, 0, None, gather=True)
+        if groups.is_last_stage:
+            logp = torch.log_softmax(logits_bsv[..., :vocab_size].float() / temperature, dim=-1)
+            logprobs, ids = logp.topk(k, dim=-1)
+    ids = _broadcast_from_last_stage(
+        ids.double() if ids is not None else None, (b, s, k), torch.float64, groups
+    )
+    logprobs = _broadcast_from_last_stage(logprobs, (b, s, k), torch.float32, groups)
+    return ids.long(), logprobs
+
+
+def _kd_loss_func(opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
+    mask = batch["response_mask"]
+    loss, metrics = topk_kd_loss(
+        logits_bsv, batch["topk_ids"], batch["topk_logprobs"], mask, opts["kind"], opts["temperature"], tp_group,
+        beta=opts["beta"], alpha=opts["alpha"], vocab_size=opts["vocab_size"], normalizer=1.0,
+    )  # fmt: skip
+    count = mask.sum()
+    return (
+        loss,
+        count.to(torch.int),
+        {
+            "kd_loss": metric_pair(loss, count),
+            "kd_teacher_topk_mass": metric_pair(metrics["kd/teacher_topk_mass"] * count, count),
+        },
+    )
+
+
+class KDTrainer(PbKDTrainer):
+    """Word-level / on-policy KD baseline with the divergence named by ``pbkd.method``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.models.teacher is None:
+            raise ValueError(
+                f"pbkd.method={self.p.method} needs the teacher's probabilities: set pbkd.teacher_load "
+                "and pbkd.teacher_model_config"
+            )
+
+    def collect(self, round_index: int) -> int:
+        return 0
+
+    def rm_step(self, round_index: int) -> dict[str, float]:
+        return {}
+
+    def policy_step(self, round_index: int) -> dict[str, float]:
+        rows = self.p.prompts_per_step * self.p.samples_per_prompt
+        rng = self._rng(round_index, 7, self.policy_steps)
+        items = [
+            self.train_items[i]
+            for i in rng.choice(len(self.train_items), rows, replace=len(self.train_items) < rows)
+        ]
+        prompts = [list(i.prompt_ids) for i in items]
+        if self.p.on_policy:
+            responses = self._sample(prompts, self._seed(round_index, 8, self.policy_steps)).response_ids()
+        else:
+            responses = [list(i.teacher_ids) for i in items]
+        batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
+        batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(
+            self.models.teacher,
+            self.groups,
+            batch["tokens"],
+            self.p.kd_topk,
+            self.p.kd_temperature,
+            self.models.vocab_size,
+        )
+        opts = {
+            "kind": self.p.method, "temperature": self.p.kd_temperature, "beta": self.p.kd_beta,
+            "alpha": self.p.kd_alpha, "vocab_size": self.models.vocab_size,
+        }  # fmt: skip
+        self.policy_steps += 1
+
+        def forward_step(data_iterator, model):
+            micro = next(data_iterator)
+            logits = model(micro["tokens"], micro["position_ids"], None)
+            return logits, partial(_kd_loss_func, opts, self.groups.pg_collection.tp, micro)
+
+        return self._run(self.models.policy, forward_step, batch, self.cfg.train.micro_batch_size)
+
+    def evaluate(self, items=None) -> dict[str, float]:
+        metrics = super().evaluate(items)
+        metrics.pop("eval_reward_gap", None)
+        return metrics
