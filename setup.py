@@ -47,6 +47,7 @@ setup(
         "console_scripts": [
             "rgkd-train=rgkd_megatron.cli.train:main",
             "rgkd-distill=rgkd_megatron.cli.distill:main",
+            "rgkd-eval=rgkd_megatron.cli.evaluate:main",
         ]
     },
 )

@@ -66,6 +66,7 @@ class PbKDTrainer:
         self.policy_steps = 0
         self.rm_steps = 0
         self.round_samples: list[tuple[PromptItem, list[int]]] = []
+        self._teacher_self_nll: float | None = None
         self._check_lengths()
 
     # ------------------------------------------------------------------ helpers
@@ -266,6 +267,15 @@ class PbKDTrainer:
                 [r for _, r in nonempty],
                 self.models.vocab_size,
             )
+            if self._teacher_self_nll is None:
+                self._teacher_self_nll = response_nll(
+                    self.models.teacher,
+                    self.groups,
+                    prompts,
+                    [list(i.teacher_ids) for i in items],
+                    self.models.vocab_size,
+                )
+            metrics["eval_teacher_nll_of_teacher"] = self._teacher_self_nll
         return metrics
 
     # ------------------------------------------------------------------ the loop

@@ -1,0 +1,71 @@
+"""Aggregate finished runs (their ``summary.json``) into a results table: one row per method,
+mean ± std over seeds, with the fraction of the teacher-student gap closed.
+
+Gap closed (higher is better), per run, then averaged:
+- ROUGE-L vs teacher: (R_final - R_initial) / (1 - R_initial), the teacher scoring 1 against itself;
+- teacher NLL of the student's outputs: (N_initial - N_final) / (N_initial - N_teacher), N_teacher
+  being the teacher's NLL of its own responses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+from rgkd_megatron.eval.scores import gap_closed, mean_and_std
+
+COLUMNS = (
+    ("eval_rougeL_vs_teacher", "ROUGE-L vs teacher"),
+    ("eval_rougeL_vs_reference", "ROUGE-L vs reference"),
+    ("eval_teacher_nll_of_student", "teacher NLL of student"),
+    ("eval_reward_gap", "reward gap"),
+)
+
+
+def load_summaries(run_dirs: Iterable[str | Path]) -> list[dict]:
+    summaries = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (did the run finish?)")
+        summary = json.loads(path.read_text())
+        summary["run_dir"] = str(run_dir)
+        summaries.append(summary)
+    return summaries
+
+
+def per_run_gap_closed(summary: dict) -> dict[str, float]:
+    init, final = summary["initial"], summary["final"]
+    out = {}
+    if "eval_rougeL_vs_teacher" in final:
+        out["gap_closed_rougeL"] = gap_closed(
+            final["eval_rougeL_vs_teacher"], init["eval_rougeL_vs_teacher"], 1.0
+        )
+    if "eval_teacher_nll_of_student" in final and "eval_teacher_nll_of_teacher" in final:
+        out["gap_closed_teacher_nll"] = gap_closed(
+            -final["eval_teacher_nll_of_student"],
+            -init["eval_teacher_nll_of_student"],
+            -final["eval_teacher_nll_of_teacher"],
+        )
+    return out
+
+
+def results_rows(summaries: list[dict]) -> list[dict]:
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for summary in summaries:
+        by_method[summary["method"]].append(summary)
+    rows = []
+    for method, runs in by_method.items():
+        row: dict = {"method": method, "seeds": len(runs)}
+        for key, label in COLUMNS:
+            values = [r["final"][key] for r in runs if key in r["final"]]
+            if values:
+                row[label] = mean_and_std(values) if len(values) > 1 else values[0]
+        for key in ("gap_closed_rougeL", "gap_closed_teacher_nll"):
+            values = [g[key] for g in map(per_run_gap_closed, runs) if key in g]
+            if values:
+                row[key.replace("_", " ")] = mean_and_std(values) if len(values) > 1 else values[0]
+        rows.append(row)
+    return rows

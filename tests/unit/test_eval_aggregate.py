@@ -1,0 +1,54 @@
+"""rgkd-eval aggregation: per-method mean/std over seeds and the fraction of the gap closed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rgkd_megatron.cli.evaluate import main as eval_main
+from rgkd_megatron.eval.aggregate import load_summaries, per_run_gap_closed, results_rows
+
+
+def _run(tmp_path, name, method, rouge_init, rouge_final, nll_init, nll_final, nll_teacher):
+    run = tmp_path / name
+    run.mkdir()
+    summary = {
+        "method": method,
+        "initial": {"eval_rougeL_vs_teacher": rouge_init, "eval_teacher_nll_of_student": nll_init},
+        "final": {"eval_rougeL_vs_teacher": rouge_final, "eval_teacher_nll_of_student": nll_final,
+                  "eval_teacher_nll_of_teacher": nll_teacher},
+    }  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_rougeL_vs_teacher": rouge_final}) + "\n")
+    return run
+
+
+def test_gap_closed_per_run(tmp_path):
+    run = _run(tmp_path, "a", "pbkd", 0.2, 0.6, 4.0, 3.0, 2.0)
+    gaps = per_run_gap_closed(load_summaries([run])[0])
+    assert gaps["gap_closed_rougeL"] == pytest.approx((0.6 - 0.2) / (1 - 0.2))
+    assert gaps["gap_closed_teacher_nll"] == pytest.approx((4.0 - 3.0) / (4.0 - 2.0))
+
+
+def test_rows_average_seeds_per_method(tmp_path):
+    runs = [
+        _run(tmp_path, "p1", "pbkd", 0.2, 0.5, 4.0, 3.0, 2.0),
+        _run(tmp_path, "p2", "pbkd", 0.2, 0.7, 4.0, 2.5, 2.0),
+        _run(tmp_path, "s1", "seqkd", 0.2, 0.4, 4.0, 3.5, 2.0),
+    ]
+    rows = {r["method"]: r for r in results_rows(load_summaries(runs))}
+    mean, std = rows["pbkd"]["ROUGE-L vs teacher"]
+    assert (mean, rows["pbkd"]["seeds"]) == (pytest.approx(0.6), 2) and std == pytest.approx(
+        0.1414213, rel=1e-5
+    )
+    assert rows["seqkd"]["ROUGE-L vs teacher"] == pytest.approx(0.4)
+    out = tmp_path / "out"
+    assert eval_main(["--runs", *map(str, runs), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| pbkd | 2 | 0.6000 ± 0.1414" in text and (out / "plot_eval_rougeL_vs_teacher.png").is_file()
+
+
+def test_missing_summary_is_a_clear_error(tmp_path, capsys):
+    assert eval_main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "summary.json: missing" in capsys.readouterr().err
