@@ -64,6 +64,7 @@ class KDTrainer(PbKDTrainer):
                 f"pbkd.method={self.p.method} needs the teacher's probabilities: set pbkd.teacher_load "
                 "and pbkd.teacher_model_config"
             )
+        self.reports_reward_gap = False
 
     def collect(self, round_index: int) -> int:
         return 0
@@ -104,8 +105,3 @@ class KDTrainer(PbKDTrainer):
             return logits, partial(_kd_loss_func, opts, self.groups.pg_collection.tp, micro)
 
         return self._run(self.models.policy, forward_step, batch, self.cfg.train.micro_batch_size)
-
-    def evaluate(self, items=None) -> dict[str, float]:
-        metrics = super().evaluate(items)
-        metrics.pop("eval_reward_gap", None)
-        return metrics

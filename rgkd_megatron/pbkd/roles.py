@@ -22,6 +22,7 @@ from rgkd_megatron.generation.generate import (
     score,
 )
 from rgkd_megatron.models.builders import build_policy, build_reward_model, build_teacher, sequence_rewards
+from rgkd_megatron.models.q_head import attach_q_head
 from rgkd_megatron.parallel.groups import RoleGroups
 from rgkd_megatron.training.engine import Engine, build_engine
 
@@ -47,6 +48,8 @@ def build_pbkd_models(cfg: RGKDConfig, groups: RoleGroups, vocab_size: int) -> P
     policy = build_policy(cfg.model, cfg.parallel, groups, vocab_size)
     reference = build_teacher(cfg.model, cfg.parallel, groups, vocab_size)  # frozen copy of the init
     reward = build_reward_model(cfg.model, cfg.parallel, groups, vocab_size)
+    if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
+        attach_q_head(reward, cfg.pbkd.reward_bound)
     if cfg.model.load:
         for model in (policy, reference):
             load_model_weights(cfg.model.load, model)

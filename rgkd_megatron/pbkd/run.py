@@ -14,6 +14,7 @@ from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
 from rgkd_megatron.parallel.groups import layout_for_world
 from rgkd_megatron.pbkd.kd import KDTrainer
+from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
 from rgkd_megatron.pbkd.roles import build_pbkd_models
 from rgkd_megatron.pbkd.trainer import PbKDTrainer, SeqKDTrainer
@@ -26,6 +27,7 @@ logger = get_logger(__name__)
 TRAINERS = {
     "pbkd": PbKDTrainer,
     "seqkd": SeqKDTrainer,
+    "mm_pbkd": MMPbKDTrainer,
     **{kind: KDTrainer for kind in ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")},
 }
 

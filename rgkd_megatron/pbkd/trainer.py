@@ -67,6 +67,8 @@ class PbKDTrainer:
         self.rm_steps = 0
         self.round_samples: list[tuple[PromptItem, list[int]]] = []
         self._teacher_self_nll: float | None = None
+        self.reports_reward_gap = True
+        """False for methods whose adversary has no sequence-reward head (baselines, MM-PbKD's Q)."""
         self._check_lengths()
 
     # ------------------------------------------------------------------ helpers
@@ -245,18 +247,22 @@ class PbKDTrainer:
         if refs:
             metrics["eval_rougeL_vs_reference"] = rouge_l([t for t, _ in refs], [r for _, r in refs])
         prompts = [list(i.prompt_ids) for i in items]
-        rm = self.models.reward.unwrapped()
-        r_student = bounded_reward(
-            reward_scores(rm, self.groups, [p + r for p, r in zip(prompts, responses)], self.tok.pad_id),
-            self.p.reward_bound,
-        )
-        r_teacher = bounded_reward(
-            reward_scores(
-                rm, self.groups, [p + list(i.teacher_ids) for p, i in zip(prompts, items)], self.tok.pad_id
-            ),
-            self.p.reward_bound,
-        )
-        metrics["eval_reward_gap"] = float(r_teacher.mean() - r_student.mean())
+        if self.reports_reward_gap:
+            rm = self.models.reward.unwrapped()
+            r_student = bounded_reward(
+                reward_scores(rm, self.groups, [p + r for p, r in zip(prompts, responses)], self.tok.pad_id),
+                self.p.reward_bound,
+            )
+            r_teacher = bounded_reward(
+                reward_scores(
+                    rm,
+                    self.groups,
+                    [p + list(i.teacher_ids) for p, i in zip(prompts, items)],
+                    self.tok.pad_id,
+                ),
+                self.p.reward_bound,
+            )
+            metrics["eval_reward_gap"] = float(r_teacher.mean() - r_student.mean())
         metrics["eval_response_len"] = float(np.mean([len(r) for r in responses]))
         if self.models.teacher is not None:
             nonempty = [(p, r) for p, r in zip(prompts, responses) if r]
@@ -339,6 +345,10 @@ class SeqKDTrainer(PbKDTrainer):
     """The SeqKD / SFT baseline through the same data, budget and evaluation: each policy step is a
     cross-entropy step on teacher responses (as many rows as a PbKD policy step), no reward model."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reports_reward_gap = False
+
     def collect(self, round_index: int) -> int:
         return 0
 
@@ -364,8 +374,3 @@ class SeqKDTrainer(PbKDTrainer):
         self.policy_steps += 1
         step = make_sft_forward_step(self.groups.pg_collection.tp)
         return self._run(self.models.policy, step, batch, self.cfg.train.micro_batch_size)
-
-    def evaluate(self, items=None) -> dict[str, float]:
-        metrics = super().evaluate(items)
-        metrics.pop("eval_reward_gap", None)  # this baseline trains no reward model
-        return metrics

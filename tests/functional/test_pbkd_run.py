@@ -123,3 +123,16 @@ def test_token_level_kd_baseline_moves_the_student_towards_the_teacher(tmp_path)
     initial = history[0]["eval_teacher_nll_of_student"]
     assert final["eval_teacher_nll_of_student"] < initial, (initial, final["eval_teacher_nll_of_student"])
     assert 0 < final["kd_teacher_topk_mass"] <= 1.0
+
+
+def test_mm_pbkd_q_player_separates_teacher_from_student(tmp_path):
+    final = run_distributed(_kd_with_live_teacher, 1, args=(str(tmp_path), "mm_pbkd", False))[0]
+    history = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    steps = [row for row in history if "mmq_loss" in row]
+    assert len(steps) == 8
+    # the Q player learns to rank teacher responses above student samples (implied returns) ...
+    assert final["mmq_pref_accuracy"] >= 0.75
+    # ... and to open a positive moment gap V_E - <pi, Q> on both student and teacher prefixes
+    assert final["mmq_gap_on"] > 0 and final["mmq_gap_off"] > 0
+    assert steps[-1]["mmq_loss"] < steps[0]["mmq_loss"]
+    assert "eval_reward_gap" not in final and "mms_loss" in final

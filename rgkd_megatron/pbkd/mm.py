@@ -1,0 +1,225 @@
+"""White-box MM-PbKD through the PbKD trainer (DESIGN.md s.4, ``rgkd_megatron.losses.mm_pbkd``).
+
+The reward is reparametrised as a bounded token-level Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a):
+``h_s`` from a GPT backbone (the reward role's model, with its output layer replaced by the
+identity) and ``e_a`` the backbone's own (detached) input embedding, so only the needed actions are
+evaluated (the k teacher ids, the taken action and the tail estimate), never a V-wide head.
+
+Rows (label position t: state = tokens[:t+1], action = labels[t]):
+- on-policy: fresh student samples, teacher top-k from the live teacher;
+- off-policy: the teacher's responses (teacher prefixes);
+- preference pairs (Q step only): implied returns R(y) = sum_h gamma^h (Q(s_h, a_h) - gamma V_E(s_h+1)).
+Q step: minimise -(beta_mm gap_on + (1 - beta_mm) gap_off) + lambda BT(R+, R-), student detached
+(its bucket log-probs are computed beforehand without grad). Student step: the moment gap through the
+bucket softmax plus the on-policy policy-gradient term, Q detached (computed beforehand).
+Pipeline parallelism is not supported yet for this method (the Q head needs the embedding table on
+the last stage); TP and DP are.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from rgkd_megatron.generation.generate import _inference_mode, _stage_forward
+from rgkd_megatron.losses.mm_pbkd import expected_q as bucket_expectation
+from rgkd_megatron.losses.mm_pbkd import (
+    implied_returns,
+    mix_on_off,
+    mm_bucket_log_probs,
+    mm_q_gap,
+    mm_q_step_loss,
+    mm_student_loss,
+    teacher_bucket_log_probs,
+)
+from rgkd_megatron.pbkd.batches import collate_sequences
+from rgkd_megatron.pbkd.kd import teacher_topk
+from rgkd_megatron.pbkd.trainer import PbKDTrainer
+from rgkd_megatron.training.engine import metric_pair
+
+
+def _q_values(model, gpt, batch, tp_group, vocab_size):
+    """Q on the buckets and of the taken actions; ``model`` is what to call (maybe DDP-wrapped),
+    ``gpt`` the unwrapped GPT holding the head and the embedding."""
+    hidden_bsh = model(batch["tokens"], batch["position_ids"], None)
+    embedding = gpt.embedding.word_embeddings.weight.detach()
+    q_bsc, q_action_bs = gpt.q_head.bucket_values(
+        hidden_bsh.float(), batch["topk_ids"], embedding, action_ids_t=batch["labels"],
+        tp_group=tp_group, vocab_size=vocab_size,
+    )  # fmt: skip
+    return q_bsc, q_action_bs
+
+
+class MMPbKDTrainer(PbKDTrainer):
+    """MM-PbKD: a Q-function adversary read through the teacher's (top-k + tail) probabilities."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.models.teacher is None:
+            raise ValueError(
+                "pbkd.method=mm_pbkd needs the teacher: set pbkd.teacher_load and pbkd.teacher_model_config"
+            )
+        if self.groups.layout.pp > 1:
+            raise ValueError("pbkd.method=mm_pbkd: pipeline parallelism is not supported yet (use TP/DP)")
+        self.q_model = self.models.reward.unwrapped()
+        if not hasattr(self.q_model, "q_head"):
+            raise RuntimeError("build_pbkd_models did not attach the Q head for mm_pbkd")
+        self.reports_reward_gap = False
+
+    # -- rows with the teacher's buckets -------------------------------------------------------
+    def _rows(self, prompts, responses):
+        batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
+        batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(
+            self.models.teacher, self.groups, batch["tokens"], min(self.p.kd_topk, self.models.vocab_size),
+            self.p.kd_temperature, self.models.vocab_size,
+        )  # fmt: skip
+        return batch
+
+    def _student_buckets(self, batch):
+        """Student bucket log-probs and action log-probs (no grad), for the Q step."""
+        with _inference_mode(self.models.policy.unwrapped()):
+            logits = _stage_forward(
+                self.models.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False
+            )
+            _, log_q, action_lp = mm_bucket_log_probs(
+                logits, batch["topk_ids"], batch["topk_logprobs"], action_ids_t=batch["labels"],
+                tp_group=self.groups.pg_collection.tp, vocab_size=self.models.vocab_size,
+            )  # fmt: skip
+        return log_q.float(), action_lp.float()
+
+    def _q_detached(self, batch):
+        with _inference_mode(self.q_model):
+            return _q_values(
+                self.q_model, self.q_model, batch, self.groups.pg_collection.tp, self.models.vocab_size
+            )
+
+    def _on_off_rows(self, round_index: int, salt: int):
+        g, n = self.p.prompts_per_step, self.p.samples_per_prompt
+        rng = self._rng(round_index, salt, self.policy_steps, self.rm_steps)
+        items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
+        prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
+        samples = self._sample(prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps))
+        on = self._rows(prompts, samples.response_ids())
+        off = self._rows(
+            [list(i.prompt_ids) for i in items for _ in range(n)],
+            [list(i.teacher_ids) for i in items for _ in range(n)],
+        )
+        return on, off
+
+    # -- the max player --------------------------------------------------------------------------
+    def rm_step(self, round_index: int) -> dict[str, float]:
+        on, off = self._on_off_rows(round_index, 20)
+        trainable = self.store.trainable()
+        rng = self._rng(round_index, 22, self.rm_steps)
+        pairs = [trainable[i] for i in rng.choice(len(trainable), len(on["tokens"]) // 2, replace=True)]
+        chosen = self._rows([list(p.prompt_ids) for p in pairs], [list(p.chosen_ids) for p in pairs])
+        rejected = self._rows([list(p.prompt_ids) for p in pairs], [list(p.rejected_ids) for p in pairs])
+        for batch in (on, off, chosen, rejected):
+            batch["student_log_q"], _ = self._student_buckets(batch)
+        n_rows = len(on["tokens"])
+        mbs = self.cfg.train.micro_batch_size
+        micro_count = n_rows // mbs
+        b_per = len(pairs) // micro_count
+        parts = []
+        for m in range(micro_count):  # micro m: mbs on rows, mbs off rows, b_per chosen, b_per rejected
+            sl, pl = slice(m * mbs, (m + 1) * mbs), slice(m * b_per, (m + 1) * b_per)
+            parts.append({k: torch.cat([on[k][sl], off[k][sl], chosen[k][pl], rejected[k][pl]]) for k in on})
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        sizes = {
+            "on": mbs,
+            "pairs": b_per,
+            "total_on": n_rows,
+            "total_pairs": len(pairs),
+            "rows": 2 * mbs + 2 * b_per,
+        }
+        total_rows = 2 * n_rows + 2 * len(pairs)
+        opts = {
+            "gamma": self.p.gamma,
+            "beta_mm": self.p.beta_mm,
+            "lam": self.p.bt_lambda,
+            "total_rows": total_rows,
+        }
+        tp_group, vocab = self.groups.pg_collection.tp, self.models.vocab_size
+
+        def loss_func(micro, out):
+            q_bsc, q_action = out
+            on_sl, off_sl = slice(0, sizes["on"]), slice(sizes["on"], 2 * sizes["on"])
+            c_sl = slice(2 * sizes["on"], 2 * sizes["on"] + sizes["pairs"])
+            r_sl = slice(2 * sizes["on"] + sizes["pairs"], sizes["rows"])
+            log_p = teacher_bucket_log_probs(
+                micro["topk_logprobs"], with_tail=q_bsc.shape[-1] > micro["topk_ids"].shape[-1]
+            )
+            mask = micro["response_mask"]
+            gap_on = mm_q_gap(
+                q_bsc[on_sl], log_p[on_sl], micro["student_log_q"][on_sl], mask[on_sl], opts["gamma"]
+            )
+            gap_off = mm_q_gap(
+                q_bsc[off_sl], log_p[off_sl], micro["student_log_q"][off_sl], mask[off_sl], opts["gamma"]
+            )
+            v_e = bucket_expectation(log_p, q_bsc)
+            ret = implied_returns(q_action, v_e, mask, opts["gamma"])
+            loss, m = mm_q_step_loss(
+                gap_on, gap_off, ret[c_sl], ret[r_sl], beta_mm=opts["beta_mm"], lam=opts["lam"],
+                num_on=sizes["total_on"], num_off=sizes["total_on"], num_pairs=sizes["total_pairs"],
+            )  # fmt: skip
+            g = opts["total_rows"]
+            metrics = {
+                "mmq_loss": metric_pair(loss * g, g),
+                "mmq_gap_on": metric_pair(m["mmq/gap_on_sum"], sizes["on"]),
+                "mmq_gap_off": metric_pair(m["mmq/gap_off_sum"], sizes["on"]),
+                "mmq_pref_accuracy": metric_pair(m["mmq/accuracy_sum"], sizes["pairs"]),
+            }
+            return loss * g, torch.tensor(sizes["rows"], dtype=torch.int), metrics
+
+        def forward_step(data_iterator, model):
+            micro = next(data_iterator)
+            out = _q_values(model, self.q_model, micro, tp_group, vocab)
+            return out, partial(loss_func, micro)
+
+        self.rm_steps += 1
+        return self._run(self.models.reward, forward_step, batch, sizes["rows"])
+
+    # -- the min player --------------------------------------------------------------------------
+    def policy_step(self, round_index: int) -> dict[str, float]:
+        on, off = self._on_off_rows(round_index, 30)
+        for batch in (on, off):
+            batch["q_bsc"], batch["q_action"] = self._q_detached(batch)
+        mbs = self.cfg.train.micro_batch_size
+        n_rows = len(on["tokens"])
+        parts = []
+        for m in range(n_rows // mbs):
+            sl = slice(m * mbs, (m + 1) * mbs)
+            parts.append({k: torch.cat([on[k][sl], off[k][sl]]) for k in on})
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        tp_group, vocab, p = self.groups.pg_collection.tp, self.models.vocab_size, self.p
+
+        def loss_func(micro, logits):
+            log_p, log_q, action_lp = mm_bucket_log_probs(
+                logits, micro["topk_ids"], micro["topk_logprobs"], action_ids_t=micro["labels"],
+                tp_group=tp_group, vocab_size=vocab,
+            )  # fmt: skip
+            on_sl, off_sl = slice(0, mbs), slice(mbs, 2 * mbs)
+            mask = micro["response_mask"]
+            loss_on, m_on = mm_student_loss(
+                micro["q_bsc"][on_sl], log_p[on_sl], log_q[on_sl], mask[on_sl], gamma=p.gamma, on_policy=True,
+                action_logprobs_bs=action_lp[on_sl], normalizer=1.0,
+            )  # fmt: skip
+            loss_off, m_off = mm_student_loss(
+                micro["q_bsc"][off_sl], log_p[off_sl], log_q[off_sl], mask[off_sl], gamma=p.gamma, on_policy=False,
+                normalizer=1.0,
+            )  # fmt: skip
+            loss = mix_on_off(loss_on, loss_off, p.beta_mm)
+            metrics = {
+                "mms_gap_on": metric_pair(m_on["mms/gap_sum"], mbs),
+                "mms_gap_off": metric_pair(m_off["mms/gap_sum"], mbs),
+                "mms_loss": metric_pair(loss, mbs),
+            }
+            return loss, torch.tensor(mbs, dtype=torch.int), metrics
+
+        def forward_step(data_iterator, model):
+            micro = next(data_iterator)
+            return model(micro["tokens"], micro["position_ids"], None), partial(loss_func, micro)
+
+        self.policy_steps += 1
+        return self._run(self.models.policy, forward_step, batch, 2 * mbs)
