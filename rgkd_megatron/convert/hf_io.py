@@ -79,7 +79,6 @@ class HFCheckpoint:
         self.dir = Path(src)
         self.config = read_hf_config(self.dir)
         self.tensors = self._inventory()
-        self._handles: dict[str, object] = {}
 
     def _files(self) -> list[str]:
         index = self.dir / "model.safetensors.index.json"
@@ -122,17 +121,16 @@ class HFCheckpoint:
         return out
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor. The file is mapped only for this call, so pages read for earlier tensors
+        do not accumulate in this process's resident memory."""
         info = self.tensors.get(name)
         if info is None:
             raise ConversionError(f"tensor {name}: missing from {self.dir}")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(self.dir / info.file), framework="pt")
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        with safe_open(str(self.dir / info.file), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between ``get`` calls; kept for symmetry."""
 
 
 def parse_size(text: str | int, field: str = "--max-shard-size") -> int:

@@ -57,13 +57,14 @@ from rgkd_megatron.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["convert_hf_to_mcore", "model_config_yaml"]
+__all__ = ["check_inventory", "convert_hf_to_mcore", "model_config_yaml"]
 
 _PARAMS_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MAX_LISTED_PROBLEMS = 12
 
 
-def _check_inventory(ckpt: HFCheckpoint, arch: LlamaFamily) -> None:
+def check_inventory(ckpt: HFCheckpoint, arch: LlamaFamily) -> None:
+    """Missing, extra or mis-shaped tensors, unsupported dtypes, an untied lm_head in a tied model."""
     expected = hf_shapes(arch)
     problems = []
     for name, shape in expected.items():
@@ -182,7 +183,7 @@ def convert_hf_to_mcore(
         raise ConversionError(
             f"--make-vocab-size-divisible-by: expected a positive integer, got {make_vocab_size_divisible_by!r}"
         )
-    _check_inventory(ckpt, arch)
+    check_inventory(ckpt, arch)
     out_dtype = _output_dtype(dtype, ckpt)
     rules = mapping_rules(arch)
     padded = padded_vocab(arch, make_vocab_size_divisible_by, tp)

@@ -137,7 +137,8 @@ class BilinearQHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(q_tm, q_ghost_t): Q of the global ``ids_tm`` [*, m] and of the ghost action [*] (None
         without a ghost). ``hidden_td`` [*, d_h] is replicated over TP; ``embedding_vd`` is this rank's
-        shard [V_local, d_e]; ``vocab_size`` excludes padding columns (default V_local * tp)."""
+        shard [V_local, d_e]; ``vocab_size`` excludes padding columns (default V_local * tp). The
+        projection runs in the head's dtype, the scores and Q in fp32 (fp64 for an fp64 head)."""
         v_local, d_e = embedding_vd.shape
         if self.action_bias.shape[0] != v_local:
             raise ValueError(
@@ -148,19 +149,21 @@ class BilinearQHead(nn.Module):
                 f"ids leading dims {tuple(ids_tm.shape[:-1])} != hidden {tuple(hidden_td.shape[:-1])}"
             )
         start, n_real, _ = _shard_bounds(v_local, tp_group, vocab_size)
-        u_td = self.proj(hidden_td)
+        u_td = self.proj(hidden_td.to(self.proj.weight.dtype))
+        u_td = u_td.to(torch.promote_types(u_td.dtype, torch.float32))  # scores in fp32 (fp64 for fp64)
         scale = 1.0 / math.sqrt(d_e)
         u_par_td = _CopyToTP.apply(u_td, tp_group) if _tp_size(tp_group) > 1 else u_td
         local_tm, in_shard_tm = _local_ids(ids_tm, start, n_real)
-        e_tmd = embedding_vd[local_tm]
-        score_tm = torch.einsum("...md,...d->...m", e_tmd, u_par_td) * scale + self.action_bias[local_tm]
+        e_tmd = embedding_vd[local_tm].to(u_td.dtype)
+        bias_tm = self.action_bias[local_tm].to(u_td.dtype)
+        score_tm = torch.einsum("...md,...d->...m", e_tmd, u_par_td) * scale + bias_tm
         score_tm = torch.where(in_shard_tm, score_tm, torch.zeros_like(score_tm))
         if _tp_size(tp_group) > 1:
             score_tm = _ReduceFromTP.apply(score_tm, tp_group)
         q_tm = self.bound * torch.tanh(score_tm)
         if self.ghost_embedding is None:
             return q_tm, None
-        ghost_t = (u_td @ self.ghost_embedding) * scale + self.ghost_bias
+        ghost_t = (u_td @ self.ghost_embedding.to(u_td.dtype)) * scale + self.ghost_bias.to(u_td.dtype)
         return q_tm, self.bound * torch.tanh(ghost_t)
 
     def bucket_values(

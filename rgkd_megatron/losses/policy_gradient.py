@@ -110,7 +110,7 @@ def reinforce_loss(
         "pg/loss": loss.detach(),
         "pg/loss_sum": loss_sum.detach(),
         "pg/advantage_mean": advantages.detach().float().mean(),
-        "pg/num_sequences": torch.tensor(float(logprobs_bs.shape[0])),
+        "pg/num_sequences": torch.tensor(float(logprobs_bs.shape[0]), device=loss.device),
     }
     return loss, metrics
 

@@ -111,6 +111,7 @@ def rm_loss(
         return (total / max(n, 1)).detach()
 
     all_r = torch.cat([r_e, r_p, r_c, r_r]).detach()
+    dev = loss.device
     metrics = {
         "rm/loss": loss.detach(),
         "rm/gap": local_mean(expert_sum, r_e.numel()) - local_mean(policy_sum, r_p.numel()),
@@ -120,10 +121,10 @@ def rm_loss(
         "rm/policy_reward_sum": policy_sum.detach(),
         "rm/bt_sum": bt_sum.detach(),
         "rm/accuracy_sum": bt_metrics["accuracy_sum"],
-        "rm/expert_count": torch.tensor(float(r_e.numel())),
-        "rm/policy_count": torch.tensor(float(r_p.numel())),
-        "rm/pair_count": torch.tensor(float(r_c.numel())),
-        "rm/max_abs_reward": all_r.abs().max() if all_r.numel() else torch.tensor(0.0),
+        "rm/expert_count": torch.tensor(float(r_e.numel()), device=dev),
+        "rm/policy_count": torch.tensor(float(r_p.numel()), device=dev),
+        "rm/pair_count": torch.tensor(float(r_c.numel()), device=dev),
+        "rm/max_abs_reward": all_r.abs().max() if all_r.numel() else torch.zeros((), device=dev),
     }
     return loss, metrics
 
@@ -131,5 +132,5 @@ def rm_loss(
 def preference_accuracy(chosen_b: torch.Tensor, rejected_b: torch.Tensor) -> torch.Tensor:
     """Fraction of pairs with r(x, y+) > r(x, y-) (ties count as wrong); 0 for no pairs. Detached."""
     if chosen_b.numel() == 0:
-        return torch.tensor(0.0)
+        return torch.zeros((), device=chosen_b.device)
     return (chosen_b.detach() > rejected_b.detach()).float().mean()

@@ -11,7 +11,8 @@ On rank 0, TP=1 only, single-process checks against references written here:
 - EOS stop (from a run without the stop, the stop id chosen among its tokens) and max length;
 - score() == log_softmax of the full logits of each sequence, run alone.
 Every layout: sampled and greedy tokens equal TP=1 exactly, log-probs and score() within 1e-5, and
-every rank of a layout returns the same output.
+every rank of a layout returns the same output. Last, two roles on rank windows (TP=2 on {0, 1},
+TP=1 x DP=2 on {2, 3}, parallel_state uninitialised, same CPU-initialised weights) sample the same.
 """
 
 from __future__ import annotations
@@ -135,7 +136,27 @@ def _body(rank, world_size, workdir):
             out["checks"] = _single_process_checks(model, groups)
         results[(tp, pp)] = out
         teardown_roles()
+    results["windows"] = _window_roles(rank)
     return results
+
+
+def _window_roles(rank):
+    """TP=2 on ranks {0, 1} and TP=1 x DP=2 on {2, 3}, megatron's parallel_state left uninitialised."""
+    from megatron.core import parallel_state
+
+    from rgkd_megatron.config.schema import ParallelConfig
+    from rgkd_megatron.models.builders import build_policy
+    from rgkd_megatron.parallel.groups import RoleLayout
+    from rgkd_megatron.training.setup import init_role
+
+    layouts = {"P": RoleLayout(tp=2, rank_offset=0), "Q": RoleLayout(tp=1, dp=2, rank_offset=2)}
+    groups = {name: init_role(layout, seed=5) for name, layout in layouts.items()}  # collective
+    assert not parallel_state.model_parallel_is_initialized()
+    mine = "P" if rank < 2 else "Q"
+    torch.manual_seed(5)  # CPU init draws the full weights from this generator: same weights at TP 1 and 2
+    parallel = ParallelConfig(tensor_model_parallel_size=layouts[mine].tp)
+    model = build_policy(_model_cfg(), parallel, groups[mine], VOCAB)
+    return _gen(model, groups[mine])
 
 
 def _assert_same(a, b, what, atol=1e-5):
@@ -194,6 +215,10 @@ def test_generation_layouts_and_references(tmp_path):
     per_rank = run_distributed(_body, 4, args=(str(tmp_path),), timeout=600)
     _check_single_process(per_rank[0][(1, 1)]["checks"])
     reference = per_rank[0][(1, 1)]
+    windows = [results.pop("windows") for results in per_rank]
+    for rank in (1, 2, 3):  # TP=2 on a rank window == TP=1 on another, same CPU-initialised weights
+        _assert_same(windows[rank], windows[0], f"window role on rank {rank}")
+    assert windows[0]["ids"] != reference["sample"]["ids"]  # other weights: the comparison is not vacuous
     for rank, results in enumerate(per_rank):
         for layout, out in results.items():
             what = f"rank {rank} layout tp,pp={layout}"

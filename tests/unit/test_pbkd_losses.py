@@ -95,12 +95,12 @@ def test_rm_loss_micro_batches_add_up_to_the_global_loss():
 
 def test_rm_on_separable_pairs_reaches_accuracy_and_stays_bounded():
     torch.manual_seed(0)
-    d, n, B = 6, 256, 1.0
+    d, n, B, lam, coef = 6, 256, 2.0, 5.0, 0.01
     w_star = torch.randn(d)
 
     def pairs(gen, count):
         a, b = torch.randn(count, d, generator=gen), torch.randn(count, d, generator=gen)
-        keep = ((a - b) @ w_star).abs() > 0.5  # a margin: the pairs are separable by w_star
+        keep = ((a - b) @ w_star).abs() > 0.3 * w_star.norm()  # separable by w_star with a margin
         a, b = a[keep], b[keep]
         swap = ((a - b) @ w_star < 0)[:, None]
         return torch.where(swap, b, a), torch.where(swap, a, b)  # (chosen, rejected)
@@ -112,7 +112,15 @@ def test_rm_on_separable_pairs_reaches_accuracy_and_stays_bounded():
     for _ in range(300):
         score = lambda x: rm(x).squeeze(-1)  # noqa: E731
         # offline PbKD: teacher responses are the chosen ones, student samples the rejected ones
-        loss, _ = rm_loss(score(train_c), score(train_r), score(train_c), score(train_r), lam=1.0, bound=B)
+        loss, _ = rm_loss(
+            score(train_c),
+            score(train_r),
+            score(train_c),
+            score(train_r),
+            lam=lam,
+            bound=B,
+            magnitude_coef=coef,
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -121,8 +129,8 @@ def test_rm_on_separable_pairs_reaches_accuracy_and_stays_bounded():
         _, m_test = rm_loss(score(test_c), score(test_r), score(test_c), score(test_r), lam=1.0, bound=B)
         far = bounded_reward(score(torch.randn(64, d) * 1e3), B)
     assert m_train["rm/accuracy"] == 1.0
-    assert m_test["rm/accuracy"] >= 0.95
-    assert m_train["rm/gap"] > 0.8 * B  # the gap term pushed teacher up and student down ...
+    assert m_test["rm/accuracy"] >= 0.98
+    assert m_train["rm/gap"] > B  # the gap term pushed teacher up and student down ...
     assert m_train["rm/max_abs_reward"] <= B and far.abs().max() <= B  # ... but never past the bound
 
 
@@ -335,7 +343,7 @@ def test_student_step_gradient_is_the_exact_gap_gradient(future):
         torch.testing.assert_close(loss.detach(), m["mms/gap"])
         total = total + p_y[n] * loss
     torch.testing.assert_close(total.detach(), exact_gap.detach())
-    (grad,) = torch.autograd.grad(total, lm.theta)
+    (grad,) = torch.autograd.grad(total, lm.theta, retain_graph=True)
     torch.testing.assert_close(grad, exact)
     # off-policy: the softmax term alone, which misses the state-distribution part here
     loss_off, _ = mm_student_loss(q_bsc, log_p, log_q, lm.mask, gamma=gamma, on_policy=False)
@@ -348,7 +356,7 @@ def test_kl_estimators_against_exact_expectations():
     logp_pv = torch.log_softmax(lm.theta, -1)
     seq_lp = lm.seq_logprob(logp_pv)
     exact_kl = (seq_lp.exp() * (seq_lp - lm.seq_logprob(lm.ref))).sum()  # KL over whole sequences
-    (exact_grad,) = torch.autograd.grad(exact_kl, lm.theta)
+    (exact_grad,) = torch.autograd.grad(exact_kl, lm.theta, retain_graph=True)
     lp_bs = logp_pv[lm.state].gather(-1, lm.action[..., None]).squeeze(-1)
     ref_bs = lm.ref[lm.state].gather(-1, lm.action[..., None]).squeeze(-1)
     p_y = seq_lp.detach().exp()
@@ -478,3 +486,12 @@ def test_q_step_loss_closed_form_and_detaching():
     torch.testing.assert_close(loss, ref)
     loss.backward()
     assert log_q.grad is None and q.grad.abs().sum() > 0  # only Q is trained by the Q step
+
+
+def test_q_head_mixed_precision_scores_in_fp32():
+    head, hidden, emb, dense, _, _ = _head_case(17)
+    ids = torch.randint(0, 12, (9, 3), generator=_gen(18))
+    head = head.float()
+    q, ghost = head(hidden.bfloat16(), ids, emb.bfloat16())
+    assert q.dtype == torch.float32 and ghost.dtype == torch.float32
+    torch.testing.assert_close(q.double(), dense.gather(-1, ids), rtol=0, atol=0.05)
