@@ -72,7 +72,7 @@ class MMPbKDTrainer(PbKDTrainer):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
         batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(
             self.models.teacher, self.groups, batch["tokens"], min(self.p.kd_topk, self.models.vocab_size),
-            self.p.kd_temperature, self.models.vocab_size,
+            1.0, self.models.vocab_size,  # pi_E itself: V_E and the Bellman rewards need temperature 1
         )  # fmt: skip
         return batch
 
