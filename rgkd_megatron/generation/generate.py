@@ -29,8 +29,9 @@ Design choices:
 - Stopping: a row stops after sampling ``eos_id`` (``finished=True``) or after ``max_new_tokens``;
   its later positions hold ``pad_id``. The loop ends when every row has stopped.
 - During a call the model is in eval mode, under ``torch.no_grad``, with sequence parallelism
-  switched off (megatron's ``set_model_to_sequence_parallel``; inference feeds one token per step);
-  all three are restored afterwards.
+  switched off (as megatron's inference does; a decode step feeds one token); all three are
+  restored afterwards (``inference_mode``). ``stage_forward`` and ``broadcast_from_last_stage``
+  are the PP building blocks, public for other inference-only forwards (teacher top-k, rewards).
 - Determinism: same seed, prompts and options -> the same tokens; the same on every TP/PP layout up
   to floating-point differences in the logits (see ``sampling.py``). Data-parallel replicas that get
   the same prompts should pass different seeds.
@@ -56,14 +57,20 @@ from megatron.core.inference.communication_utils import (
     send_to_next_pipeline_rank,
 )
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.transformer.utils import set_model_to_sequence_parallel
 from megatron.core.utils import unwrap_model
 
 from rgkd_megatron.generation.sampling import check_sampling_args, sample_next_tokens
 from rgkd_megatron.losses.topk_kd import vocab_parallel_topk_logits
 from rgkd_megatron.parallel.groups import RoleGroups
 
-__all__ = ["GenerationOutput", "generate", "score"]
+__all__ = [
+    "GenerationOutput",
+    "broadcast_from_last_stage",
+    "generate",
+    "inference_mode",
+    "score",
+    "stage_forward",
+]
 
 
 @dataclass
@@ -143,11 +150,11 @@ def generate(
     context = StaticInferenceContext(b, total_len) if use_kv_cache else None
 
     pos, cached, steps = int(prompt_len_b.min()), 0, 0
-    with _inference_mode(gpt):
+    with inference_mode(gpt):
         while True:
             # feed [cached, pos) with the cache (the whole prefix without); get the logits at pos
             start = cached if context is not None else 0
-            logits_bsv = _stage_forward(gpt, groups, tokens_bl[:, start:pos], start, context, gather=True)
+            logits_bsv = stage_forward(gpt, groups, tokens_bl[:, start:pos], start, context, gather=True)
             steps += 1
             if context is not None:
                 context.increment_sequence_len_offset(pos - cached)
@@ -222,15 +229,15 @@ def score(
         tokens_bl[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         valid_bl[i, : len(s)] = True
     logprobs_bt = None
-    with _inference_mode(gpt):
-        logits_blv = _stage_forward(gpt, groups, tokens_bl, 0, None, gather=False)
+    with inference_mode(gpt):
+        logits_blv = stage_forward(gpt, groups, tokens_bl, 0, None, gather=False)
         if groups.is_last_stage:
             lse_bt, target_bt1 = vocab_parallel_topk_logits(
                 logits_blv[:, :-1], tokens_bl[:, 1:, None], temperature=temperature,
                 tp_group=groups.pg_collection.tp, vocab_size=vocab_size,
             )  # fmt: skip
             logprobs_bt = (target_bt1[..., 0] - lse_bt).float().masked_fill(~valid_bl[:, 1:], 0.0)
-    return _broadcast_from_last_stage(logprobs_bt, (b, length - 1), torch.float32, groups)
+    return broadcast_from_last_stage(logprobs_bt, (b, length - 1), torch.float32, groups)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,24 +285,42 @@ def _check_generate_args(
         )
 
 
+_SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
 @contextlib.contextmanager
-def _inference_mode(gpt: torch.nn.Module) -> Iterator[None]:
-    """eval + no_grad + sequence parallelism off for the duration; all restored afterwards."""
-    was_training, sequence_parallel = gpt.training, bool(gpt.config.sequence_parallel)
+def inference_mode(gpt: torch.nn.Module) -> Iterator[None]:
+    """eval + ``torch.no_grad`` + sequence parallelism off, for an inference forward of ``gpt``.
+
+    Sequence parallelism is switched off the way megatron's inference does it
+    (``set_model_to_sequence_parallel``: the config flag and the per-module flags), and every
+    flag, the training mode and the PP input tensor are restored exactly on exit.
+    """
+    was_training = gpt.training
+    saved = [
+        (module, attr, getattr(module, attr))
+        for module in gpt.modules()
+        for attr in _SEQUENCE_PARALLEL_ATTRS
+        if hasattr(module, attr)
+    ]
+    config_sp = gpt.config.sequence_parallel
     gpt.eval()
-    if sequence_parallel:
-        set_model_to_sequence_parallel(gpt, False)
+    if config_sp:
+        gpt.config.sequence_parallel = False
+        for module, attr, _ in saved:
+            setattr(module, attr, False)
     try:
         with torch.no_grad():
             yield
     finally:
-        if sequence_parallel:
-            set_model_to_sequence_parallel(gpt, True)
+        gpt.config.sequence_parallel = config_sp
+        for module, attr, value in saved:
+            setattr(module, attr, value)
         gpt.set_input_tensor(None)
         gpt.train(was_training)
 
 
-def _stage_forward(
+def stage_forward(
     gpt: torch.nn.Module,
     groups: RoleGroups,
     tokens_bs: torch.Tensor,
@@ -303,10 +328,15 @@ def _stage_forward(
     context: StaticInferenceContext | None,
     gather: bool,
 ) -> torch.Tensor | None:
-    """Run this stage on positions [start, start + s); on the last stage return its logits.
+    """Run this PP stage of ``gpt`` on positions [start, start + s) of ``tokens_bs`` [b, s].
 
-    Last stage: [b, 1, V_padded] with a context (last position only), [b, s, V_padded] with
-    ``gather`` and no context, else the vocab-parallel [b, s, V_padded / tp]. Other stages: None.
+    Collective over the role's PP group: a non-first stage receives the hidden states [s, b, h]
+    from the previous stage, a non-last stage sends its output to the next one. Meant to run
+    inside :func:`inference_mode` (sequence parallelism off: full-length hidden states).
+    Returns, on the last stage, the model output: logits [b, 1, V_padded] with a ``context`` (last
+    position only, TP-gathered), [b, s, V_padded] with ``gather`` and no context, else the
+    vocab-parallel [b, s, V_padded / tp] (or whatever the output layer gives, e.g. [b, s, 1] for a
+    reward model); on the other stages None.
     """
     pp_group = groups.pg_collection.pp
     b, s = tokens_bs.shape
@@ -316,9 +346,9 @@ def _stage_forward(
         recv_from_prev_pipeline_rank_(hidden_sbh, pp_group)
         gpt.set_input_tensor(hidden_sbh)
     position_ids_bs = torch.arange(start, start + s).expand(b, s)
-    extra = {"inference_context": context, "runtime_gather_output": True} if context is not None else {}
-    if context is None and gather:
-        extra["runtime_gather_output"] = True
+    extra: dict = {"runtime_gather_output": True} if (gather or context is not None) else {}
+    if context is not None:
+        extra["inference_context"] = context  # megatron asserts runtime_gather_output with it
     out = gpt(tokens_bs if groups.is_first_stage else None, position_ids_bs, None, **extra)
     if not groups.is_last_stage:
         send_to_next_pipeline_rank(out.contiguous(), pp_group)
@@ -332,11 +362,16 @@ def _share_step_result(step_bc: torch.Tensor | None, b: int, groups: RoleGroups)
         tp_group = groups.pg_collection.tp
         if dist.get_world_size(tp_group) > 1:
             dist.broadcast(step_bc, group=tp_group, group_src=0)
-    return _broadcast_from_last_stage(step_bc, (b, 2), torch.float64, groups)
+    return broadcast_from_last_stage(step_bc, (b, 2), torch.float64, groups)
 
 
-def _broadcast_from_last_stage(tensor, shape, dtype, groups: RoleGroups) -> torch.Tensor:
-    """The last PP stage's tensor on every stage (over the role's PP group)."""
+def broadcast_from_last_stage(
+    tensor: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype, groups: RoleGroups
+) -> torch.Tensor:
+    """The last PP stage's ``tensor`` on every stage (collective over the role's PP group).
+
+    ``shape`` and ``dtype`` describe the tensor; the other stages pass None.
+    """
     pp_group = groups.pg_collection.pp
     size = dist.get_world_size(pp_group)
     if size == 1:

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from rgkd_megatron.generation.generate import _broadcast_from_last_stage, _inference_mode, _stage_forward
+from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, stage_forward
 from rgkd_megatron.losses.topk_kd import topk_kd_loss
 from rgkd_megatron.pbkd.batches import collate_sequences
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
@@ -25,15 +25,15 @@ def teacher_topk(teacher, groups, tokens_bs: torch.Tensor, k: int, temperature: 
     rank: ([b, s, k] int64, [b, s, k] fp32)."""
     b, s = tokens_bs.shape
     ids = logprobs = None
-    with _inference_mode(teacher):
-        logits_bsv = _stage_forward(teacher, groups, tokens_bs, 0, None, gather=True)
+    with inference_mode(teacher):
+        logits_bsv = stage_forward(teacher, groups, tokens_bs, 0, None, gather=True)
         if groups.is_last_stage:
             logp = torch.log_softmax(logits_bsv[..., :vocab_size].float() / temperature, dim=-1)
             logprobs, ids = logp.topk(k, dim=-1)
-    ids = _broadcast_from_last_stage(
+    ids = broadcast_from_last_stage(
         ids.double() if ids is not None else None, (b, s, k), torch.float64, groups
     )
-    logprobs = _broadcast_from_last_stage(logprobs, (b, s, k), torch.float32, groups)
+    logprobs = broadcast_from_last_stage(logprobs, (b, s, k), torch.float32, groups)
     return ids.long(), logprobs
 
 

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from rgkd_megatron.generation.generate import _inference_mode, _stage_forward
+from rgkd_megatron.generation.generate import inference_mode, stage_forward
 from rgkd_megatron.losses.mm_pbkd import expected_q as bucket_expectation
 from rgkd_megatron.losses.mm_pbkd import (
     implied_returns,
@@ -78,8 +78,8 @@ class MMPbKDTrainer(PbKDTrainer):
 
     def _student_buckets(self, batch):
         """Student bucket log-probs and action log-probs (no grad), for the Q step."""
-        with _inference_mode(self.models.policy.unwrapped()):
-            logits = _stage_forward(
+        with inference_mode(self.models.policy.unwrapped()):
+            logits = stage_forward(
                 self.models.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False
             )
             _, log_q, action_lp = mm_bucket_log_probs(
@@ -89,7 +89,7 @@ class MMPbKDTrainer(PbKDTrainer):
         return log_q.float(), action_lp.float()
 
     def _q_detached(self, batch):
-        with _inference_mode(self.q_model):
+        with inference_mode(self.q_model):
             return _q_values(
                 self.q_model, self.q_model, batch, self.groups.pg_collection.tp, self.models.vocab_size
             )

@@ -15,12 +15,7 @@ import yaml
 from rgkd_megatron.checkpoint.dist_ckpt import load_backbone_weights, load_model_weights
 from rgkd_megatron.config import ModelConfig, RGKDConfig
 from rgkd_megatron.config.loader import config_from_dict
-from rgkd_megatron.generation.generate import (
-    _broadcast_from_last_stage,
-    _inference_mode,
-    _stage_forward,
-    score,
-)
+from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, score, stage_forward
 from rgkd_megatron.models.builders import build_policy, build_reward_model, build_teacher, sequence_rewards
 from rgkd_megatron.models.q_head import attach_q_head
 from rgkd_megatron.parallel.groups import RoleGroups
@@ -99,11 +94,11 @@ def reward_scores(
         tokens[i, : len(s)] = torch.tensor(s)
     last = torch.tensor([len(s) - 1 for s in sequences])
     rewards = None
-    with _inference_mode(model):
-        values = _stage_forward(model, groups, tokens, 0, None, gather=False)
+    with inference_mode(model):
+        values = stage_forward(model, groups, tokens, 0, None, gather=False)
         if groups.is_last_stage:
             rewards = sequence_rewards(values.squeeze(-1).float(), last)
-    return _broadcast_from_last_stage(rewards, (len(sequences),), torch.float32, groups)
+    return broadcast_from_last_stage(rewards, (len(sequences),), torch.float32, groups)
 
 
 def response_nll(

@@ -2,14 +2,16 @@
 
 Layouts, run one after another on the same 4 gloo ranks, all with the same weights (saved by the
 TP=1 layout and loaded by every other one; PP stages consume the init RNG differently):
-(1, 1) = TP=1 x DP=4 (the reference), (2, 1), (1, 2), (2, 2).
+(1, 1) = TP=1 x DP=4 (the reference), (2, 1), (1, 2), (2, 2), and (2, 1) with sequence parallelism
+(generation switches it off and restores it).
 
 On rank 0, TP=1 only, single-process checks against references written here:
 - greedy generation with the KV cache == a plain greedy loop that runs the model on the whole
   unpadded prefix of each prompt alone (no cache, no batching), tokens and log-probs;
 - sampling with the cache == sampling without (same seed); two runs equal; another seed differs;
 - EOS stop (from a run without the stop, the stop id chosen among its tokens) and max length;
-- score() == log_softmax of the full logits of each sequence, run alone.
+- score() == log_softmax of the full logits of each sequence, run alone;
+- bad inputs raise ValueError naming the problem.
 Every layout: sampled and greedy tokens equal TP=1 exactly, log-probs and score() within 1e-5, and
 every rank of a layout returns the same output. Last, two roles on rank windows (TP=2 on {0, 1},
 TP=1 x DP=2 on {2, 3}, parallel_state uninitialised, same CPU-initialised weights) sample the same.
@@ -25,7 +27,7 @@ EOS, PAD = 7, 0
 MAX_NEW = 10
 PROMPTS = [[5, 17, 33], [100, 2, 7, 9, 41, 8, 77], [200], [3, 3, 3, 3], [120, 60]]
 SAMPLING = dict(temperature=0.9, top_p=0.95, top_k=50)
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+LAYOUTS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)]  # (tp, pp, sp)
 
 
 def _model_cfg():
@@ -46,12 +48,12 @@ def _model_cfg():
     )
 
 
-def _gen(model, groups, prompts=PROMPTS, **overrides):
+def _gen(model, groups, **overrides):
     from rgkd_megatron.generation import generate
 
     kwargs = dict(max_new_tokens=MAX_NEW, **SAMPLING, eos_id=EOS, pad_id=PAD, seed=1234, vocab_size=VOCAB)
     kwargs.update(overrides)
-    out = generate(model, groups, prompts, **kwargs)
+    out = generate(model, groups, kwargs.pop("prompts", PROMPTS), **kwargs)
     return {
         "ids": out.response_ids(),
         "responses": out.responses,
@@ -105,7 +107,35 @@ def _single_process_checks(model, groups):
     out["score_t2"] = score(model, groups, seqs, vocab_size=VOCAB, temperature=2.0)
     out["score_ref"] = [torch.log_softmax(_full_logits(model, s).double(), -1) for s in seqs]
     out["seqs"] = seqs
+    out["errors"] = _bad_inputs(model, groups)
     return out
+
+
+BAD_INPUTS = {  # generate() overrides (or a score() call) -> expected ValueError text
+    "empty prompt": (dict(prompts=[[1], []]), "prompt needs >= 1 token"),
+    "id >= vocab_size": (dict(prompts=[[1, VOCAB]]), "outside"),
+    "max_new_tokens": (dict(max_new_tokens=0), "max_new_tokens"),
+    "top_p": (dict(top_p=0.0), "top_p"),
+    "too long": (dict(max_new_tokens=40), "max_position_embeddings"),
+    "vocab above padded": (dict(vocab_size=300), "padded vocab"),
+    "eos outside": (dict(eos_id=VOCAB), "eos_id"),
+    "score: one token": (None, ">= 2 tokens"),
+}
+
+
+def _bad_inputs(model, groups):
+    from rgkd_megatron.generation import score
+
+    messages = {}
+    for name, (overrides, _) in BAD_INPUTS.items():
+        try:
+            if overrides is None:
+                score(model, groups, [[1, 2], [3]], vocab_size=VOCAB)
+            else:
+                _gen(model, groups, **overrides)
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
 
 
 def _body(rank, world_size, workdir):
@@ -119,13 +149,16 @@ def _body(rank, world_size, workdir):
     from rgkd_megatron.training.setup import init_role, teardown_roles
 
     results = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp, sp in LAYOUTS:
         groups = init_role(layout_for_world(tp, pp, dist.get_world_size()), seed=11)
-        model = build_policy(_model_cfg(), ParallelConfig(tensor_model_parallel_size=tp,
-                             pipeline_model_parallel_size=pp), groups, VOCAB)  # fmt: skip
+        parallel = ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+        )
+        model = build_policy(_model_cfg(), parallel, groups, VOCAB)
         if (tp, pp) == (1, 1):
             save_model_weights(f"{workdir}/init", model)
         load_model_weights(f"{workdir}/init", model)
+        flags_before = _sp_flags(model)
         out = {
             "sample": _gen(model, groups),
             "sample_nocache": _gen(model, groups, use_kv_cache=False),
@@ -134,10 +167,17 @@ def _body(rank, world_size, workdir):
         }
         if (tp, pp) == (1, 1) and rank == 0:
             out["checks"] = _single_process_checks(model, groups)
-        results[(tp, pp)] = out
+        # generation switches sequence parallelism off: every flag must be restored
+        out["sp_restored"] = _sp_flags(model) == flags_before and model.config.sequence_parallel == sp
+        results[(tp, pp, sp)] = out
         teardown_roles()
     results["windows"] = _window_roles(rank)
     return results
+
+
+def _sp_flags(model):
+    names = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+    return [(n, a, getattr(m, a)) for n, m in model.named_modules() for a in names if hasattr(m, a)]
 
 
 def _window_roles(rank):
@@ -207,22 +247,25 @@ def _check_single_process(c):
         plen, r = len(PROMPTS[i]), len(c["sample_cache"]["ids"][i])
         torch.testing.assert_close(c["sample_cache"]["logprobs"][i, :r], expected[plen - 1 : plen - 1 + r],
                                    atol=1e-5, rtol=0)  # fmt: skip
+    for name, (_, expected) in BAD_INPUTS.items():
+        assert expected in c["errors"].get(name, "no ValueError"), (name, c["errors"].get(name))
     assert (c["score_t2"] > c["score"]).any() and not torch.allclose(c["score_t2"], c["score"])
     assert c["training_restored"]
 
 
 def test_generation_layouts_and_references(tmp_path):
     per_rank = run_distributed(_body, 4, args=(str(tmp_path),), timeout=600)
-    _check_single_process(per_rank[0][(1, 1)]["checks"])
-    reference = per_rank[0][(1, 1)]
+    _check_single_process(per_rank[0][(1, 1, False)]["checks"])
+    reference = per_rank[0][(1, 1, False)]
     windows = [results.pop("windows") for results in per_rank]
     for rank in (1, 2, 3):  # TP=2 on a rank window == TP=1 on another, same CPU-initialised weights
         _assert_same(windows[rank], windows[0], f"window role on rank {rank}")
     assert windows[0]["ids"] != reference["sample"]["ids"]  # other weights: the comparison is not vacuous
     for rank, results in enumerate(per_rank):
         for layout, out in results.items():
-            what = f"rank {rank} layout tp,pp={layout}"
+            what = f"rank {rank} layout tp,pp,sp={layout}"
             _assert_same(out["sample"], reference["sample"], what + " sample")
             _assert_same(out["sample_nocache"], reference["sample"], what + " sample without cache")
             _assert_same(out["greedy"], reference["greedy"], what + " greedy")
             torch.testing.assert_close(out["score"], reference["score"], atol=1e-5, rtol=0, msg=what)
+            assert out["sp_restored"], what

@@ -1,0 +1,431 @@
+"""Teacher responses for a prompt set: batched generation under TP/PP/DP, resumable, written atomically.
+
+Input: JSONL records ``{"prompt": str[, "reference": str, ...]}``. Output: the same records in the
+same order as ``{"prompt", "response", "reference", ...}`` (the format ``rgkd-distill`` reads as
+``pbkd.prompts_path``; other input fields are kept, ``reference`` is null when absent). Run by
+``tools/generate_responses.py``; this module holds the logic so that it can be tested and reused.
+
+Design choices:
+- Canonical batches. Prompts are wrapped in the tokenizer's prompt template and tokenized exactly as
+  ``pbkd.prompts.load_prompt_set`` does (no truncation: a prompt that does not fit is an error), then
+  sorted by token length (ties by position) and cut into batches of ``batch_size``. Similar lengths
+  keep ``generate``'s per-sample offsets cheap (a row longer than the batch's shortest prompt is
+  consumed one token per forward). Batch ``k`` is sampled with seed ``seed + k``. Nothing depends on
+  the DP size or the rank, so any layout, and any resume, yields the same batches.
+- Work split: DP rank ``d`` takes the pending batches ``d, d + dp, ...``; the TP x PP ranks of one
+  replica run ``generate`` together (it returns the same output on all of them) and the replica's
+  first rank (TP rank 0, first stage) saves each finished batch.
+- Resume: every finished batch is a small JSON file in the sidecar directory ``<out>.partial/``
+  (written atomically), next to ``identity.json``. A rerun skips the batches present. When all are
+  done rank 0 merges them in prompt order, writes ``<out>`` (temp file + fsync + rename), then
+  ``<out>.meta.json``, then removes the sidecar. A crash at any point leaves no partial ``<out>``.
+- Identity (``<out>.meta.json``): sha256 of the prompts file, the model fingerprint (resolved model
+  config + checkpoint metadata, as the teacher cache's), the tokenizer and prompt template hashes,
+  the resolved parameter dtype and the generation settings (batch size included: with sampling it
+  decides which rows share a generator). The TP/PP/DP layout is not part of it: another layout gives
+  the same tokens up to floating-point differences of the logits. A rerun whose identity matches a
+  finished output does nothing; a mismatch (or a sidecar from other settings) is an error unless
+  ``overwrite``.
+- Responses are decoded from the generated ids without the EOS id (when sampled). Responses cut at
+  ``max_new_tokens`` are kept (and counted in the summary).
+
+Usage (collective: every rank of the world calls it; the model is built for the role's groups)::
+
+    records = read_prompt_records("prompts.jsonl")
+    plan = plan_generation(records, tokenizer, settings, max_positions=model_cfg.max_position_embeddings)
+    check_output_state(out, identity, overwrite)       # before building anything: 'done' -> stop
+    summary = generate_responses(model, groups, plan, tokenizer, settings, out, identity, vocab_size)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from rgkd_megatron.data.tokenizer import Tokenizer, file_sha256
+from rgkd_megatron.generation.generate import generate
+from rgkd_megatron.generation.sampling import check_sampling_args
+from rgkd_megatron.parallel.groups import RoleGroups
+from rgkd_megatron.utils.logging import get_logger
+from rgkd_megatron.utils.progress import ProgressBar
+
+__all__ = [
+    "FORMAT_NAME",
+    "GenerationPlan",
+    "GenerationSettings",
+    "PromptRecord",
+    "check_output_state",
+    "generate_responses",
+    "meta_path",
+    "partial_dir",
+    "plan_generation",
+    "read_prompt_records",
+    "response_identity",
+    "strip_eos",
+]
+
+logger = get_logger(__name__)
+FORMAT_NAME = "rgkd-responses"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One input line."""
+
+    line: int
+    """1-based line number in the prompts file."""
+    prompt: str
+    reference: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other fields of the record, copied to the output (``response`` excluded)."""
+
+
+def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
+    """Read and check a prompts JSONL file; errors name the file and line.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: invalid JSON, a record that is not an object, a missing/empty/non-string
+            ``prompt``, a non-string ``reference``, or no records at all.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    records: list[PromptRecord] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            if "prompt" not in obj:
+                raise ValueError(f"{where}: missing field 'prompt'")
+            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+                raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got {obj['prompt']!r}")
+            reference = obj.get("reference")
+            if reference is not None and not isinstance(reference, str):
+                raise ValueError(f"{where}: field 'reference' must be a string or null, got {reference!r}")
+            extra = {k: v for k, v in obj.items() if k not in ("prompt", "response", "reference")}
+            records.append(PromptRecord(lineno, obj["prompt"], reference, extra))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How responses are generated (all fields are part of the output's identity)."""
+
+    max_new_tokens: int = 256
+    """Longest response in tokens (EOS included)."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 = off."""
+    top_k: int = 0
+    """Keep the k most likely ids; 0 = off."""
+    seed: int = 0
+    """Batch k is sampled with seed + k (irrelevant when greedy)."""
+    batch_size: int = 8
+    """Prompts per ``generate`` call."""
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Tokenized prompts and the canonical batches."""
+
+    records: list[PromptRecord]
+    prompt_ids: list[list[int]]
+    batches: list[list[int]]
+    """Batch k = the record indices it holds (ascending token length)."""
+
+
+def plan_generation(
+    records: list[PromptRecord], tokenizer: Tokenizer, settings: GenerationSettings, max_positions: int
+) -> GenerationPlan:
+    """Tokenize (prompt template applied) and cut canonical batches; a prompt that leaves no room for
+    ``max_new_tokens`` within ``max_positions`` is an error naming its line."""
+    settings.validate()
+    prompt_ids = [tokenizer.encode(tokenizer.apply_prompt_template(r.prompt)) for r in records]
+    room = max_positions - settings.max_new_tokens
+    for record, ids in zip(records, prompt_ids):
+        if len(ids) > room:
+            raise ValueError(
+                f"line {record.line}: the prompt is {len(ids)} tokens after the prompt template; with "
+                f"--max-new-tokens {settings.max_new_tokens} that exceeds the model's "
+                f"max_position_embeddings={max_positions} (shorten the prompt or lower --max-new-tokens)"
+            )
+    order = sorted(range(len(records)), key=lambda i: (len(prompt_ids[i]), i))
+    size = settings.batch_size
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    return GenerationPlan(records, prompt_ids, batches)
+
+
+def response_identity(
+    prompts_path: str | os.PathLike,
+    model_fingerprint: str,
+    tokenizer: Tokenizer,
+    params_dtype: str,
+    settings: GenerationSettings,
+    num_prompts: int,
+) -> dict[str, Any]:
+    """What the output depends on (compared on reruns; recorded in ``<out>.meta.json``)."""
+    template = tokenizer.chat_template if tokenizer.chat_template is not None else tokenizer.prompt_template
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "prompts_sha256": file_sha256(os.fspath(prompts_path)),
+        "num_prompts": num_prompts,
+        "model_fingerprint": model_fingerprint,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "prompt_template_sha256": hashlib.sha256((template or "").encode()).hexdigest(),
+        "params_dtype": params_dtype,
+        "settings": asdict(settings),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def meta_path(out: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(out)}.meta.json")
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(out)}.partial")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(old: Any, new: dict[str, Any]) -> list[str]:
+    """Human-readable names of the identity fields that differ."""
+    if not isinstance(old, dict):
+        return ["(unreadable metadata)"]
+    names = []
+    for key, value in new.items():
+        if key == "settings" and isinstance(old.get(key), dict):
+            names += [f"settings.{k}" for k, v in value.items() if old[key].get(k) != v]
+        elif old.get(key) != value:
+            names.append(key)
+    return names
+
+
+def check_output_state(out: str | os.PathLike, identity: dict[str, Any], overwrite: bool) -> str:
+    """Read-only look at ``out`` and its sidecars; returns 'done', 'resume', 'fresh' or 'overwrite'.
+
+    'done': the output exists and its metadata matches ``identity`` (and its sha256). 'resume': a
+    sidecar of the same identity exists. 'overwrite': something different exists and ``overwrite``
+    is set (``generate_responses`` clears it). Raises ValueError on a mismatch without ``overwrite``.
+    """
+    out = Path(out)
+    meta, sidecar = meta_path(out), partial_dir(out)
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a directory; expected a file path")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--output {out}: directory {out.parent} does not exist")
+    partial_identity = _read_json(sidecar / "identity.json") if sidecar.is_dir() else None
+    problems: list[str] = []
+    if out.exists():
+        saved = _read_json(meta) if meta.is_file() else None
+        if saved is None:
+            if partial_identity == identity:
+                return "resume"  # interrupted between writing the output and its metadata
+            problems.append(
+                f"{out} exists but {meta.name} is missing or unreadable (not written by this tool?)"
+            )
+        else:
+            diff = _differences(saved.get("identity"), identity)
+            if not diff and saved.get("output_sha256") != file_sha256(str(out)):
+                diff = ["output_sha256 (the output was modified after generation)"]
+            if not diff:
+                return "done"
+            problems.append(f"{out} was generated with different {', '.join(diff)}")
+    if sidecar.is_dir():
+        if partial_identity == identity:
+            return "resume" if not problems else ("overwrite" if overwrite else _raise(problems))
+        diff = _differences(partial_identity, identity)
+        problems.append(f"{sidecar} holds an interrupted run with different {', '.join(diff)}")
+    if problems:
+        return "overwrite" if overwrite else _raise(problems)
+    return "fresh"
+
+
+def _raise(problems: list[str]) -> str:
+    raise ValueError("; ".join(problems) + "; pass --overwrite to replace it")
+
+
+def strip_eos(ids: list[int], finished: bool) -> list[int]:
+    """Response ids without the EOS id ``generate`` appends when a sample stops on it."""
+    return ids[:-1] if finished and ids else ids
+
+
+# --------------------------------------------------------------------------------------------------
+# the collective run
+
+
+def generate_responses(
+    model: Any,
+    groups: RoleGroups,
+    plan: GenerationPlan,
+    tokenizer: Tokenizer,
+    settings: GenerationSettings,
+    out: str | os.PathLike,
+    identity: dict[str, Any],
+    vocab_size: int,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate every pending batch (DP-split), then merge on rank 0. Collective over the world.
+
+    Returns a summary (identical on every rank): {'state', 'num_prompts', 'num_batches',
+    'generated_batches', 'num_truncated', 'output'}; 'state' is 'done' when nothing was to do.
+    """
+    out = Path(out)
+    sidecar = partial_dir(out)
+    rank = dist.get_rank()
+    decision: list[Any] = [None]
+    if rank == 0:
+        try:
+            state = check_output_state(out, identity, overwrite)
+            if state == "overwrite":  # a sidecar of this very identity is kept: it is valid progress
+                for path in (out, meta_path(out)):
+                    path.unlink(missing_ok=True)
+                if _read_json(sidecar / "identity.json") != identity:
+                    shutil.rmtree(sidecar, ignore_errors=True)
+            if state != "done":
+                sidecar.mkdir(exist_ok=True)
+                if not (sidecar / "identity.json").is_file():
+                    _write_atomic(sidecar / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
+            finished = (
+                sorted(int(p.stem.split("_")[1]) for p in sidecar.glob("batch_*.json"))
+                if state != "done"
+                else []
+            )
+            decision[0] = {"state": state, "finished": finished}
+        except (ValueError, OSError) as exc:
+            decision[0] = {"error": f"{type(exc).__name__}: {exc}"}
+    dist.broadcast_object_list(decision, src=0)
+    if "error" in decision[0]:
+        raise ValueError(decision[0]["error"])
+    state, finished = decision[0]["state"], set(decision[0]["finished"])
+    summary = {"state": state, "num_prompts": len(plan.records), "num_batches": len(plan.batches),
+               "generated_batches": 0, "output": str(out)}  # fmt: skip
+    if state == "done":
+        summary["num_truncated"] = _read_json(meta_path(out)).get("num_truncated")
+        return summary
+
+    dp, dp_rank = groups.layout.dp, groups.dp_rank
+    pending = [k for k in range(len(plan.batches)) if k not in finished]
+    mine = pending[dp_rank::dp]
+    writer = groups.tp_rank == 0 and groups.is_first_stage
+    if finished:
+        logger.info(
+            "resuming: %d of %d batches already done in %s", len(finished), len(plan.batches), sidecar
+        )
+    bar_desc = "generate" if dp == 1 else f"generate (dp 0/{dp})"
+    with ProgressBar(total=sum(len(plan.batches[k]) for k in mine), desc=bar_desc, unit="prompt",
+                     enabled=progress) as bar:  # fmt: skip
+        for k in mine:
+            indices = plan.batches[k]
+            result = generate(
+                model, groups, [plan.prompt_ids[i] for i in indices],
+                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                top_p=settings.top_p, top_k=settings.top_k, eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id, seed=settings.seed + k, vocab_size=vocab_size,
+            )  # fmt: skip
+            ids = result.response_ids()
+            done = result.finished.tolist()
+            if writer:
+                texts = [tokenizer.decode(strip_eos(r, f)) for r, f in zip(ids, done)]
+                batch = {"batch": k, "indices": indices, "responses": texts, "finished": done,
+                         "num_tokens": [len(r) for r in ids]}  # fmt: skip
+                _write_atomic(sidecar / f"batch_{k:06d}.json", json.dumps(batch, ensure_ascii=False))
+            bar.update(len(indices), tokens=int(result.response_lengths.sum()))
+            summary["generated_batches"] += 1
+    dist.barrier()
+    merged: list[Any] = [None]
+    if rank == 0:
+        try:
+            merged[0] = _merge(plan, out, identity, sidecar)
+        except (ValueError, OSError) as exc:
+            merged[0] = {"error": f"{type(exc).__name__}: {exc}"}
+    dist.broadcast_object_list(merged, src=0)
+    if "error" in merged[0]:
+        raise ValueError(merged[0]["error"])
+    summary["generated_batches"] = _sum_over_world(summary["generated_batches"], groups)
+    summary["num_truncated"] = merged[0]["num_truncated"]
+    return summary
+
+
+def _sum_over_world(count: int, groups: RoleGroups) -> int:
+    """Batches generated by all DP replicas (each replica counted once)."""
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (groups.tp_rank == 0 and groups.is_first_stage, count))
+    return sum(c for first, c in counts if first)
+
+
+def _merge(plan: GenerationPlan, out: Path, identity: dict[str, Any], sidecar: Path) -> dict[str, Any]:
+    """Rank 0: the sidecar's batches -> ``out`` in prompt order, then its metadata; sidecar removed."""
+    responses: list[str | None] = [None] * len(plan.records)
+    finished: list[bool] = [False] * len(plan.records)
+    for k, indices in enumerate(plan.batches):
+        batch = _read_json(sidecar / f"batch_{k:06d}.json")
+        if batch is None or batch.get("indices") != indices:
+            raise ValueError(
+                f"{sidecar}: batch {k} is missing or does not match the plan; rerun to regenerate it"
+            )
+        for i, text, done in zip(indices, batch["responses"], batch["finished"]):
+            responses[i], finished[i] = text, done
+    lines = []
+    for record, response in zip(plan.records, responses):
+        row = {"prompt": record.prompt, "response": response, "reference": record.reference, **record.extra}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_atomic(out, "".join(lines))
+    num_truncated = finished.count(False)
+    meta = {"identity": identity, "output_sha256": file_sha256(str(out)), "num_records": len(lines),
+            "num_truncated": num_truncated}  # fmt: skip
+    _write_atomic(meta_path(out), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    shutil.rmtree(sidecar, ignore_errors=True)
+    logger.info("wrote %d responses to %s (%d cut at max_new_tokens)", len(lines), out, num_truncated)
+    return {"num_truncated": num_truncated}
