@@ -333,10 +333,12 @@ def generate_responses(
                     path.unlink(missing_ok=True)
                 if _read_json(sidecar / "identity.json") != identity:
                     shutil.rmtree(sidecar, ignore_errors=True)
-            if state != "done":
-                sidecar.mkdir(exist_ok=True)
-                if not (sidecar / "identity.json").is_file():
-                    _write_atomic(sidecar / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
+            if state != "done" and not sidecar.is_dir():  # created whole: never without its identity
+                tmp = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                _write_atomic(tmp / "identity.json", json.dumps(identity, indent=1, sort_keys=True))
+                os.replace(tmp, sidecar)
             finished = (
                 sorted(int(p.stem.split("_")[1]) for p in sidecar.glob("batch_*.json"))
                 if state != "done"
