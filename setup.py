@@ -48,6 +48,7 @@ setup(
             "rgkd-train=rgkd_megatron.cli.train:main",
             "rgkd-distill=rgkd_megatron.cli.distill:main",
             "rgkd-eval=rgkd_megatron.cli.evaluate:main",
+            "rgkd-plan=rgkd_megatron.cli.plan:main",
         ]
     },
 )

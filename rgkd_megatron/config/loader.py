@@ -37,6 +37,8 @@ import yaml
 
 from rgkd_megatron.config.pbkd import validate_pbkd
 from rgkd_megatron.config.schema import RGKDConfig
+from rgkd_megatron.schedule.placement import validate_placement
+from rgkd_megatron.schedule.plan import validate_schedule
 
 __all__ = [
     "apply_overrides",
@@ -397,9 +399,14 @@ def validate_config(cfg: RGKDConfig, world_size: int | None = None) -> None:
     if t.min_lr > t.lr:
         errors.append(f"train.min_lr: expected <= train.lr ({t.lr}), got {t.min_lr}")
     errors.extend(validate_pbkd(cfg.pbkd))
+    errors.extend(validate_schedule(cfg))
+    errors.extend(validate_placement(cfg, world_size))
 
     dp = 1
-    if world_size is not None:
+    if cfg.placement.mode == "disaggregated":
+        w = cfg.placement.policy
+        dp = max(1, w.num_ranks // max(1, w.tp * w.pp))
+    elif world_size is not None:
         try:
             dp = data_parallel_size(cfg, world_size)
         except ValueError as exc:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rgkd_megatron.config.pbkd import PbKDConfig
+from rgkd_megatron.schedule.config import PlacementConfig, ScheduleConfig
 
 
 @dataclass
@@ -57,6 +58,15 @@ class ModelConfig:
     """Parameter/compute dtype; auto = bf16 on GPU, fp32 on CPU."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (core attention) or full (whole layers)."""
+    fp8: Literal["none", "e4m3", "hybrid"] = "none"
+    """FP8 GEMMs through Transformer Engine (needs the TE spec, bf16 params, an sm89+ GPU): e4m3
+    everywhere, or hybrid (e4m3 forward, e5m2 gradients); none = off."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """TE FP8 scaling recipe when model.fp8 is on: delayed (amax history), tensorwise (current
+    scaling, TE >= 2.2), blockwise (TE >= 2.3), mxfp8 (Blackwell only)."""
+    kd_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Sparse top-k KD loss kernels: triton (needs triton + CUDA), torch (reference, runs
+    everywhere), auto = triton on CUDA when importable, torch otherwise."""
     load: str | None = None
     """Path of a checkpoint to initialise the weights from; None = random initialisation."""
 
@@ -97,6 +107,9 @@ class OptimizerConfig:
     """Adam denominator epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 = no clipping."""
+    impl: Literal["auto", "te", "apex", "torch"] = "auto"
+    """Optimizer implementation: auto = megatron-core's import-time choice (TE FusedAdam > apex
+    FusedAdam > torch AdamW); te/apex/torch = require that one (error if megatron-core uses another)."""
 
 
 @dataclass
@@ -181,3 +194,7 @@ class RGKDConfig:
     """Outputs and metrics."""
     pbkd: PbKDConfig = field(default_factory=PbKDConfig)
     """Distillation method (PbKD, MM-PbKD, KD baselines)."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Where the policy, reward and teacher roles run (colocated or each on its own rank window)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """How policy and reward steps interleave (overlap, staleness bound)."""

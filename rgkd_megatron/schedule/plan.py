@@ -1,0 +1,489 @@
+"""The plan as pure data: which role does what, when, on which inputs (DESIGN.md section 6).
+
+A plan is a list of ``Event``s (role, action, step, round, iteration, inputs, outputs, depends_on)
+built from the schedule: T rounds x I iterations, each iteration a block of k_r RM steps and a
+block of k_p policy steps, as ``PbKDTrainer.run`` does. The list order is a valid execution order
+(a topological order); ``depends_on`` holds every event an event waits for, so a runner may start
+an event as soon as those are done. No process group is involved: everything here is testable.
+
+Actions (role: action):
+- policy: ``collect`` (round start: sample the round's responses, judge, append pairs),
+  ``rollout`` (a policy step's n samples per prompt), ``policy_update`` (the policy-gradient /
+  KD step, reference forward included);
+- reward: ``rm_update`` (one RM / Q step), ``score`` (rewards of a policy step's rollouts);
+- teacher: ``judge`` (round pairs, with ``pbkd.judge=teacher_loglik``), ``teacher_score``
+  (top-k of a policy step's batch, white-box methods).
+
+Artifacts are strings: data (``rollouts@j``, ``rewards@j``, ``topk@j``, ``samples@rR``,
+``pairs@rR``) moves between roles; model states (``policy@v`` after v policy steps, ``rm@v``
+after v RM steps) stay with their role. A model state is consumed only by its own role, and only
+while the role is at that version (no snapshots are kept).
+
+Interleaving. Colocated (and ``schedule.overlap=false``, and staleness 0) is strict alternation,
+the colocated order: per iteration t, the RM block then the policy block, every event waiting for
+the previous one. Disaggregated with overlap and staleness s >= 1: the policy steps of iteration t
+score with the RM after iteration t - s (``rm@((t-s) k_r)``), so the REWARD role scores them before
+running RM block t - s + 1, and that block runs while the policy trains: the RM step on batch t+1
+overlaps the policy step on batch t. A "version" in the staleness bound is one iteration's RM
+block (k_r steps). The last s RM blocks have no policy step of the plan after them; they still run
+(same number of RM steps as colocated).
+
+``simulate`` is the measuring stick for the cost model and the runner: given seconds per
+(role, action), it starts each event when its dependencies are done and its ranks are free
+(colocated: one rank set for all roles), and reports per role the own compute time (busy), the time
+its ranks do nothing (idle) and the iteration time (makespan / iterations).
+
+Usage::
+
+    plan = build_plan(PlanSpec.from_config(cfg))
+    assert check_plan(plan) == []
+    print(predict_from_measurements(plan, {("policy", "rollout"): 1.2, ...}))
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from rgkd_megatron.schedule.placement import KD_METHODS, POLICY, REWARD, ROLES, TEACHER
+
+if TYPE_CHECKING:  # no runtime import of the config package: its loader may import this module
+    from rgkd_megatron.config.schema import RGKDConfig
+
+ROUND_ACTIONS = ("collect", "judge")
+"""Actions that happen once per round (the rest once per step)."""
+_STATE_OWNER = {"policy": POLICY, "rm": REWARD}
+_INITIAL = ("policy@0", "rm@0")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One unit of work of one role."""
+
+    id: int
+    """Position in the plan (the plan's list order is a valid execution order)."""
+    role: str
+    """policy, reward or teacher."""
+    action: str
+    """collect, rollout, policy_update, rm_update, score, judge or teacher_score."""
+    step: int
+    """1-based global index of the RM step (rm_update) or policy step (the rest); 0 for round events."""
+    round: int
+    """1-based online round."""
+    iteration: int
+    """1-based global iteration (round r, iteration i -> (r-1) * iterations_per_round + i)."""
+    inputs: tuple[str, ...]
+    """Artifacts read (data from other roles, or this role's model state at that version)."""
+    outputs: tuple[str, ...]
+    """Artifacts produced."""
+    depends_on: tuple[int, ...]
+    """Ids of the events that must finish first (producers, previous event of the role, and the
+    previous event of the plan when it is serial)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.role}/{self.action}"
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """What the plan is built from: the schedule fields and what the method does per step."""
+
+    rounds: int
+    """pbkd.rounds."""
+    iterations_per_round: int
+    """pbkd.iterations_per_round."""
+    k_r: int
+    """pbkd.k_r: RM steps per iteration."""
+    k_p: int
+    """pbkd.k_p: policy steps per iteration."""
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    """placement.mode."""
+    overlap: bool = False
+    """schedule.overlap."""
+    staleness: int = 1
+    """schedule.staleness (used with overlap)."""
+    collect: bool = True
+    """Rounds start by sampling, judging and appending preference pairs."""
+    teacher_judges: bool = False
+    """The judge runs on the TEACHER role (teacher_loglik)."""
+    reward_model: bool = True
+    """The method trains an RM / Q-function that scores the policy's rollouts."""
+    rollouts: bool = True
+    """Policy steps sample from the student (on-policy)."""
+    teacher_scores: bool = False
+    """The TEACHER role scores each policy step's batch (white-box: top-k log-probs)."""
+
+    @property
+    def effective_staleness(self) -> int:
+        return self.staleness if self.overlap else 0
+
+    @property
+    def iterations(self) -> int:
+        return self.rounds * self.iterations_per_round
+
+    def errors(self) -> list[str]:
+        """Problems, each naming the config field."""
+        errors = []
+        for name, low in (("rounds", 1), ("iterations_per_round", 1), ("k_r", 0), ("k_p", 0)):
+            if getattr(self, name) < low:
+                errors.append(f"pbkd.{name}: expected a value >= {low}, got {getattr(self, name)}")
+        if self.staleness < 0:
+            errors.append(f"schedule.staleness: expected a value >= 0, got {self.staleness}")
+        if self.overlap and self.placement == "colocated":
+            errors.append(
+                "schedule.overlap: expected false with placement.mode=colocated (colocated roles share "
+                "their ranks and run in turn), got true"
+            )
+        return errors
+
+    @classmethod
+    def from_config(cls, cfg: RGKDConfig) -> PlanSpec:
+        """The spec of ``cfg``: schedule fields plus what ``pbkd.method`` does (see the trainers)."""
+        p, method = cfg.pbkd, cfg.pbkd.method
+        adversarial = method in ("pbkd", "mm_pbkd")
+        return cls(
+            rounds=p.rounds,
+            iterations_per_round=p.iterations_per_round,
+            k_r=p.k_r,
+            k_p=p.k_p,
+            placement=cfg.placement.mode,
+            overlap=cfg.schedule.overlap,
+            staleness=cfg.schedule.staleness,
+            collect=adversarial,
+            teacher_judges=adversarial and p.judge == "teacher_loglik",
+            reward_model=adversarial,
+            rollouts=adversarial or (method in KD_METHODS and p.on_policy),
+            teacher_scores=method == "mm_pbkd" or method in KD_METHODS,
+        )
+
+
+def validate_schedule(cfg: RGKDConfig) -> list[str]:
+    """Problems of the ``schedule`` section given the placement, each naming its field."""
+    return PlanSpec.from_config(cfg).errors()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The events of a whole run, in a valid execution order."""
+
+    spec: PlanSpec
+    events: tuple[Event, ...]
+
+    @property
+    def serial(self) -> bool:
+        """True when every event waits for the previous one (colocated order)."""
+        return self.spec.placement == "colocated" or self.spec.effective_staleness == 0
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Roles with at least one event, in ROLES order."""
+        used = {e.role for e in self.events}
+        return tuple(r for r in ROLES if r in used)
+
+    def summary(self) -> dict[str, Any]:
+        """Event counts per iteration (step actions) and per round (round actions), per role."""
+        counts = Counter((e.role, e.action) for e in self.events)  # keys in order of first appearance
+        per_iteration: dict[str, dict[str, float]] = {}
+        per_round: dict[str, dict[str, float]] = {}
+        for (role, action), n in sorted(counts.items(), key=lambda kv: ROLES.index(kv[0][0])):
+            if action in ROUND_ACTIONS:
+                per_round.setdefault(role, {})[action] = n / self.spec.rounds
+            else:
+                per_iteration.setdefault(role, {})[action] = n / self.spec.iterations
+        return {
+            "placement": self.spec.placement,
+            "serial": self.serial,
+            "staleness": self.spec.effective_staleness,
+            "rounds": self.spec.rounds,
+            "iterations_per_round": self.spec.iterations_per_round,
+            "k_r": self.spec.k_r,
+            "k_p": self.spec.k_p,
+            "events": len(self.events),
+            "per_iteration": per_iteration,
+            "per_round": per_round,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": asdict(self.spec), "events": [asdict(e) for e in self.events]}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        events = []
+        for e in data["events"]:
+            fields = dict(e)
+            for name in ("inputs", "outputs", "depends_on"):
+                fields[name] = tuple(fields[name])
+            events.append(Event(**fields))
+        return cls(PlanSpec(**data["spec"]), tuple(events))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class _Builder:
+    serial: bool
+    events: list[Event] = field(default_factory=list)
+    producer: dict[str, int] = field(default_factory=dict)
+    last_of_role: dict[str, int] = field(default_factory=dict)
+
+    def add(self, role, action, step, round_, iteration, inputs, outputs) -> None:
+        deps = {self.producer[a] for a in inputs if a in self.producer}
+        if role in self.last_of_role:
+            deps.add(self.last_of_role[role])
+        if self.serial and self.events:
+            deps.add(self.events[-1].id)
+        event = Event(
+            len(self.events), role, action, step, round_, iteration, tuple(inputs), tuple(outputs),
+            tuple(sorted(deps)),
+        )  # fmt: skip
+        self.events.append(event)
+        for a in outputs:
+            self.producer[a] = event.id
+        self.last_of_role[role] = event.id
+
+
+def build_plan(spec: PlanSpec) -> Plan:
+    """The plan of ``spec`` (raises ValueError naming the field for a bad spec)."""
+    errors = spec.errors()
+    if errors:
+        raise ValueError(errors[0] if len(errors) == 1 else "; ".join(errors))
+    s = spec.effective_staleness
+    k_r = spec.k_r if spec.reward_model else 0
+    b = _Builder(serial=s == 0)
+    iters = spec.iterations_per_round
+    blocks_done = 0  # RM blocks (iterations' worth of RM steps) emitted so far
+
+    def rm_block(block: int) -> None:
+        round_ = (block - 1) // iters + 1
+        data = [f"samples@r{round_}", f"pairs@r{round_}"] if spec.collect else []
+        for i in range((block - 1) * k_r + 1, block * k_r + 1):
+            b.add(REWARD, "rm_update", i, round_, block, [f"rm@{i - 1}", *data], [f"rm@{i}"])
+
+    t = 0
+    for round_ in range(1, spec.rounds + 1):
+        for _ in range(iters):
+            t += 1
+            if t == (round_ - 1) * iters + 1 and spec.collect:
+                policy_version = (t - 1) * spec.k_p
+                outputs = [f"samples@r{round_}"] + ([] if spec.teacher_judges else [f"pairs@r{round_}"])
+                b.add(POLICY, "collect", 0, round_, t, [f"policy@{policy_version}"], outputs)
+                if spec.teacher_judges:
+                    b.add(TEACHER, "judge", 0, round_, t, [f"samples@r{round_}"], [f"pairs@r{round_}"])
+            while blocks_done < t - s:
+                blocks_done += 1
+                rm_block(blocks_done)
+            rm_version = max(0, t - s) * k_r
+            for j in range((t - 1) * spec.k_p + 1, t * spec.k_p + 1):
+                batch = [f"rollouts@{j}"] if spec.rollouts else []
+                update_inputs = [f"policy@{j - 1}", *batch]
+                if spec.rollouts:
+                    b.add(POLICY, "rollout", j, round_, t, [f"policy@{j - 1}"], batch)
+                if spec.teacher_scores:
+                    b.add(TEACHER, "teacher_score", j, round_, t, batch, [f"topk@{j}"])
+                    update_inputs.append(f"topk@{j}")
+                if spec.reward_model:
+                    b.add(REWARD, "score", j, round_, t, [*batch, f"rm@{rm_version}"], [f"rewards@{j}"])
+                    update_inputs.append(f"rewards@{j}")
+                b.add(POLICY, "policy_update", j, round_, t, update_inputs, [f"policy@{j}"])
+    while blocks_done < t:
+        blocks_done += 1
+        rm_block(blocks_done)
+    return Plan(spec, tuple(b.events))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+def _version(artifact: str) -> tuple[str, int] | None:
+    """('policy', 3) for 'policy@3', ('rm', 2) for 'rm@2', None for data artifacts."""
+    name, _, v = artifact.partition("@")
+    return (name, int(v)) if name in _STATE_OWNER and v.isdigit() else None
+
+
+def check_plan(plan: Plan) -> list[str]:
+    """Invariant violations of ``plan`` (empty list = valid), checked from the events alone:
+
+    - ids are positions; dependencies point backwards (the list is an execution order);
+    - every input is initial or produced by an earlier event that the consumer depends on; every
+      artifact is produced once;
+    - each role's events are totally ordered (each depends on the role's previous event);
+    - a model state is read only by its role, at the role's current version (no snapshots);
+    - every ``score`` uses an RM at most ``staleness`` iterations' blocks (staleness * k_r steps)
+      older than the colocated order would (the RM steps of iterations <= its own), and never newer;
+    - a serial plan (colocated / no overlap / staleness 0) chains every event to the previous one;
+    - the numbers of policy and RM steps are what the schedule asks for.
+    """
+    spec, events = plan.spec, plan.events
+    problems: list[str] = []
+    producer: dict[str, int] = {}
+    last_of_role: dict[str, int] = {}
+    version = {POLICY: 0, REWARD: 0}
+    s = spec.effective_staleness
+    rm_steps_by_iteration = Counter(e.iteration for e in events if e.action == "rm_update")
+    for pos, e in enumerate(events):
+        where = f"event {e.id} ({e.key}, step {e.step})"
+        if e.id != pos:
+            problems.append(f"{where}: id {e.id} at position {pos}")
+        if any(d >= e.id or d < 0 for d in e.depends_on):
+            problems.append(f"{where}: depends on a later or unknown event {list(e.depends_on)}")
+        for a in e.inputs:
+            if a in producer:
+                if producer[a] not in e.depends_on:
+                    problems.append(f"{where}: reads {a} without depending on its producer {producer[a]}")
+            elif a not in _INITIAL:
+                problems.append(f"{where}: reads {a} before any event produced it")
+            state = _version(a)
+            if state is not None:
+                owner = _STATE_OWNER[state[0]]
+                if owner != e.role:
+                    problems.append(f"{where}: reads {a}, a model state of the {owner} role")
+                elif version[owner] != state[1]:
+                    problems.append(
+                        f"{where}: reads {a} while the {owner} role is at version {version[owner]}"
+                    )
+        if e.role in last_of_role and last_of_role[e.role] not in e.depends_on:
+            problems.append(
+                f"{where}: not ordered after the {e.role} role's previous event {last_of_role[e.role]}"
+            )
+        if plan.serial and pos > 0 and pos - 1 not in e.depends_on:
+            problems.append(f"{where}: a serial plan must wait for the previous event {pos - 1}")
+        if e.action == "score":
+            used = [v for a in e.inputs if (v := _version(a)) and v[0] == "rm"]
+            fresh = sum(n for it, n in rm_steps_by_iteration.items() if it <= e.iteration)
+            for _, v in used:
+                lag = fresh - v
+                if not 0 <= lag <= s * spec.k_r:
+                    problems.append(
+                        f"{where}: scores with rm@{v}, {lag} RM steps behind the colocated order "
+                        f"(allowed 0..{s * spec.k_r}: staleness {s} x k_r {spec.k_r})"
+                    )
+        for a in e.outputs:
+            if a in producer or a in _INITIAL:
+                problems.append(f"{where}: produces {a} a second time")
+            producer[a] = e.id
+            state = _version(a)
+            if state is not None and _STATE_OWNER[state[0]] == e.role:
+                version[e.role] = state[1]
+        last_of_role[e.role] = e.id
+    counts = Counter(e.action for e in events)
+    expected = {"policy_update": spec.iterations * spec.k_p}
+    if spec.reward_model:
+        expected["rm_update"] = spec.iterations * spec.k_r
+    for action, n in expected.items():
+        if counts[action] != n:
+            problems.append(f"plan has {counts[action]} {action} events, the schedule asks for {n}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulation
+
+
+Durations = Mapping[Any, float]
+"""Seconds per event, keyed by (role, action) tuples or 'role/action' strings."""
+
+
+def _duration(durations: Durations, e: Event) -> float:
+    for key in ((e.role, e.action), e.key):
+        if key in durations:
+            value = float(durations[key])
+            if value < 0:
+                raise ValueError(f"duration of {e.key}: expected >= 0 seconds, got {value}")
+            return value
+    raise KeyError(f"no duration for {e.key} (the plan has {e.key} events)")
+
+
+@dataclass(frozen=True)
+class RoleTime:
+    """One role's time over the simulated run."""
+
+    busy: float
+    """Seconds of the role's own events."""
+    idle: float
+    """Seconds the role's ranks do nothing (colocated: no role runs)."""
+    idle_fraction: float
+    """idle / makespan."""
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """Event start/finish times and per-role busy/idle over a simulated run."""
+
+    start: tuple[float, ...]
+    finish: tuple[float, ...]
+    makespan: float
+    iterations: int
+    roles: dict[str, RoleTime]
+
+    @property
+    def iteration_time(self) -> float:
+        return self.makespan / self.iterations
+
+    def per_iteration(self) -> dict[str, Any]:
+        """``{role: {busy, idle, idle_fraction}, ..., "iteration_time": s}``, seconds per iteration."""
+        out: dict[str, Any] = {
+            role: {
+                "busy": t.busy / self.iterations,
+                "idle": t.idle / self.iterations,
+                "idle_fraction": t.idle_fraction,
+            }
+            for role, t in self.roles.items()
+        }
+        out["iteration_time"] = self.iteration_time
+        return out
+
+
+def simulate(plan: Plan, durations: Durations, roles: Iterable[str] = ()) -> Simulation:
+    """Run the plan on a clock: an event starts when its dependencies are done and its ranks are
+    free (colocated placement: all roles share one rank set), and takes its (role, action) time.
+
+    ``roles`` adds placed roles without events (reported 100% idle).
+    """
+    missing = list(
+        dict.fromkeys(
+            e.key for e in plan.events if (e.role, e.action) not in durations and e.key not in durations
+        )
+    )
+    if missing:
+        raise KeyError(f"no duration for {', '.join(missing)} (the plan has such events)")
+    colocated = plan.spec.placement == "colocated"
+    free: dict[str, float] = {}
+    start, finish = [], []
+    busy: Counter[str] = Counter()
+    for e in plan.events:
+        resource = "all" if colocated else e.role
+        t0 = max([free.get(resource, 0.0), *(finish[d] for d in e.depends_on)])
+        dur = _duration(durations, e)
+        start.append(t0)
+        finish.append(t0 + dur)
+        free[resource] = t0 + dur
+        busy[e.role] += dur
+    makespan = max(finish, default=0.0)
+    reported = [r for r in ROLES if r in plan.roles or r in set(roles)]
+    total_busy = sum(busy.values())
+    times = {}
+    for role in reported:
+        ranks_busy = total_busy if colocated else busy[role]
+        idle = max(0.0, makespan - ranks_busy)
+        times[role] = RoleTime(busy[role], idle, idle / makespan if makespan > 0 else 0.0)
+    return Simulation(tuple(start), tuple(finish), makespan, plan.spec.iterations, times)
+
+
+def predict_from_measurements(plan: Plan, measured: Durations, roles: Iterable[str] = ()) -> dict[str, Any]:
+    """Per-iteration prediction from measured seconds per (role, action):
+    ``{role: {busy, idle, idle_fraction}, ..., "iteration_time": seconds}``."""
+    return simulate(plan, measured, roles).per_iteration()
