@@ -21,7 +21,6 @@ detected as for ``rgkd-train``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -37,37 +36,136 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--data-prefix", required=True, help="tokenized dataset prefix (PREFIX.bin/.idx/.json from tools/preprocess_data.py)")
-    io.add_argument("--teacher-config", required=True, help="rgkd recipe YAML whose 'model' section describes the teacher")
+    io.add_argument(
+        "--data-prefix",
+        required=True,
+        help="tokenized dataset prefix (PREFIX.bin/.idx/.json from tools/preprocess_data.py)",
+    )
+    io.add_argument(
+        "--teacher-config", required=True, help="rgkd recipe YAML whose 'model' section describes the teacher"
+    )
     weights = io.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--teacher-checkpoint", help="teacher weights: a megatron dist_checkpointing directory (any TP/PP)")
-    weights.add_argument("--random-init-seed", type=int, help="random teacher weights from this seed instead (tests, smoke runs)")
-    io.add_argument("--tokenizer", default=None, help="optional tokenizer file/dir: checked against the dataset's tokenizer fingerprint")
-    io.add_argument("--output", required=True, help="cache directory (created; an interrupted build there is resumed)")
-    io.add_argument("--overwrite", action="store_true", help="delete a different or complete cache in --output first (only cache files)")
-    io.add_argument("overrides", nargs="*", help="dotted overrides of the teacher config, e.g. model.num_layers=32")
+    weights.add_argument(
+        "--teacher-checkpoint", help="teacher weights: a megatron dist_checkpointing directory (any TP/PP)"
+    )
+    weights.add_argument(
+        "--random-init-seed",
+        type=int,
+        help="random teacher weights from this seed instead (tests, smoke runs)",
+    )
+    io.add_argument(
+        "--tokenizer",
+        default=None,
+        help="optional tokenizer file/dir: checked against the dataset's tokenizer fingerprint",
+    )
+    io.add_argument(
+        "--output", required=True, help="cache directory (created; an interrupted build there is resumed)"
+    )
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a different or complete cache in --output first (only cache files)",
+    )
+    io.add_argument(
+        "overrides", nargs="*", help="dotted overrides of the teacher config, e.g. model.num_layers=32"
+    )
 
     what = p.add_argument_group("what is stored")
-    what.add_argument("--k", type=int, default=_DEFAULTS.k, help="top-k ids per token (k = vocab size stores the full distribution)")
-    what.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="log-probs are of softmax(logits / T)")
-    what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=_DEFAULTS.dtype, help="storage dtype of the log-probs")
-    what.add_argument("--seq-length", type=int, default=None, help="truncate samples to SEQ+1 tokens (default: model.max_position_embeddings)")
-    what.add_argument("--vocab-size", type=int, default=None, help="shared real vocabulary (default: the dataset's tokenizer size); the teacher's other logits are padding")
-    what.add_argument("--rows-per-shard", type=int, default=_DEFAULTS.rows_per_shard, help="target tokens per shard file (whole samples per shard)")
-    what.add_argument("--block-rows", type=int, default=_DEFAULTS.block_rows, help="rows per crc32 block (the reader's verification unit)")
+    what.add_argument(
+        "--k",
+        type=int,
+        default=_DEFAULTS.k,
+        help="top-k ids per token (k = vocab size stores the full distribution)",
+    )
+    what.add_argument(
+        "--temperature",
+        type=float,
+        default=_DEFAULTS.temperature,
+        help="log-probs are of softmax(logits / T)",
+    )
+    what.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default=_DEFAULTS.dtype,
+        help="storage dtype of the log-probs",
+    )
+    what.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="truncate samples to SEQ+1 tokens (default: model.max_position_embeddings)",
+    )
+    what.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="shared real vocabulary (default: the dataset's tokenizer size); the teacher's other logits are padding",
+    )
+    what.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=_DEFAULTS.rows_per_shard,
+        help="target tokens per shard file (whole samples per shard)",
+    )
+    what.add_argument(
+        "--block-rows",
+        type=int,
+        default=_DEFAULTS.block_rows,
+        help="rows per crc32 block (the reader's verification unit)",
+    )
 
     run = p.add_argument_group("how the teacher runs")
-    run.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the config's parallel section)")
-    run.add_argument("--pp", type=int, default=None, help="pipeline-parallel size (default: the config's parallel section); DP = world / (TP*PP)")
-    run.add_argument("--micro-batch-size", type=int, default=_DEFAULTS.micro_batch_size, help="samples per teacher forward")
-    run.add_argument("--num-microbatches", type=int, default=None, help="micro-batches per schedule call (default: 1, or 2*PP with pipelining)")
-    run.add_argument("--pad-multiple", type=int, default=_DEFAULTS.pad_multiple, help="pad each call to its longest sample rounded up to this")
-    run.add_argument("--max-shards", type=int, default=None, help="build at most N pending shards, then exit (resumable; for short allocations)")
-    run.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto", help="torch.distributed backend (auto: nccl with CUDA)")
-    run.add_argument("--timeout-minutes", type=float, default=120.0, help="collective timeout (ranks wait for each other between shards)")
+    run.add_argument(
+        "--tp", type=int, default=None, help="tensor-parallel size (default: the config's parallel section)"
+    )
+    run.add_argument(
+        "--pp",
+        type=int,
+        default=None,
+        help="pipeline-parallel size (default: the config's parallel section); DP = world / (TP*PP)",
+    )
+    run.add_argument(
+        "--micro-batch-size", type=int, default=_DEFAULTS.micro_batch_size, help="samples per teacher forward"
+    )
+    run.add_argument(
+        "--num-microbatches",
+        type=int,
+        default=None,
+        help="micro-batches per schedule call (default: 1, or 2*PP with pipelining)",
+    )
+    run.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=_DEFAULTS.pad_multiple,
+        help="pad each call to its longest sample rounded up to this",
+    )
+    run.add_argument(
+        "--max-shards",
+        type=int,
+        default=None,
+        help="build at most N pending shards, then exit (resumable; for short allocations)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="torch.distributed backend (auto: nccl with CUDA)",
+    )
+    run.add_argument(
+        "--timeout-minutes",
+        type=float,
+        default=120.0,
+        help="collective timeout (ranks wait for each other between shards)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
-    run.add_argument("--dry-run", action="store_true", help="check everything and print the plan (shards, rows, bytes) without running the teacher")
+    run.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and print the plan (shards, rows, bytes) without running the teacher",
+    )
     return p
 
 
@@ -137,7 +235,9 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.random_init_seed is not None:  # random weights depend on the seed, the layout and the device
         random_init = {"seed": args.random_init_seed, "tp": tp, "pp": pp, "device": device}
     teacher = {
-        "fingerprint": teacher_fingerprint(model_dict, model_vocab, params_dtype, args.teacher_checkpoint, random_init),
+        "fingerprint": teacher_fingerprint(
+            model_dict, model_vocab, params_dtype, args.teacher_checkpoint, random_init
+        ),
         "source": "checkpoint" if args.teacher_checkpoint else "random_init",
         "checkpoint": os.path.abspath(args.teacher_checkpoint) if args.teacher_checkpoint else None,
         "random_init_seed": args.random_init_seed,
@@ -145,11 +245,15 @@ def run(args: argparse.Namespace) -> dict | None:
         "params_dtype": params_dtype,
     }
     if args.dry_run:
-        identity, offsets = build_identity(options, teacher, dataset, shared_vocab, RoleLayout(tp=tp, pp=pp), device)
+        identity, offsets = build_identity(
+            options, teacher, dataset, shared_vocab, RoleLayout(tp=tp, pp=pp), device
+        )
         plan = plan_shards(offsets[1:] - offsets[:-1], options.rows_per_shard)
         from rgkd_megatron.cache.format import shard_layout
 
-        size = sum(shard_layout(s["num_rows"], options.k, options.dtype, options.block_rows).size for s in plan)
+        size = sum(
+            shard_layout(s["num_rows"], options.k, options.dtype, options.block_rows).size for s in plan
+        )
         print(f"plan: {len(plan)} shards, {identity['num_rows']} rows (tokens), {size / 2**30:.3f} GiB, "
               f"{size / max(1, identity['num_rows']):.1f} bytes/token; teacher {teacher['fingerprint'][:16]}...")  # fmt: skip
         return None
@@ -170,7 +274,9 @@ def run(args: argparse.Namespace) -> dict | None:
         load_model_weights(args.teacher_checkpoint, model)
     teacher["padded_vocab_size"] = padded_vocab_size(model_vocab, cfg.model.make_vocab_size_divisible_by, tp)
     identity, offsets = build_identity(options, teacher, dataset, shared_vocab, layout, device)
-    return build_teacher_cache(model, groups, dataset, args.output, options, identity, offsets, overwrite=args.overwrite)
+    return build_teacher_cache(
+        model, groups, dataset, args.output, options, identity, offsets, overwrite=args.overwrite
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

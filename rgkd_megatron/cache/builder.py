@@ -22,10 +22,10 @@ positions (collect_non_loss_data: the schedule hands back its outputs; no loss, 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,21 +37,15 @@ from megatron.core.pipeline_parallel.schedules import (
     forward_backward_pipelining_without_interleaving,
 )
 
-from rgkd_megatron.cache.format import ShardArrays
-from rgkd_megatron.cache.manifest import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    ROW_INDEX,
-    load_manifest,
-    rows_per_sample,
-)
+from rgkd_megatron.cache.format import ShardArrays, encode_logprobs
+from rgkd_megatron.cache.manifest import load_manifest, new_identity
 from rgkd_megatron.cache.topk import teacher_topk
-from rgkd_megatron.cache.writer import CacheWriter, row_index_bytes
+from rgkd_megatron.cache.writer import CacheWriter
 from rgkd_megatron.parallel.groups import RoleGroups
 from rgkd_megatron.utils.logging import get_logger
 from rgkd_megatron.utils.progress import ProgressBar
 
-__all__ = ["BuildOptions", "build_identity", "build_teacher_cache", "run_teacher_forward"]
+__all__ = ["BuildOptions", "build_identity", "build_teacher_cache", "run_teacher_forward", "shard_calls"]
 
 logger = get_logger(__name__)
 
@@ -104,34 +98,23 @@ def build_identity(
 ) -> tuple[dict, np.ndarray]:
     """(manifest without shards, row offsets [N + 1]) for this dataset, teacher and options."""
     options.validate()
-    if not 1 <= options.k <= vocab_size:
-        raise ValueError(f"k: expected 1 <= k <= vocab_size ({vocab_size}), got {options.k}")
-    rows = rows_per_sample(dataset.lengths, options.seq_length)
-    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-    index = row_index_bytes(offsets)
-
-    identity = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "teacher": teacher,
-        "tokenizer_fingerprint": dataset.tokenizer_fingerprint,
-        "vocab_size": vocab_size,
-        "k": options.k,
-        "temperature": float(options.temperature),
-        "dtype": options.dtype,
-        "ids_dtype": "int32",
-        "dataset": {
+    return new_identity(
+        teacher=teacher,
+        tokenizer_fingerprint=dataset.tokenizer_fingerprint,
+        vocab_size=vocab_size,
+        dataset={
             "fingerprint": dataset.fingerprint,
-            "num_samples": len(dataset),
             "num_tokens": int(dataset.num_tokens),
             "path": getattr(dataset, "prefix", None),
-        },
-        "seq_length": options.seq_length,
-        "rows_per_shard": options.rows_per_shard,
-        "block_rows": options.block_rows,
-        "num_rows": int(offsets[-1]),
-        "row_index": {"name": ROW_INDEX, "size": len(index), "sha256": hashlib.sha256(index).hexdigest()},
-        "build": {
+        },  # fmt: skip
+        lengths=dataset.lengths,
+        k=options.k,
+        temperature=options.temperature,
+        dtype=options.dtype,
+        seq_length=options.seq_length,
+        rows_per_shard=options.rows_per_shard,
+        block_rows=options.block_rows,
+        build={
             "micro_batch_size": options.micro_batch_size,
             "num_microbatches": options.num_microbatches,
             "pad_multiple": options.pad_multiple,
@@ -140,20 +123,11 @@ def build_identity(
             "device": device,
             "versions": {"torch": torch.__version__, "megatron_core": megatron_core_version},
         },
-    }
-    return identity, offsets
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # the teacher forward (megatron-core schedules, forward only)
-
-
-def _storage(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "fp32":
-        return logprobs.float().cpu().numpy()
-    if dtype == "fp16":
-        return logprobs.clamp(min=torch.finfo(torch.float16).min).half().cpu().numpy()
-    return logprobs.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
 
 
 def _rows_from_logits(options: BuildOptions, tp_group, vocab_size: int, keep: bool, batch: dict, logits_bsv,
@@ -169,7 +143,7 @@ def _rows_from_logits(options: BuildOptions, tp_group, vocab_size: int, keep: bo
     if not keep:
         return None
     return ShardArrays(
-        _storage(rows.logprobs, options.dtype),
+        encode_logprobs(rows.logprobs, options.dtype),
         rows.ids.to(torch.int32).cpu().numpy(),
         rows.lse.float().cpu().numpy(),
         rows.tail.float().cpu().numpy(),
@@ -219,21 +193,27 @@ def _micro_batch(dataset, samples: list[int], rows: np.ndarray, length: int, mbs
     }
 
 
-def _compute_shard(model, groups, dataset, shard, rows, options, vocab_size, keep, bar, device):
-    """Teacher rows of one shard (ShardArrays on the writing rank, None elsewhere)."""
-    samples = [
-        i for i in range(shard["first_sample"], shard["first_sample"] + shard["num_samples"]) if rows[i] > 0
-    ]
-    arrays = ShardArrays.empty(shard["num_rows"], options.k, options.dtype) if keep else None
+def shard_calls(
+    dataset, shard: dict, rows: np.ndarray, options: BuildOptions, device
+) -> Iterator[tuple[list, int]]:
+    """The canonical schedule calls of a shard: (micro-batches, padded length) per call (module docstring)."""
+    first = shard["first_sample"]
+    samples = [i for i in range(first, first + shard["num_samples"]) if rows[i] > 0]
     mbs, per_call = options.micro_batch_size, options.num_microbatches
     micro = [samples[j : j + mbs] for j in range(0, len(samples), mbs)]
-    cursor = 0
-    loss_func = partial(_rows_from_logits, options, groups.pg_collection.tp, vocab_size, keep)
     for c in range(0, len(micro), per_call):
         call = micro[c : c + per_call]
         longest = max(int(rows[i]) for mb in call for i in mb)
         length = min(options.seq_length, -(-longest // options.pad_multiple) * options.pad_multiple)
-        batches = [_micro_batch(dataset, mb, rows, length, mbs, device) for mb in call]
+        yield [_micro_batch(dataset, mb, rows, length, mbs, device) for mb in call], length
+
+
+def _compute_shard(model, groups, dataset, shard, rows, options, vocab_size, keep, bar, device):
+    """Teacher rows of one shard (ShardArrays on the writing rank, None elsewhere)."""
+    arrays = ShardArrays.empty(shard["num_rows"], options.k, options.dtype) if keep else None
+    cursor = 0
+    loss_func = partial(_rows_from_logits, options, groups.pg_collection.tp, vocab_size, keep)
+    for batches, length in shard_calls(dataset, shard, rows, options, device):
         outputs = run_teacher_forward(model, groups, batches, loss_func, length)
         if keep:
             for out in outputs:
@@ -241,7 +221,7 @@ def _compute_shard(model, groups, dataset, shard, rows, options, vocab_size, kee
                 for name in ("logprobs", "ids", "lse", "tail"):
                     getattr(arrays, name)[cursor : cursor + n] = getattr(out, name)
                 cursor += n
-        done = sum(int(rows[i]) for mb in call for i in mb)
+        done = sum(int(b["valid"].sum()) for b in batches)
         bar.update(done, tokens=done)
     if keep and cursor != shard["num_rows"]:
         raise RuntimeError(f"shard rows {cursor} != planned {shard['num_rows']}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 __all__ = [
     "DTYPE_CODES",
@@ -43,6 +44,8 @@ __all__ = [
     "ShardHeader",
     "ShardLayout",
     "block_crcs",
+    "decode_logprobs",
+    "encode_logprobs",
     "fsync_dir",
     "read_header",
     "shard_layout",
@@ -65,6 +68,24 @@ def storage_dtype(name: str) -> np.dtype:
     if name not in _STORAGE:
         raise ValueError(f"dtype={name!r}: expected one of {sorted(_STORAGE)}")
     return _STORAGE[name]
+
+
+def encode_logprobs(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
+    """Log-probs (any float tensor, any device) -> numpy in the storage dtype of ``dtype`` (fp16 is
+    clamped to its finite range; bf16 is rounded to nearest and stored as its raw uint16 bits)."""
+    if dtype == "fp32":
+        return logprobs.float().cpu().numpy()
+    if dtype == "fp16":
+        return logprobs.float().clamp(min=torch.finfo(torch.float16).min).half().cpu().numpy()
+    if dtype == "bf16":
+        return logprobs.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_STORAGE)}")
+
+
+def decode_logprobs(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """Storage array -> torch tensor of dtype float16 / bfloat16 / float32 (shares memory)."""
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == "bf16" else t
 
 
 def _align(n: int) -> int:

@@ -40,6 +40,7 @@ Every mismatch raises ``CacheMismatchError`` naming the field.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from typing import Any
@@ -54,8 +55,10 @@ __all__ = [
     "check_compatible",
     "checkpoint_fingerprint",
     "load_manifest",
+    "new_identity",
     "plan_shards",
     "resume_mismatch",
+    "row_index_bytes",
     "rows_per_sample",
     "shard_name",
     "teacher_fingerprint",
@@ -109,6 +112,60 @@ def plan_shards(rows: np.ndarray, rows_per_shard: int) -> list[dict[str, int]]:
         shards.append(dict(first_sample=first_sample, num_samples=len(rows) - first_sample,
                            first_row=first_row, num_rows=count))  # fmt: skip
     return shards
+
+
+def new_identity(
+    *,
+    teacher: dict[str, Any],
+    tokenizer_fingerprint: str,
+    vocab_size: int,
+    dataset: dict[str, Any],
+    lengths: np.ndarray,
+    k: int,
+    temperature: float,
+    dtype: str,
+    seq_length: int,
+    rows_per_shard: int,
+    block_rows: int,
+    build: dict[str, Any],
+) -> tuple[dict[str, Any], np.ndarray]:
+    """(the manifest without ``shards``, row offsets int64 [N + 1]) of a cache over samples of ``lengths``.
+
+    ``dataset`` holds at least ``fingerprint``; ``build`` the writer settings (see the module docstring).
+    """
+    storage_dtype(dtype)
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k: expected 1 <= k <= vocab_size ({vocab_size}), got {k}")
+    if rows_per_shard < 1 or block_rows < 1:
+        raise ValueError(f"rows_per_shard ({rows_per_shard}) and block_rows ({block_rows}) must be >= 1")
+    offsets = np.concatenate([[0], np.cumsum(rows_per_sample(lengths, seq_length))]).astype(np.int64)
+    index = row_index_bytes(offsets)
+    identity = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "teacher": teacher,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "vocab_size": int(vocab_size),
+        "k": int(k),
+        "temperature": float(temperature),
+        "dtype": dtype,
+        "ids_dtype": "int32",
+        "dataset": {**dataset, "num_samples": len(offsets) - 1},
+        "seq_length": int(seq_length),
+        "rows_per_shard": int(rows_per_shard),
+        "block_rows": int(block_rows),
+        "num_rows": int(offsets[-1]),
+        "row_index": {"name": ROW_INDEX, "size": len(index), "sha256": hashlib.sha256(index).hexdigest()},
+        "build": build,
+    }
+    return identity, offsets
+
+
+def row_index_bytes(offsets: np.ndarray) -> bytes:
+    """The exact bytes of ``rows.npy`` for int64 row offsets [N + 1]."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(offsets, dtype="<i8"), allow_pickle=False)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------

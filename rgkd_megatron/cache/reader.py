@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.format import read_header, shard_layout, storage_dtype
+from rgkd_megatron.cache.format import decode_logprobs, read_header, shard_layout, storage_dtype
 from rgkd_megatron.cache.manifest import check_compatible, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
@@ -203,8 +203,10 @@ class TeacherCacheReader:
                 "(k, dtype, block_rows, rows, first row, first sample, samples): corrupted or from another cache"
             )
 
-    def verify_checksums(self, progress=None) -> None:
-        """sha256 of every shard against the manifest (reads every byte); CacheCorruptionError on a mismatch."""
+    def verify_checksums(self, progress=None, mark_verified: bool = True) -> None:
+        """sha256 of every shard against the manifest (reads every byte); CacheCorruptionError on a mismatch.
+
+        ``mark_verified`` lets later reads skip the blocks' crc32 (the bytes are the manifest's)."""
         for shard in self._shards:
             digest = hashlib.sha256()
             with open(shard.path, "rb") as f:
@@ -217,7 +219,8 @@ class TeacherCacheReader:
                     f"shard {shard.path}: sha256 {digest.hexdigest()[:16]}... differs from the manifest's "
                     f"{shard.entry['sha256'][:16]}... (corrupted or replaced)"
                 )
-            shard.verified[:] = True
+            if mark_verified:
+                shard.verified[:] = True
 
     # ----------------------------------------------------------------------------------------- access
     def _check_sample(self, sample_id: int) -> int:
@@ -292,6 +295,19 @@ class TeacherCacheReader:
             )
         return i, int(start), end
 
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def shard_columns(self, index: int) -> tuple[np.ndarray, ...]:
+        """Read-only memmap views (logprobs, ids, lse, tail) of a whole shard, its blocks verified
+        unless verify="none"; logprobs in the storage dtype (bf16 as uint16 bits)."""
+        shard = self._shards[index]
+        self._open(shard)
+        if self.verify != "none":
+            self._verify_blocks(shard, 0, shard.entry["num_rows"])
+        return shard.columns
+
     def get_numpy(self, sample_id: int, start: int = 0, end: int | None = None) -> tuple[np.ndarray, ...]:
         """Rows [start, end) of a sample as numpy copies (logprobs in the storage dtype: bf16 as uint16)."""
         i, start, end = self._range(sample_id, start, end)
@@ -309,8 +325,7 @@ class TeacherCacheReader:
         )
 
     def _logprobs_tensor(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        return t.view(torch.bfloat16) if self.manifest["dtype"] == "bf16" else t
+        return decode_logprobs(arr, self.manifest["dtype"])
 
     def gather(self, sample_ids_bs, position_ids_bs) -> dict[str, torch.Tensor]:
         """Teacher rows for a batch laid out as ``rgkd_megatron.data.batching`` makes it.
@@ -329,11 +344,15 @@ class TeacherCacheReader:
             raise ValueError(f"sample_ids {sid.shape} and position_ids {pos.shape} must both be [b, s]")
         b, s, k = sid.shape[0], sid.shape[1], self.k
         out = (
-            np.zeros((b, s, k), storage_dtype(self.manifest["dtype"])),
-            np.zeros((b, s, k), np.int32),
-            np.zeros((b, s), np.float32),
-            np.zeros((b, s), np.float32),
+            np.empty((b, s, k), storage_dtype(self.manifest["dtype"])),
+            np.empty((b, s, k), np.int32),
+            np.empty((b, s), np.float32),
+            np.empty((b, s), np.float32),
         )
+        padding = sid < 0
+        if padding.any():
+            for dst in out:
+                dst[padding] = 0
         for row in range(b):
             for lo, hi in _runs(sid[row], pos[row]):
                 i, start = int(sid[row, lo]), int(pos[row, lo])

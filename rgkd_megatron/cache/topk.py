@@ -15,14 +15,16 @@ Algorithm (TP group passed explicitly; None = unsharded):
    the candidates are all-gathered over TP and the global top-k re-selected with two stable sorts
    (id ascending, then value descending), so the stored order is canonical. Which of several
    exactly tied logits at the k-th place gets in is left to ``torch.topk`` (their log-probs are equal);
-2. one chunked pass per shard computes ``z = exp(x / T - m)`` (m = the shard's max = its local
-   top-1), zeroes the positions of the selected ids and sums the rest: the tail is summed
-   directly, never obtained as ``1 - sum(top-k)`` (which cancels catastrophically for tiny tails);
-   the shard's full sum is that tail sum plus the selected terms;
-3. the per-shard (m, sums) are combined over TP exactly as the student loss does
-   (``rgkd_megatron.losses.topk_kd._all_reduce_lse``), then the tail sums are rescaled and summed.
+2. one chunked pass per shard: ``p = softmax(x / T)`` over the shard (torch's fused kernel, one
+   read of the logits), whose value at the shard's argmax gives the shard's log-sum-exp
+   (``lse_r = m / T - log p[argmax]``, exact to an ulp since ``p[argmax] = 1 / sum``); then the
+   positions of the selected ids are zeroed and the rest summed: the tail is summed directly,
+   never obtained as ``1 - sum(top-k)`` (which cancels catastrophically for tiny tails);
+3. the per-shard log-sum-exps are combined over TP exactly as the student loss does
+   (``rgkd_megatron.losses.topk_kd._all_reduce_lse``), the tails rescaled by ``exp(lse_r - lse)``
+   and summed.
 Arithmetic is fp32 (fp64 for fp64 logits); no [t, V] fp32 copy of the logits is made, only a
-[chunk, v] work buffer.
+[chunk, v] work buffer (two when T != 1).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from rgkd_megatron.losses.topk_kd import _all_reduce_lse, _shard_bounds
 
 __all__ = ["TeacherTopK", "teacher_topk"]
 
-_CPU_CHUNK_BYTES = 4 << 20  # keep the work buffer in cache on CPU
+_CPU_CHUNK_BYTES = 32 << 20  # few, large chunks: fewer OpenMP regions on CPU
+_GPU_CHUNK_BYTES = 256 << 20
 
 
 class TeacherTopK(NamedTuple):
@@ -60,7 +63,7 @@ def _canonical_topk(vals_tc: torch.Tensor, ids_tc: torch.Tensor, k: int) -> tupl
 
 def _candidates(logits_tv, k, start, n_real, cdtype, tp_group):
     """Local top-k of the shard (padded to k), all-gathered over TP: ([t, tp*k] values, ids), plus
-    the shard's own maximum [t] (its local top-1; -inf for a shard of padding only)."""
+    the shard's own maximum [t] and its global id (its local top-1; -inf / -1 for padding only)."""
     n_tok = logits_tv.shape[0]
     k_local = min(k, n_real)
     vals_tk = torch.full((n_tok, k), -math.inf, dtype=cdtype, device=logits_tv.device)
@@ -69,15 +72,16 @@ def _candidates(logits_tv, k, start, n_real, cdtype, tp_group):
         v, i = logits_tv[:, :n_real].topk(k_local, dim=-1, sorted=False)
         vals_tk[:, :k_local] = v.to(cdtype)
         ids_tk[:, :k_local] = i + start
-    local_max_t = vals_tk.amax(-1)
+    local_max_t, where_t = vals_tk.max(-1)
+    local_argmax_t = ids_tk.gather(1, where_t[:, None]).squeeze(1)
     world = _tp_world(tp_group)
     if world == 1:
-        return vals_tk, ids_tk, local_max_t
+        return vals_tk, ids_tk, local_max_t, local_argmax_t
     all_vals = [torch.empty_like(vals_tk) for _ in range(world)]
     all_ids = [torch.empty_like(ids_tk) for _ in range(world)]
     dist.all_gather(all_vals, vals_tk.contiguous(), group=tp_group)
     dist.all_gather(all_ids, ids_tk.contiguous(), group=tp_group)
-    return torch.cat(all_vals, dim=-1), torch.cat(all_ids, dim=-1), local_max_t
+    return torch.cat(all_vals, dim=-1), torch.cat(all_ids, dim=-1), local_max_t, local_argmax_t
 
 
 @torch.no_grad()
@@ -107,30 +111,41 @@ def teacher_topk(
     inv_t = 1.0 / temperature
     n_tok, device = logits_tv.shape[0], logits_tv.device
 
-    cand_vals, cand_ids, local_max_t = _candidates(logits_tv, k, start, n_real, cdtype, tp_group)
+    cand_vals, cand_ids, local_max_t, local_argmax_t = _candidates(
+        logits_tv, k, start, n_real, cdtype, tp_group
+    )
     vals_tk, ids_tk = _canonical_topk(cand_vals, cand_ids, k)
 
-    # shard max m (the local top-1, already known), then one pass for the tail sums
     local_tk = ids_tk - start
     in_shard_tk = (local_tk >= 0) & (local_tk < n_real)
-    max_t = local_max_t * inv_t if n_real > 0 else torch.zeros(n_tok, dtype=cdtype, device=device)
-    tail_sum_t = torch.zeros(n_tok, dtype=cdtype, device=device)
+    lse_local_t = torch.full((n_tok,), -math.inf, dtype=cdtype, device=device)
+    tail_local_t = torch.zeros(n_tok, dtype=cdtype, device=device)
     if n_real > 0 and n_tok > 0:
         if chunk_size is None:
-            chunk_size = 1024 if device.type == "cuda" else max(1, _CPU_CHUNK_BYTES // (4 * (n_real + 1)))
-        scatter_tk = local_tk.masked_fill(~in_shard_tk, n_real)  # out-of-shard ids -> a dummy column
-        buf = torch.empty(min(chunk_size, n_tok), n_real + 1, dtype=cdtype, device=device)
+            budget = _GPU_CHUNK_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
+            chunk_size = max(1, budget // (cdtype.itemsize * n_real))
+        rows_alloc = min(chunk_size, n_tok)
+        probs = torch.empty(rows_alloc, n_real, dtype=cdtype, device=device)
+        scaled = torch.empty_like(probs) if inv_t != 1.0 else None
+        flat_tk = local_tk + torch.arange(n_tok, device=device)[:, None] * n_real
+        argmax_t = local_argmax_t - start
         for lo in range(0, n_tok, chunk_size):
             rows = slice(lo, lo + chunk_size)
-            z = buf[: logits_tv[rows].shape[0]]
-            torch.add(-max_t[rows, None], logits_tv[rows, :n_real], alpha=inv_t, out=z[:, :n_real]).exp_()
-            z.scatter_(1, scatter_tk[rows], 0.0)
-            tail_sum_t[rows] = z[:, :n_real].sum(-1)
-        del buf
-    topk_terms_tk = torch.add(-max_t[:, None], vals_tk, alpha=inv_t).exp_().masked_fill_(~in_shard_tk, 0.0)
-    lse_local_t = max_t + torch.log(tail_sum_t + topk_terms_tk.sum(-1))
+            x = logits_tv[rows, :n_real]
+            p = probs[: x.shape[0]]
+            if scaled is None:
+                torch.softmax(x, dim=-1, dtype=cdtype, out=p)
+            else:
+                torch.softmax(scaled[: x.shape[0]].copy_(x).mul_(inv_t), dim=-1, out=p)
+            # p = exp(x / T - lse_local); at the shard's argmax p = exp(m - lse_local)
+            lse_local_t[rows] = local_max_t[rows] * inv_t - p.gather(1, argmax_t[rows, None]).squeeze(1).log()
+            p.view(-1).index_fill_(0, (flat_tk[rows] - lo * n_real)[in_shard_tk[rows]], 0.0)
+            tail_local_t[rows] = p.sum(-1)
+        del probs, scaled
     lse_t = _all_reduce_lse(lse_local_t, tp_group)
-    tail_t = torch.where(tail_sum_t > 0, tail_sum_t * torch.exp(max_t - lse_t), torch.zeros_like(tail_sum_t))
+    tail_t = torch.where(
+        tail_local_t > 0, tail_local_t * torch.exp(lse_local_t - lse_t), torch.zeros_like(tail_local_t)
+    )
     if _tp_world(tp_group) > 1:
         dist.all_reduce(tail_t, group=tp_group)
     logprobs_tk = torch.add(-lse_t[:, None], vals_tk, alpha=inv_t)

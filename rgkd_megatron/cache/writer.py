@@ -23,7 +23,6 @@ rename, like a node dying mid-write.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -40,23 +39,17 @@ from rgkd_megatron.cache.manifest import (
     load_manifest,
     plan_shards,
     resume_mismatch,
+    row_index_bytes,
     shard_name,
     write_json_atomic,
 )
 from rgkd_megatron.utils.logging import get_logger
 
-__all__ = ["FAULT_ENV", "CacheWriter", "row_index_bytes"]
+__all__ = ["FAULT_ENV", "CacheWriter"]
 
 logger = get_logger(__name__)
 FAULT_ENV = "RGKD_CACHE_FAULT_AFTER_SHARDS"
 _OURS = re.compile(r"^(shard_\d{6}\.(bin|json)|manifest\.json|build\.json|rows\.npy)(\.tmp\.\d+)?$")
-
-
-def row_index_bytes(offsets: np.ndarray) -> bytes:
-    """The exact bytes of ``rows.npy`` for int64 row offsets [N + 1]."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(offsets, dtype="<i8"), allow_pickle=False)
-    return buf.getvalue()
 
 
 class CacheWriter:

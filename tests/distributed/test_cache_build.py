@@ -127,12 +127,10 @@ def _spawned(rank, world_size, tmp):
     dense = {}
     with torch.no_grad():
         for i in range(len(dataset)):
-            tokens = torch.from_numpy(dataset[i][0].astype(np.int64))[
-                :SEQ
-            ]  # inputs: the first min(L, SEQ + 1) - 1
-            n = min(len(dataset[i][0]), SEQ + 1) - 1
+            tokens = torch.from_numpy(dataset[i][0].astype(np.int64))
+            n = min(len(tokens), SEQ + 1) - 1  # inputs: the first n tokens; row t predicts token t + 1
             if n > 0:
-                logits = plain(tokens[None, :n])[0, :, :VOCAB]
+                logits = plain(tokens[None, :n])[0, :, :VOCAB]  # the real vocabulary: padding excluded
                 dense[i] = (torch.log_softmax(logits, dim=-1), torch.logsumexp(logits, dim=-1))
     return dense
 
