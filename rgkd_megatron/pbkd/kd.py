@@ -13,35 +13,19 @@ from functools import partial
 
 import torch
 
-from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, stage_forward
 from rgkd_megatron.losses.topk_kd import topk_kd_loss
 from rgkd_megatron.pbkd.batches import collate_sequences
+from rgkd_megatron.pbkd.teacher_source import CachedTeacher, live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
 from rgkd_megatron.training.engine import metric_pair
-
-
-def teacher_topk(teacher, groups, tokens_bs: torch.Tensor, k: int, temperature: float, vocab_size: int):
-    """Teacher top-k ids and log-probs (at ``temperature``, real vocab only) per position, on every
-    rank: ([b, s, k] int64, [b, s, k] fp32)."""
-    b, s = tokens_bs.shape
-    ids = logprobs = None
-    with inference_mode(teacher):
-        logits_bsv = stage_forward(teacher, groups, tokens_bs, 0, None, gather=True)
-        if groups.is_last_stage:
-            logp = torch.log_softmax(logits_bsv[..., :vocab_size].float() / temperature, dim=-1)
-            logprobs, ids = logp.topk(k, dim=-1)
-    ids = broadcast_from_last_stage(
-        ids.double() if ids is not None else None, (b, s, k), torch.float64, groups
-    )
-    logprobs = broadcast_from_last_stage(logprobs, (b, s, k), torch.float32, groups)
-    return ids.long(), logprobs
 
 
 def _kd_loss_func(opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
     mask = batch["response_mask"]
     loss, metrics = topk_kd_loss(
         logits_bsv, batch["topk_ids"], batch["topk_logprobs"], mask, opts["kind"], opts["temperature"], tp_group,
-        beta=opts["beta"], alpha=opts["alpha"], vocab_size=opts["vocab_size"], normalizer=1.0,
+        teacher_tail_t=batch.get("teacher_tail"), beta=opts["beta"], alpha=opts["alpha"],
+        vocab_size=opts["vocab_size"], normalizer=1.0,
     )  # fmt: skip
     count = mask.sum()
     return (
@@ -59,12 +43,22 @@ class KDTrainer(PbKDTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.models.teacher is None:
-            raise ValueError(
-                f"pbkd.method={self.p.method} needs the teacher's probabilities: set pbkd.teacher_load "
-                "and pbkd.teacher_model_config"
-            )
         self.reports_reward_gap = False
+        self.cached = None
+        if self.p.cache_path and not self.p.on_policy:
+            self.cached = CachedTeacher(
+                self.p.cache_path,
+                self.p.prompts_path,
+                self.tok,
+                self.models.vocab_size,
+                self.p.kd_temperature,
+                self.run_dir / "data",
+            )
+        elif self.models.teacher is None:
+            raise ValueError(
+                f"pbkd.method={self.p.method} needs the teacher's probabilities: set pbkd.cache_path "
+                "(off-policy) or pbkd.teacher_load and pbkd.teacher_model_config (live)"
+            )
 
     def collect(self, round_index: int) -> int:
         return 0
@@ -85,14 +79,19 @@ class KDTrainer(PbKDTrainer):
         else:
             responses = [list(i.teacher_ids) for i in items]
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
-        batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(
-            self.models.teacher,
-            self.groups,
-            batch["tokens"],
-            self.p.kd_topk,
-            self.p.kd_temperature,
-            self.models.vocab_size,
-        )
+        if self.cached is not None:
+            batch["topk_ids"], batch["topk_logprobs"], batch["teacher_tail"] = self.cached.buckets(
+                [i.prompt_id for i in items], batch
+            )
+        else:
+            batch["topk_ids"], batch["topk_logprobs"] = live_teacher_topk(
+                self.models.teacher,
+                self.groups,
+                batch["tokens"],
+                self.p.kd_topk,
+                self.p.kd_temperature,
+                self.models.vocab_size,
+            )
         opts = {
             "kind": self.p.method, "temperature": self.p.kd_temperature, "beta": self.p.kd_beta,
             "alpha": self.p.kd_alpha, "vocab_size": self.models.vocab_size,

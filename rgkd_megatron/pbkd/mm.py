@@ -34,7 +34,7 @@ from rgkd_megatron.losses.mm_pbkd import (
     teacher_bucket_log_probs,
 )
 from rgkd_megatron.pbkd.batches import collate_sequences
-from rgkd_megatron.pbkd.kd import teacher_topk
+from rgkd_megatron.pbkd.teacher_source import live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
 from rgkd_megatron.training.engine import metric_pair
 
@@ -70,7 +70,7 @@ class MMPbKDTrainer(PbKDTrainer):
     # -- rows with the teacher's buckets -------------------------------------------------------
     def _rows(self, prompts, responses):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
-        batch["topk_ids"], batch["topk_logprobs"] = teacher_topk(
+        batch["topk_ids"], batch["topk_logprobs"] = live_teacher_topk(
             self.models.teacher, self.groups, batch["tokens"], min(self.p.kd_topk, self.models.vocab_size),
             1.0, self.models.vocab_size,  # pi_E itself: V_E and the Bellman rewards need temperature 1
         )  # fmt: skip

@@ -4,6 +4,7 @@ change, the report is written; and TP=2 reproduces TP=1 through sampling, judgin
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def test_tensor_parallel_run_matches_single_process(tmp_path):
         )
 
 
-def _kd_with_live_teacher(rank, world_size, work, method, on_policy):
+def _kd_with_live_teacher(rank, world_size, work, method, on_policy, extra=(), save_teacher=True, run="run"):
     import dataclasses
 
     import yaml
@@ -99,16 +100,17 @@ def _kd_with_live_teacher(rank, world_size, work, method, on_policy):
         max_position_embeddings=192,
         init_method_std=0.1,
     )
-    groups = init_role(RoleLayout(tp=world_size), seed=99)
-    save_model_weights(f"{work}/teacher", build_policy(teacher_cfg, ParallelConfig(), groups, 512))
-    with open(f"{work}/teacher_model.yaml", "w") as f:
-        yaml.safe_dump({"model": dataclasses.asdict(teacher_cfg)}, f)
-    parallel_state.destroy_model_parallel()
+    if save_teacher:
+        groups = init_role(RoleLayout(tp=world_size), seed=99)
+        save_model_weights(f"{work}/teacher", build_policy(teacher_cfg, ParallelConfig(), groups, 512))
+        with open(f"{work}/teacher_model.yaml", "w") as f:
+            yaml.safe_dump({"model": dataclasses.asdict(teacher_cfg)}, f)
+        parallel_state.destroy_model_parallel()
     cfg = load_config(
         str(REPO / "examples" / "tiny_pbkd.yaml"),
-        [*COMMON, f"logging.run_dir={work}/run", f"pbkd.method={method}", f"pbkd.on_policy={str(on_policy).lower()}",
+        [*COMMON, f"logging.run_dir={work}/{run}", f"pbkd.method={method}", f"pbkd.on_policy={str(on_policy).lower()}",
          f"pbkd.teacher_load={work}/teacher", f"pbkd.teacher_model_config={work}/teacher_model.yaml",
-         "pbkd.rounds=1", "pbkd.iterations_per_round=8", "pbkd.kd_topk=16", "train.lr=3e-3"],
+         "pbkd.rounds=1", "pbkd.iterations_per_round=8", "pbkd.kd_topk=16", "train.lr=3e-3", *extra],
     )  # fmt: skip
     final = run_distillation(cfg)
     parallel_state.destroy_model_parallel()
@@ -136,3 +138,40 @@ def test_mm_pbkd_q_player_separates_teacher_from_student(tmp_path):
     assert final["mmq_gap_on"] > 0 and final["mmq_gap_off"] > 0
     assert steps[-1]["mmq_loss"] < steps[0]["mmq_loss"]
     assert "eval_reward_gap" not in final and "mms_loss" in final
+
+
+def test_cached_teacher_gives_the_live_teacher_losses(tmp_path):
+    """fkl from the precomputed top-k cache (tools/build_teacher_cache.py) equals fkl from the live
+    teacher on the same batches, up to the cache's fp16 log-probs."""
+    import subprocess
+    import sys
+
+    live = run_distributed(
+        _kd_with_live_teacher, 1, args=(str(tmp_path), "fkl", False, ["pbkd.iterations_per_round=2"])
+    )[0]
+    tok = REPO / "examples" / "tokenizer" / "tokenizer.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    prefix = tmp_path / "data" / "prompts"
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(REPO / "examples" / "data" / "tiny_sft.jsonl"),
+         "--tokenizer", str(tok), "--output-prefix", str(prefix)], check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    built = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "build_teacher_cache.py"), "--data-prefix", str(prefix),
+         "--teacher-config", str(tmp_path / "teacher_model.yaml"), "--teacher-checkpoint", str(tmp_path / "teacher"),
+         "--tokenizer", str(tok), "--output", str(tmp_path / "cache"), "--k", "16", "--seq-length", "160",
+         "--no-progress"], env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    cached = run_distributed(
+        _kd_with_live_teacher, 1,
+        args=(str(tmp_path), "fkl", False, ["pbkd.iterations_per_round=2", f"pbkd.cache_path={tmp_path / 'cache'}"],
+              False, "run_cached"),
+    )[0]  # fmt: skip
+    history = {
+        name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        for name in ("run", "run_cached")
+    }
+    first = [next(r["kd_loss"] for r in history[name] if "kd_loss" in r) for name in ("run", "run_cached")]
+    assert abs(first[0] - first[1]) < 2e-3 * abs(first[0]), first
+    assert abs(live["kd_loss"] - cached["kd_loss"]) < 5e-3 * abs(live["kd_loss"])

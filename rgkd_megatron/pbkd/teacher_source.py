@@ -1,0 +1,78 @@
+"""Where white-box methods get the teacher's top-k distribution from.
+
+- ``LiveTeacher``: a no-grad forward of the teacher role on the batch (any rows: teacher responses,
+  student samples, preference pairs). Exact top-k + tail at the requested temperature.
+- ``CachedTeacher``: the precomputed sharded top-k cache (``tools/build_teacher_cache.py``), for
+  rows that are the teacher's responses (off-policy). The cache is keyed by (dataset fingerprint,
+  sample id, token offset): the prompt set is tokenized into an indexed dataset exactly as the cache
+  builder's input was, the reader refuses a cache whose tokenizer / vocab / dataset / temperature do
+  not match, and every row is checked against that dataset's tokens before use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, stage_forward
+
+
+def live_teacher_topk(teacher, groups, tokens_bs: torch.Tensor, k: int, temperature: float, vocab_size: int):
+    """Teacher top-k ids and log-probs (at ``temperature``, real vocab only) per position, on every
+    rank: ([b, s, k] int64, [b, s, k] fp32)."""
+    b, s = tokens_bs.shape
+    ids = logprobs = None
+    with inference_mode(teacher):
+        logits_bsv = stage_forward(teacher, groups, tokens_bs, 0, None, gather=True)
+        if groups.is_last_stage:
+            logp = torch.log_softmax(logits_bsv[..., :vocab_size].float() / temperature, dim=-1)
+            logprobs, ids = logp.topk(k, dim=-1)
+    ids = broadcast_from_last_stage(
+        ids.double() if ids is not None else None, (b, s, k), torch.float64, groups
+    )
+    logprobs = broadcast_from_last_stage(logprobs, (b, s, k), torch.float32, groups)
+    return ids.long(), logprobs
+
+
+class CachedTeacher:
+    """Teacher buckets of the prompt set's teacher responses, read from a top-k cache."""
+
+    def __init__(
+        self, cache_path: str, prompts_jsonl: str, tokenizer, vocab_size: int, temperature: float, work_dir
+    ):
+        from rgkd_megatron.cache.reader import TeacherCacheReader
+        from rgkd_megatron.data.indexed_dataset import IndexedDataset, dataset_paths
+        from rgkd_megatron.data.preprocess import preprocess_jsonl
+
+        prefix = str(work_dir / "prompts_tokenized")
+        if not (work_dir / "prompts_tokenized.json").is_file():
+            work_dir.mkdir(parents=True, exist_ok=True)
+            preprocess_jsonl(prompts_jsonl, tokenizer.path, prefix, overwrite=True)
+        assert dataset_paths(prefix)
+        self.dataset = IndexedDataset(prefix)
+        self.reader = TeacherCacheReader(
+            cache_path,
+            tokenizer_fingerprint=tokenizer.fingerprint,
+            vocab_size=vocab_size,
+            dataset_fingerprint=self.dataset.fingerprint,
+            temperature=temperature,
+        )
+        self.k = self.reader.k
+
+    def buckets(self, prompt_ids: list[int], batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [b, s, k], logprobs [b, s, k] fp32, tail [b, s] fp32) for rows that are teacher
+        responses of the prompts ``prompt_ids`` (row i = sample prompt_ids[i] of the dataset)."""
+        tokens = batch["tokens"]
+        b, s = tokens.shape
+        sample_ids = torch.full((b, s), -1, dtype=torch.long)
+        for row, sample in enumerate(prompt_ids):
+            cached, _ = self.dataset[sample]
+            n = min(len(cached), s)
+            if not torch.equal(tokens[row, :n], torch.as_tensor(cached[:n].astype("int64"))):
+                raise ValueError(
+                    f"teacher cache: row {row} (prompt {sample}) differs from the cached dataset's tokens; "
+                    "rebuild the cache from this prompt set and tokenizer (same prompt template)"
+                )
+            sample_ids[row, : n - 1] = sample
+        got = self.reader.gather(sample_ids, torch.arange(s).expand(b, s))
+        tail = torch.where(got["valid"], got["tail"], torch.zeros_like(got["tail"]))
+        return got["ids"].long(), got["logprobs"].float(), tail
