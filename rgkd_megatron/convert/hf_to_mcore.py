@@ -193,6 +193,7 @@ def convert_hf_to_mcore(
     dst = check_destination(dst).resolve()
     fields = model_config_fields(arch, make_vocab_size_divisible_by)
     start = time.perf_counter()
+    from rgkd_megatron.checkpoint.dist_ckpt import model_sharded_state_dict
     from rgkd_megatron.config.schema import ModelConfig, ParallelConfig
     from rgkd_megatron.convert.lazy_save import save_lazily
     from rgkd_megatron.models.builders import build_policy_skeleton
@@ -204,8 +205,7 @@ def convert_hf_to_mcore(
             params_dtype=_PARAMS_DTYPE[out_dtype],
         )
         skeleton = build_policy_skeleton(skeleton_cfg, ParallelConfig(), groups, arch.vocab_size)
-        from rgkd_megatron.checkpoint.dist_ckpt import model_sharded_state_dict
-
+        skeleton.to(out_dtype)  # the local spec's torch norms are created in fp32 whatever params_dtype
         sharded_sd = model_sharded_state_dict(skeleton)
         _check_skeleton(sharded_sd, rules, arch, padded)
         resolve = _make_resolver(ckpt, arch, rules, padded, out_dtype)

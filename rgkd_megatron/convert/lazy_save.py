@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from rgkd_megatron.utils.progress import ProgressBar
@@ -90,6 +91,11 @@ class _LazyTorchDistSaveStrategy(SaveShardedStrategy):
         )
         try:
             dcp.save(pyt_state, storage_writer=writer, planner=planner)
+        except CheckpointException as exc:  # DCP wraps errors per rank: re-raise ours, unwrapped
+            failures = list(exc.failures.values())
+            if len(failures) == 1 and isinstance(failures[0][0], Exception):
+                raise failures[0][0] from None
+            raise
         finally:
             if planner.bar is not None:
                 planner.bar.close()

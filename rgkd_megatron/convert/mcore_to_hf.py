@@ -55,7 +55,7 @@ from rgkd_megatron.utils.progress import ProgressBar
 
 logger = get_logger(__name__)
 
-__all__ = ["convert_mcore_to_hf", "read_checkpoint_metadata"]
+__all__ = ["convert_mcore_to_hf", "find_hf_config", "read_checkpoint_metadata"]
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
@@ -97,17 +97,28 @@ def _model_section(path: Path) -> dict[str, Any]:
     return fields
 
 
-def _find_config(
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
+def find_hf_config(
     src: Path, hf_config: str | None, model_config: str | None, vocab_size: int | None
 ) -> tuple[dict[str, Any], str]:
+    """The HF config for ``src`` (see the module docstring for the order) and where it came from."""
     if hf_config:
         path = Path(hf_config)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise ConversionError(f"--hf-config {hf_config}: no such file")
-        cfg, origin = json.loads(path.read_text()), str(path)
+        cfg, origin = _read_json(path), str(path)
     elif (src / "hf_config.json").is_file():
-        cfg, origin = json.loads((src / "hf_config.json").read_text()), str(src / "hf_config.json")
+        cfg, origin = _read_json(src / "hf_config.json"), str(src / "hf_config.json")
     else:
         candidates = (
             [Path(model_config)]
@@ -194,7 +205,7 @@ def convert_mcore_to_hf(
     at) plus, when written, ``seconds``, ``files`` and ``dst``."""
     src = Path(src)
     meta = read_checkpoint_metadata(src)
-    cfg, origin = _find_config(src, hf_config, model_config, vocab_size)
+    cfg, origin = find_hf_config(src, hf_config, model_config, vocab_size)
     arch = parse_hf_config(cfg, ignore_sliding_window=ignore_sliding_window)
     validate_layout(arch, tp, pp)
     rules = mapping_rules(arch)

@@ -133,7 +133,7 @@ def format_plan(plan: dict[str, Any], header: str) -> str:
     )
     for r in plan["ranks"]:
         lines.append(
-            f"    pp_rank {r['pp_rank']}: {r['params'] / 1e6:.2f} M params, {format_bytes(r['bytes'])} "
+            f"    pp_rank {r['pp_rank']}: {r['params']:,} params, {format_bytes(r['bytes'])} "
             f"per TP rank ({', '.join(r['holds'])})"
         )
     return "\n".join(lines)

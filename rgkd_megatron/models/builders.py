@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from rgkd_megatron.kernels.selection import fp8_kwargs, fusion_kwargs, model_selection, recompute_kwargs
 from rgkd_megatron.models.reward_head import ScalarHead
-from rgkd_megatron.models.specs import gpt_layer_spec
+from rgkd_megatron.models.specs import gpt_layer_spec, resolve_spec_name
 from rgkd_megatron.parallel.groups import RoleGroups
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,11 +46,8 @@ def transformer_config(model_cfg: Any, parallel_cfg: Any, **overrides: Any) -> T
     """megatron-core TransformerConfig for our Llama-style architecture."""
     dtype = resolve_params_dtype(model_cfg.params_dtype)
     on_cpu = not torch.cuda.is_available()
-    recompute = {
-        "none": {},
-        "selective": {"recompute_granularity": "selective"},
-        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-    }[model_cfg.recompute]
+    spec_name = resolve_spec_name(model_cfg.spec)
+    recompute = recompute_kwargs(model_cfg.recompute)
     kwargs: dict[str, Any] = dict(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -75,15 +73,10 @@ def transformer_config(model_cfg: Any, parallel_cfg: Any, **overrides: Any) -> T
         fp16=dtype == torch.float16,
         use_cpu_initialization=on_cpu,
         calculate_per_token_loss=True,
-        # fused kernels exist only on GPU
-        bias_activation_fusion=False,
-        bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
-        persist_layer_norm=not on_cpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         **recompute,
     )
+    kwargs.update(fusion_kwargs(spec_name, on_cpu))  # fused kernels: GPU only, those that exist
+    kwargs.update(fp8_kwargs(model_cfg, spec_name, dtype))  # {} unless model.fp8 is on
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -101,7 +94,7 @@ def _build_gpt(
     config = transformer_config(model_cfg, parallel_cfg, **(config_overrides or {}))
     padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, groups.layout.tp)
     scaling = model_cfg.rotary_scaling_factor
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=gpt_layer_spec(model_cfg.spec),
         vocab_size=padded,
@@ -116,6 +109,9 @@ def _build_gpt(
         rope_scaling_factor=scaling if scaling is not None else 8.0,
         pg_collection=groups.pg_collection,
     )
+    # what runs (spec, dtype, fp8, recompute, fusions, kd kernel); build_engine completes and logs it
+    model.kernel_selection = model_selection(model_cfg, config)
+    return model
 
 
 def build_policy(model_cfg: Any, parallel_cfg: Any, groups: RoleGroups, vocab_size: int) -> GPTModel:
