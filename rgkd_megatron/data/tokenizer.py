@@ -102,6 +102,10 @@ class Tokenizer:
             self.prompt_template, self.chat_template = template, None
         elif isinstance(config.get("chat_template"), str):
             self.prompt_template, self.chat_template = None, config["chat_template"]
+        elif os.path.isfile(jinja := os.path.join(os.path.dirname(config_path), "chat_template.jinja")):
+            # transformers >= 4.43 saves the chat template beside tokenizer_config.json
+            with open(jinja, encoding="utf-8") as f:
+                self.prompt_template, self.chat_template = None, f.read()
         else:
             self.prompt_template, self.chat_template = DEFAULT_PROMPT_TEMPLATE, None
 
