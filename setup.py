@@ -44,6 +44,7 @@ setup(
             "transformers>=4.45",
             "gguf>=0.16",
             "accelerate>=1.0",
+            "triton==3.7.1",  # the version torch 2.13 pins; kernels are tested on CPU under TRITON_INTERPRET=1
         ],
     },
     entry_points={

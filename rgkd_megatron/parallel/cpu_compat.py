@@ -263,6 +263,10 @@ def _patch_rng() -> None:
         torch.manual_seed(seed)  # torch.cuda.manual_seed is a silent no-op on a CPU build
         return original_seed(seed, *args, **kwargs)
 
+    # activation recomputation (CheckpointFunction) saves/restores the CUDA RNG state around the
+    # recomputed forward (tensor_parallel/random.py _get_cuda_rng_state/_set_cuda_rng_state)
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     mcore_random.initialize_rng_tracker = initialize_rng_tracker
     mcore_random.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
     tensor_parallel.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed

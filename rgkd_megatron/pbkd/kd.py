@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from rgkd_megatron.losses.topk_kd import topk_kd_loss
+from rgkd_megatron.kernels.backend import topk_kd_loss
 from rgkd_megatron.pbkd.batches import collate_sequences
 from rgkd_megatron.pbkd.teacher_source import CachedTeacher, live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
@@ -25,7 +25,7 @@ def _kd_loss_func(opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
     loss, metrics = topk_kd_loss(
         logits_bsv, batch["topk_ids"], batch["topk_logprobs"], mask, opts["kind"], opts["temperature"], tp_group,
         teacher_tail_t=batch.get("teacher_tail"), beta=opts["beta"], alpha=opts["alpha"],
-        vocab_size=opts["vocab_size"], normalizer=1.0,
+        vocab_size=opts["vocab_size"], normalizer=1.0, backend=opts["backend"],
     )  # fmt: skip
     count = mask.sum()
     return (
@@ -94,7 +94,7 @@ class KDTrainer(PbKDTrainer):
             )
         opts = {
             "kind": self.p.method, "temperature": self.p.kd_temperature, "beta": self.p.kd_beta,
-            "alpha": self.p.kd_alpha, "vocab_size": self.models.vocab_size,
+            "alpha": self.p.kd_alpha, "vocab_size": self.models.vocab_size, "backend": self.cfg.model.kd_kernel,
         }  # fmt: skip
         self.policy_steps += 1
 

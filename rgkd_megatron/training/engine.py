@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel.schedules import (
     forward_backward_pipelining_without_interleaving,
 )
 
+from rgkd_megatron.kernels.selection import engine_selection, log_kernel_selection, resolve_optimizer_impl
 from rgkd_megatron.parallel.groups import RoleGroups
 
 
@@ -62,6 +63,7 @@ def build_engine(
     """Wrap ``model`` in megatron-core DDP and build its optimizer and LR schedule."""
     config = model.config
     pg = groups.pg_collection
+    resolve_optimizer_impl(getattr(optimizer_cfg, "impl", "auto"))  # ValueError before any allocation
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
@@ -92,6 +94,8 @@ def build_engine(
     optimizer = get_megatron_optimizer(
         opt_config, [ddp_model], use_gloo_process_groups=False, pg_collection=pg
     )
+    # one INFO line: spec, optimizer class actually built, dtype, fp8, recompute, kd kernel, overlap
+    log_kernel_selection(engine_selection(model, optimizer, ddp_config))
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup_iters > 0 else lr,
