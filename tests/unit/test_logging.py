@@ -56,7 +56,8 @@ def test_logger_rank0_and_all_ranks():
     get_logger("y").info("from three")
     assert "[rank 3] INFO rgkd_megatron.y: from three" in stream.getvalue()
     ours = [h for h in logging.getLogger("rgkd_megatron").handlers if type(h).__name__ == "_RankHandler"]
-    assert len(ours) == 1  # re-configuring replaces, never stacks, our handler (others, e.g. pytest's, may exist)
+    # re-configuring replaces, never stacks, our handler (others, e.g. pytest's, may exist)
+    assert len(ours) == 1
 
 
 def test_logger_infers_rank_lazily(monkeypatch):
