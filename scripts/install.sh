@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (idempotently) the project's virtual environment at ./.venv.
-#   bash scripts/install.sh          runtime: torch (CPU wheel, pinned) + rgkd_megatron
+#   bash scripts/install.sh          runtime: torch (CPU wheel, pinned) + rgkd_megatron[convert]
 #   bash scripts/install.sh --dev    + test/lint tools (pytest, ruff, transformers, mpi4py)
 # GPU machines: install your CUDA torch first (e.g. an NGC container), then
 #   pip install -e '.[gpu]'   (Transformer Engine; build NVIDIA apex from source if you want it)
@@ -27,10 +27,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 stamp=".venv/.rgkd-installed"
-extras=""
+extras="[convert]"  # gguf + transformers: the embedded teacher's GGUF import
 if [ "$DEV" = 1 ]; then
   stamp=".venv/.rgkd-installed-dev"
-  extras="[dev]"
+  extras="[dev,convert]"
 fi
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "[install] rgkd_megatron${extras} (editable)"

@@ -6,7 +6,8 @@
 #   3. teacher top-k cache:    tools/preprocess_data.py + tools/build_teacher_cache.py
 #   4. distillation:           rgkd-distill pbkd.method=pbkd, then the seqkd baseline (same budget)
 #   5. report:                 rgkd-eval -> runs/embedded/report.md (+ PNG plots)
-# Knobs: OUT (runs/embedded), SEEDS ("1234"), METHODS ("pbkd seqkd"), PROMPTS, MAX_NEW_TOKENS (48).
+# Knobs: OUT (runs/embedded), SEEDS ("1234"), METHODS ("pbkd seqkd"), PROMPTS, MAX_NEW_TOKENS (48),
+#        EXTRA (more rgkd-distill overrides, e.g. "train.lr=1e-4 pbkd.iterations_per_round=6").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -15,6 +16,7 @@ SEEDS="${SEEDS:-1234}"
 METHODS="${METHODS:-pbkd seqkd}"
 PROMPTS="${PROMPTS:-examples/data/prompts_en.jsonl}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-48}"
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 TEACHER=.cache/smollm2/teacher_mcore
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" WANDB_MODE=offline
 mkdir -p "$OUT"
@@ -54,7 +56,8 @@ for seed in $SEEDS; do
     fi
     rm -rf "$run"
     .venv/bin/rgkd-distill --config examples/embedded_smollm2.yaml "pbkd.method=$method" "train.seed=$seed" \
-      "pbkd.prompts_path=$OUT/teacher_responses.jsonl" "logging.run_dir=$run"
+      "pbkd.prompts_path=$OUT/teacher_responses.jsonl" "pbkd.cache_path=$OUT/cache" "logging.run_dir=$run" \
+      ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
   done
 done
 
