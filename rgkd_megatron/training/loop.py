@@ -26,7 +26,7 @@ from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_confi
 from rgkd_megatron.data.batching import MicroBatchSampler, collate_packed, collate_padded
 from rgkd_megatron.data.indexed_dataset import IndexedDataset, dataset_paths
 from rgkd_megatron.data.preprocess import preprocess_jsonl
-from rgkd_megatron.data.tokenizer import load_tokenizer
+from rgkd_megatron.data.tokenizer import file_sha256, load_tokenizer
 from rgkd_megatron.models.builders import build_policy
 from rgkd_megatron.models.specs import resolve_spec_name
 from rgkd_megatron.parallel.groups import RoleGroups, layout_for_world
@@ -62,19 +62,8 @@ def prepare_dataset(path: str, tokenizer_path: str, cache_dir: Path) -> IndexedD
 
 def _cache_is_current(prefix: str, jsonl: str, tokenizer_path: str) -> bool:
     dataset = IndexedDataset(prefix)
-    return dataset.tokenizer_fingerprint == load_tokenizer(tokenizer_path).fingerprint and dataset.meta.get(
-        "input_sha256"
-    ) == _sha256(jsonl)
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    same_tokenizer = dataset.tokenizer_fingerprint == load_tokenizer(tokenizer_path).fingerprint
+    return same_tokenizer and dataset.meta.get("extra", {}).get("input_sha256") == file_sha256(jsonl)
 
 
 class SFTBatches:

@@ -71,6 +71,7 @@ def test_train_save_crash_and_resume(tmp_path):
     second = _train([*common, "train.train_iters=6"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "iteration 4" in second.stderr
+    assert "reusing tokenized" in second.stderr  # the JSONL is tokenized once per run directory
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
     assert not partial.exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
