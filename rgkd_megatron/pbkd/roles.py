@@ -43,14 +43,14 @@ def build_pbkd_models(cfg: RGKDConfig, groups: RoleGroups, vocab_size: int) -> P
     policy = build_policy(cfg.model, cfg.parallel, groups, vocab_size)
     reference = build_teacher(cfg.model, cfg.parallel, groups, vocab_size)  # frozen copy of the init
     reward = build_reward_model(cfg.model, cfg.parallel, groups, vocab_size)
-    if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
-        attach_q_head(reward, cfg.pbkd.reward_bound)
     if cfg.model.load:
         for model in (policy, reference):
             load_model_weights(cfg.model.load, model)
         load_backbone_weights(cfg.model.load, reward)
     else:
         reference.load_state_dict(policy.state_dict())
+    if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
+        attach_q_head(reward, cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
     teacher = None
     if cfg.pbkd.teacher_load:
         if not cfg.pbkd.teacher_model_config:
