@@ -7,7 +7,8 @@ their own layouts are the scheduler's job; everything here takes the groups expl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 import yaml
@@ -19,16 +20,22 @@ from rgkd_megatron.generation.generate import broadcast_from_last_stage, inferen
 from rgkd_megatron.models.builders import build_policy, build_reward_model, build_teacher, sequence_rewards
 from rgkd_megatron.models.q_head import attach_q_head
 from rgkd_megatron.parallel.groups import RoleGroups
+from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER
 from rgkd_megatron.training.engine import Engine, build_engine
+from rgkd_megatron.training.setup import role_seed, seed_model_init
 
 
 @dataclass
 class PbKDModels:
-    policy: Engine
-    reward: Engine
-    reference: torch.nn.Module
+    """The models this rank holds; a role this rank is not part of is None (disaggregated)."""
+
+    policy: Engine | None
+    reward: Engine | None
+    reference: torch.nn.Module | None
     teacher: torch.nn.Module | None
     vocab_size: int
+    teacher_groups: RoleGroups | None = None
+    """The groups the teacher runs on (the policy's when colocated)."""
 
 
 def teacher_model_config(path: str) -> ModelConfig:
@@ -39,49 +46,66 @@ def teacher_model_config(path: str) -> ModelConfig:
     return config_from_dict({"model": section}).model
 
 
-def build_pbkd_models(cfg: RGKDConfig, groups: RoleGroups, vocab_size: int) -> PbKDModels:
-    policy = build_policy(cfg.model, cfg.parallel, groups, vocab_size)
-    reference = build_teacher(cfg.model, cfg.parallel, groups, vocab_size)  # frozen copy of the init
-    reward = build_reward_model(cfg.model, cfg.parallel, groups, vocab_size)
-    if cfg.model.load:
-        for model in (policy, reference):
-            load_model_weights(cfg.model.load, model)
-        load_backbone_weights(cfg.model.load, reward)
-    else:
-        reference.load_state_dict(policy.state_dict())
-    if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
-        attach_q_head(reward, cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
-    teacher = None
-    if cfg.pbkd.teacher_load:
+def role_parallel(cfg: RGKDConfig, groups: RoleGroups):
+    """``cfg.parallel`` with the TP/PP sizes of the role's layout."""
+    return replace(
+        cfg.parallel,
+        tensor_model_parallel_size=groups.layout.tp,
+        pipeline_model_parallel_size=groups.layout.pp,
+    )
+
+
+def _member(groups: RoleGroups | None) -> bool:
+    return groups is not None and groups.is_member
+
+
+def build_pbkd_models(
+    cfg: RGKDConfig, groups: RoleGroups | Mapping[str, RoleGroups], vocab_size: int
+) -> PbKDModels:
+    """Build the models of every role this rank is part of.
+
+    ``groups``: one ``RoleGroups`` (colocated: every role on it) or ``{role: RoleGroups}``. Each
+    role's build is seeded with ``role_seed(train.seed, role)`` so its initial weights do not depend
+    on the placement (a reward model built alone on its window equals the colocated one).
+    """
+    by_role = dict(groups) if isinstance(groups, Mapping) else dict.fromkeys((POLICY, REWARD, TEACHER), groups)
+    t, seed = cfg.train, cfg.train.seed
+    policy_engine = reward_engine = reference = teacher = None
+    pg, rg, tg = by_role.get(POLICY), by_role.get(REWARD), by_role.get(TEACHER)
+    if _member(pg):
+        seed_model_init(role_seed(seed, POLICY), pg)
+        par = role_parallel(cfg, pg)
+        policy = build_policy(cfg.model, par, pg, vocab_size)
+        reference = build_teacher(cfg.model, par, pg, vocab_size)  # frozen copy of the init
+        if cfg.model.load:
+            for model in (policy, reference):
+                load_model_weights(cfg.model.load, model)
+        else:
+            reference.load_state_dict(policy.state_dict())
+        policy_engine = build_engine(
+            policy, pg, cfg.optimizer, par, t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters, t.lr_decay_style
+        )
+    if _member(rg):
+        seed_model_init(role_seed(seed, REWARD), rg)
+        par = role_parallel(cfg, rg)
+        reward = build_reward_model(cfg.model, par, rg, vocab_size)
+        if cfg.model.load:
+            load_backbone_weights(cfg.model.load, reward)
+        if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
+            attach_q_head(reward, cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
+        reward_engine = build_engine(
+            reward, rg, cfg.optimizer, par, cfg.pbkd.rm_lr, cfg.pbkd.rm_lr, 0, t.train_iters, "constant"
+        )
+    if cfg.pbkd.teacher_load and _member(tg):
         if not cfg.pbkd.teacher_model_config:
             raise ValueError("pbkd.teacher_model_config: required with pbkd.teacher_load")
         teacher_cfg = teacher_model_config(cfg.pbkd.teacher_model_config)
-        teacher = build_teacher(teacher_cfg, cfg.parallel, groups, vocab_size)
+        seed_model_init(role_seed(seed, TEACHER), tg)
+        teacher = build_teacher(teacher_cfg, role_parallel(cfg, tg), tg, vocab_size)
         load_model_weights(cfg.pbkd.teacher_load, teacher)
-    t = cfg.train
-    policy_engine = build_engine(
-        policy,
-        groups,
-        cfg.optimizer,
-        cfg.parallel,
-        t.lr,
-        t.min_lr,
-        t.lr_warmup_iters,
-        t.train_iters,
-        t.lr_decay_style,
+    return PbKDModels(
+        policy_engine, reward_engine, reference, teacher, vocab_size, tg if teacher is not None else None
     )
-    reward_engine = build_engine(
-        reward,
-        groups,
-        cfg.optimizer,
-        cfg.parallel,
-        cfg.pbkd.rm_lr,
-        cfg.pbkd.rm_lr,
-        0,
-        t.train_iters,
-        "constant",
-    )
-    return PbKDModels(policy_engine, reward_engine, reference, teacher, vocab_size)
 
 
 def reward_scores(
