@@ -7,12 +7,17 @@ Usage::
     rgkd-plan --config RECIPE.yaml [a.b=value ...] --world-size 32
     rgkd-plan --config RECIPE.yaml --measured phases.json   # simulate with measured phase times
     rgkd-plan --list-presets
+    rgkd-plan --preset 70b-7b --memory               # + memory per GPU per role, refusal if it cannot fit
+    rgkd-plan --config RECIPE.yaml --memory --gpu H100-80GB --gpus-per-node 8 [a.b=value ...]
 
 Nothing is launched and no GPU is needed. Phase times come from the cost model (FLOPs, HBM and
 link bandwidths of the named GPU at an assumed MFU; see ``rgkd_megatron.schedule.cost_model``)
 or, with ``--measured``, from a JSON file: ``{"policy/rollout": seconds, ...}`` (also accepted:
 ``{"phase_times": {...}}`` or ``{"policy": {"rollout": seconds}}``), covering every (role, action)
-of the plan. Exit status: 0 ok, 2 bad input (message names the field).
+of the plan. ``--memory`` adds the bytes per GPU of every role (weights, gradients, optimizer states,
+activations, KV cache, teacher top-k buffers, overhead; see ``rgkd_megatron.schedule.memory`` and
+docs/planning.md) and, with ``--json``, a "memory" key. Exit status: 0 ok, 2 bad input (message names
+the field), 3 a role does not fit in the GPU's memory (the reasons, with a layout that fits, on stderr).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def _read_measured(path: str) -> dict[str, float]:
     return out
 
 
-def _scenario_from_config(args: argparse.Namespace) -> Scenario:
+def _scenario_from_config(args: argparse.Namespace) -> tuple[Scenario, Any]:
     from rgkd_megatron.config import load_config
     from rgkd_megatron.schedule.placement import disaggregated_world_size, role_model_configs
 
@@ -75,7 +80,7 @@ def _scenario_from_config(args: argparse.Namespace) -> Scenario:
     if spec.errors():
         raise ValueError(spec.errors()[0])
     vocab = cfg.model.vocab_size
-    if vocab is None and args.measured is None:
+    if vocab is None and (args.measured is None or args.memory):
         if not cfg.data.tokenizer:
             raise ValueError("model.vocab_size: needed for FLOP estimates (or set data.tokenizer); got null")
         from rgkd_megatron.data.tokenizer import load_tokenizer
@@ -84,7 +89,7 @@ def _scenario_from_config(args: argparse.Namespace) -> Scenario:
     roles = {}
     for w in placed_windows(cfg, world):
         model = models.get(w.role)
-        if model is None and args.measured:  # measured times need no shapes
+        if model is None and args.measured and not args.memory:  # measured times need no shapes
             roles[w.role] = RoleSetup(
                 ModelShape("(model not given)", 1, 1, 1, 1, 1, 1), w.tp, w.pp, w.dp, w.first_rank
             )
@@ -95,7 +100,7 @@ def _scenario_from_config(args: argparse.Namespace) -> Scenario:
             f"{w.role} ({model.num_layers}L x {model.hidden_size})", model, vocab or 1
         )
         roles[w.role] = RoleSetup(shape, w.tp, w.pp, w.dp, w.first_rank)
-    return Scenario(
+    scenario = Scenario(
         name=args.config,
         description=f"recipe {args.config} ({cfg.pbkd.method}), world size {world}",
         gpu=GPUS[args.gpu],
@@ -105,6 +110,7 @@ def _scenario_from_config(args: argparse.Namespace) -> Scenario:
         workload=Workload.from_config(cfg),
         efficiency=Efficiency(mfu=args.mfu) if args.mfu else Efficiency(),
     )
+    return scenario, cfg
 
 
 def _fmt_roles(times: dict[str, Any]) -> str:
@@ -190,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measured", help="JSON of measured seconds per 'role/action' instead of estimates")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--events", action="store_true", help="with --json: include the full event list")
+    parser.add_argument(
+        "--memory", action="store_true", help="also plan memory per GPU per role; exit 3 if a role cannot fit"
+    )
+    parser.add_argument(
+        "--overhead-gib", type=float, default=4.0, help="with --memory: CUDA context + NCCL + fragmentation per GPU"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.list_presets:
         for name, factory in sorted(PRESETS.items()):
@@ -199,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --preset NAME or --config RECIPE.yaml (see --list-presets)")
     if args.overrides and not args.config:
         parser.error("overrides apply to --config recipes only")
+    cfg = None
     try:
         if args.preset:
             scenario = PRESETS[args.preset](args.gpu)
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.mfu:
                 scenario = replace(scenario, efficiency=replace(scenario.efficiency, mfu=args.mfu))
         else:
-            scenario = _scenario_from_config(args)
+            scenario, cfg = _scenario_from_config(args)
         from rgkd_megatron.schedule.cost_model import predict
 
         plan = build_plan(scenario.spec)
@@ -215,6 +228,19 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("invalid plan: " + "; ".join(problems))
         measured = _read_measured(args.measured) if args.measured else None
         out = predict(scenario, measured)
+        reports = None
+        if args.memory:
+            from rgkd_megatron.schedule import memory
+
+            if args.overhead_gib < 0:
+                raise ValueError(f"--overhead-gib: expected a value >= 0, got {args.overhead_gib}")
+            opts = (
+                memory.MemoryOptions.from_config(cfg, overhead_gib=args.overhead_gib)
+                if cfg is not None  # the presets are MM-PbKD runs with Megatron's usual options
+                else memory.MemoryOptions(reward_head="q", overhead_gib=args.overhead_gib)
+            )
+            reports = memory.plan_memory(scenario, opts)
+            out["memory"] = memory.memory_summary(scenario, opts, reports)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"rgkd-plan: error: {message}", file=sys.stderr)
@@ -225,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
     else:
         print(render_text(out))
-    return 0
+        if reports is not None:
+            print("\n" + memory.render_memory(scenario, opts, reports))
+    refused = [r.reason for r in reports or [] if not r.fits]
+    for reason in refused:
+        print(f"rgkd-plan: does not fit: {reason}", file=sys.stderr)
+    return 3 if refused else 0
 
 
 if __name__ == "__main__":

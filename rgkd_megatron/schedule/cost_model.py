@@ -24,7 +24,8 @@ Model (every constant below is a field, so a user can replace it):
   all-reduce time = latency + 2 (n-1)/n * bytes / (link bandwidth * ``comm_efficiency``).
   Teacher top-k (k ids int32 + k log-probs bf16 per token) crossing to the policy window over IB.
 - Pipeline bubble (1F1B): (pp - 1) / micro-batches on top of the compute.
-Not modelled: memory capacity (the planner of issue 7), kernel launch overheads, straggling.
+Not modelled here: memory capacity (see ``memory.py``, ``rgkd-plan --memory``), kernel launch
+overheads, straggling.
 
 GPU specs (dense bf16 peak, HBM, per-GPU one-direction link bandwidth): H100 SXM 80GB: 989 TFLOP/s,
 3.35 TB/s, NVLink 4 450 GB/s; H200 SXM 141GB: 989 TFLOP/s, 4.8 TB/s, NVLink 450 GB/s; both with one
