@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up (idempotently) the project's virtual environment at ./.venv.
 #   bash scripts/install.sh          runtime: torch (CPU wheel, pinned) + rgkd_megatron[convert]
-#   bash scripts/install.sh --dev    + test/lint tools (pytest, ruff, transformers, mpi4py)
+#   bash scripts/install.sh --dev    + test/lint tools (pytest, ruff, transformers, mpi4py) and, for the
+#                                      launch tests, the Debian packages of a local SLURM cluster and
+#                                      OpenMPI (slurmctld slurmd slurm-client munge libopenmpi-dev
+#                                      openmpi-bin; apt only when one is missing; RGKD_SKIP_APT=1 skips)
 # GPU machines: install your CUDA torch first (e.g. an NGC container), then
 #   pip install -e '.[gpu]'   (Transformer Engine; build NVIDIA apex from source if you want it)
 set -euo pipefail
@@ -15,6 +18,35 @@ for arg in "$@"; do
     *) echo "install.sh: unknown argument $arg (expected --dev)" >&2; exit 2 ;;
   esac
 done
+
+# The launch tests (tests/launch) run a real local SLURM cluster and mpirun: system packages.
+SYSTEM_PACKAGES=(slurmctld slurmd slurm-client munge libopenmpi-dev openmpi-bin)
+install_system_packages() {
+  local missing=() pkg
+  for pkg in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if [ "${RGKD_SKIP_APT:-0}" = 1 ]; then
+    echo "[install] RGKD_SKIP_APT=1: not installing ${missing[*]} (the launch tests will fail without them)" >&2
+    return 0
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "[install] warning: no apt-get: install SLURM (slurmctld, slurmd, client), munge and OpenMPI yourself for tests/launch" >&2
+    return 0
+  fi
+  local sudo=()
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "install.sh: ${missing[*]} missing and not root (no sudo): install them or set RGKD_SKIP_APT=1" >&2; exit 1; }
+    sudo=(sudo)
+  fi
+  echo "[install] apt: ${missing[*]}"
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+if [ "$DEV" = 1 ]; then
+  install_system_packages
+fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
@@ -30,10 +62,10 @@ stamp=".venv/.rgkd-installed"
 extras="[convert]"  # gguf + transformers: the embedded teacher's GGUF import
 if [ "$DEV" = 1 ]; then
   stamp=".venv/.rgkd-installed-dev"
-  extras="[dev,convert]"
+  extras="[dev,convert,mpi]"  # mpi: mpi4py for mpirun launches (tests/launch)
 fi
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
   echo "[install] rgkd_megatron${extras} (editable)"
   "${PIP[@]}" install -e ".${extras}"
-  touch "$stamp"
+  echo "$extras" >"$stamp"
 fi

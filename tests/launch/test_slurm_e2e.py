@@ -1,0 +1,204 @@
+"""The real SLURM path end to end: a local cluster of two fake nodes (scripts/slurm_cluster.sh),
+the real job script slurm/online_70b_to_7b.sh submitted with sbatch over 2 nodes x 2 tasks running
+the tiny recipe (examples/recipes/tiny_online.yaml: TP=2 x DP=2 on CPU/gloo), then submitted again
+under the same job name, which must resume from the first job's checkpoint (requeue simulation).
+
+Needs root and the Debian packages of `bash scripts/install.sh --dev`; without them the tests FAIL
+(they are part of CI). A cluster that is already up is used and left running; one this module
+started is stopped at the end. About 2 minutes on 2 cores (two jobs of ~1 minute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from launch_helpers import INSTALL_HINT, REPO, clean_env, missing_programs
+
+CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
+SCRIPT = "slurm/online_70b_to_7b.sh"
+TINY = "examples/recipes/tiny_online.yaml"
+JOB_NAME = "rgkd-ci-tiny-online"
+JOB_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    missing = missing_programs("sbatch", "squeue", "scontrol", "sinfo", "slurmctld", "slurmd", "munged")
+    if missing:
+        pytest.fail(f"SLURM is not installed (missing {', '.join(missing)}): {INSTALL_HINT}")
+    if os.geteuid() != 0:
+        pytest.fail("the local SLURM cluster needs root (slurmd runs the jobs)")
+    already_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0
+    started = time.perf_counter()
+    proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/slurm_cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}")
+    print(f"cluster start: {time.perf_counter() - started:.1f} s (already up: {already_up})")
+    yield
+    if not already_up:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+def _job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _submit_and_wait(runs_root: Path, tag: str) -> dict:
+    """sbatch the real script with the tiny recipe; wait until the job leaves the queue."""
+    out = runs_root / f"{tag}-%j.out"
+    env = clean_env(RGKD_RECIPE=TINY, RGKD_RUNS_ROOT=str(runs_root))
+    cmd = ["sbatch", "--parsable", "--job-name", JOB_NAME, "--nodes", "2", "--ntasks-per-node", "2",
+           "--gres=gpu:0", "--output", str(out), SCRIPT]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    job_id = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+        if not queued:
+            break
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} still queued/running after {JOB_TIMEOUT_S} s: {queued}")
+        time.sleep(1)
+    elapsed = time.perf_counter() - started
+    run_dir = runs_root / JOB_NAME
+    log_dir = run_dir / "logs" / job_id
+    stdout_file = runs_root / f"{tag}-{job_id}.out"
+    print(f"job {job_id} ({tag}): {elapsed:.1f} s")
+    return {
+        "id": job_id,
+        "info": _job_info(job_id),
+        "run_dir": run_dir,
+        "log_dir": log_dir,
+        "stdout": stdout_file.read_text() if stdout_file.exists() else "",
+        "seconds": elapsed,
+    }
+
+
+def _describe(job: dict) -> str:
+    rank0 = job["log_dir"] / "rank-0.log"
+    tail = "\n".join(rank0.read_text().splitlines()[-40:]) if rank0.exists() else "(no rank-0.log)"
+    return f"job {job['id']} stdout:\n{job['stdout']}\nrank 0 log (tail):\n{tail}"
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("slurm_runs")
+
+
+@pytest.fixture(scope="module")
+def first_job(slurm_cluster, runs_root):
+    return _submit_and_wait(runs_root, "first")
+
+
+@pytest.fixture(scope="module")
+def second_job(first_job, runs_root):
+    if (first_job["log_dir"] / "exit_status").read_text().strip() != "0":
+        pytest.fail("the first job failed, so there is nothing to resume: " + _describe(first_job))
+    return _submit_and_wait(runs_root, "second")
+
+
+def _expected_steps() -> int:
+    pbkd = yaml.safe_load((REPO / TINY).read_text())["pbkd"]
+    return pbkd["rounds"] * pbkd["iterations_per_round"]
+
+
+def test_srun_rank_discovery_without_master_addr(slurm_cluster, tmp_path):
+    """launch.py under a bare srun step: ranks from SLURM_PROCID/LOCALID, the master address from
+    scontrol's NodeAddr of the first node (fake node names do not resolve), the same port everywhere."""
+    code = (  # one file per rank: the launcher may interleave the ranks' stdout
+        "import sys; from rgkd_megatron.parallel.launch import detect_launch_env as d; e = d(); "
+        "open(f'{sys.argv[1]}/env-{e.rank}', 'w').write(' '.join(map(str, (e.source, e.rank, e.world_size, "
+        "e.local_rank, e.local_world_size, e.master_addr, e.master_port))))"
+    )
+    cmd = [
+        "srun",
+        "--nodes",
+        "2",
+        "--ntasks-per-node",
+        "2",
+        "--gres=gpu:0",
+        sys.executable,
+        "-c",
+        code,
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = sorted(f.read_text().split() for f in tmp_path.glob("env-*"))
+    assert [r[0] for r in rows] == ["slurm"] * 4, rows
+    assert [int(r[1]) for r in rows] == [0, 1, 2, 3] and {r[2] for r in rows} == {"4"}, rows
+    assert sorted(int(r[3]) for r in rows) == [0, 0, 1, 1] and {r[4] for r in rows} == {"2"}, rows
+    assert {(r[5], r[6]) for r in rows} == {("127.0.0.1", rows[0][6])}, rows
+
+
+def test_job_exits_0(first_job):
+    assert first_job["info"].get("JobState") == "COMPLETED", _describe(first_job)
+    assert first_job["info"].get("ExitCode") == "0:0", _describe(first_job)
+    status = first_job["log_dir"] / "exit_status"
+    assert status.exists(), _describe(first_job)
+    assert status.read_text().strip() == "0", _describe(first_job)
+
+
+def test_four_ranks_over_two_nodes(first_job):
+    logs = sorted(first_job["log_dir"].glob("rank-*.log"))
+    assert len(logs) == 4, _describe(first_job)
+    nodes: dict[str, list[int]] = {}
+    for log in logs:
+        m = re.search(r"\[rgkd\] task (\d+)/(\d+) on node (\S+)", log.read_text())
+        assert m, f"{log} has no task banner"
+        assert m.group(2) == "4"
+        nodes.setdefault(m.group(3), []).append(int(m.group(1)))
+    assert sorted(nodes) == ["node1", "node2"], nodes
+    assert sorted(r for ranks in nodes.values() for r in ranks) == [0, 1, 2, 3]
+    assert all(len(ranks) == 2 for ranks in nodes.values()), nodes
+    assert "MASTER_ADDR=127.0.0.1" in first_job["stdout"]  # node1's NodeAddr (fake names do not resolve)
+
+
+def test_metrics_have_every_step(first_job):
+    metrics = first_job["run_dir"] / "metrics.jsonl"
+    assert metrics.exists(), _describe(first_job)
+    steps = {json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()}
+    assert set(range(_expected_steps() + 1)) <= steps, steps
+    assert max(steps) == _expected_steps()
+    assert (first_job["run_dir"] / "student").is_dir()
+
+
+def test_checkpoint_written(first_job):
+    """Waits for rgkd-distill's whole-loop checkpointing (<run_dir>/checkpoints/latest + iter_N)."""
+    ckpt = first_job["run_dir"] / "checkpoints"
+    latest = ckpt / "latest"
+    assert latest.exists(), f"no {latest}: " + _describe(first_job)
+    name = latest.read_text().strip()
+    target = Path(name) if os.path.isabs(name) else ckpt / name
+    if not target.name.startswith("iter_"):  # `latest` may hold the iteration number only
+        target = ckpt / f"iter_{int(name):07d}"
+    assert target.is_dir(), f"latest -> {name!r}, but {target} is not a directory"
+    assert sorted(p.name for p in ckpt.glob("iter_*")), ckpt
+
+
+def test_resubmitted_job_resumes(first_job, second_job):
+    """Requeue simulation: same job name -> same run dir -> resume from checkpoints/latest.
+    Waits for rgkd-distill's resume (the rank-0 log must say it resumed from the checkpoint)."""
+    assert second_job["info"].get("ExitCode") == "0:0", _describe(second_job)
+    assert (second_job["log_dir"] / "exit_status").read_text().strip() == "0"
+    assert second_job["run_dir"] == first_job["run_dir"]
+    assert "checkpoints/latest" in second_job["stdout"] and "resumes from it" in second_job["stdout"]
+    rank0 = (second_job["log_dir"] / "rank-0.log").read_text()
+    assert re.search(r"resum\w*\b.*(checkpoint|iter_\d+)", rank0, re.IGNORECASE), _describe(second_job)
+    steps = [
+        json.loads(line)["step"]
+        for line in (second_job["run_dir"] / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert max(steps) == _expected_steps()
