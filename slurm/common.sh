@@ -217,9 +217,12 @@ rgkd_distill_main() {
   if [ "$dry_run" = 1 ]; then
     local plan="${RGKD_PLAN:-$PWD/.venv/bin/rgkd-plan}"
     [ -x "$plan" ] || rgkd_die "RGKD_PLAN=$plan: not an executable (run \`bash scripts/install.sh\` first)"
+    # the job's size: RGKD_NODES, else the script's own "#SBATCH --nodes=N"
+    local nodes="${RGKD_NODES:-$(grep -oP '^#SBATCH --nodes=\K[0-9]+' "$script" | head -n 1)}"
+    [ -n "$nodes" ] || rgkd_die "RGKD_NODES: not set and $script has no '#SBATCH --nodes=N' line"
     local rc=0
     "$plan" --config "$RGKD_RECIPE" --memory --gpu "$GPU_TYPE" --gpus-per-node "$GPUS_PER_NODE" \
-      "${path_overrides[@]}" "${user_overrides[@]}" || rc=$?
+      --world-size "$((nodes * GPUS_PER_NODE))" "${path_overrides[@]}" "${user_overrides[@]}" || rc=$?
     case "$rc" in
       0) ;;
       3) echo "rgkd: dry run: the recipe does not fit on $GPU_TYPE x $GPUS_PER_NODE per node (rgkd-plan exit 3)" >&2 ;;

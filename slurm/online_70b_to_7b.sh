@@ -10,7 +10,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 #
-# Usage: online white-box MM-PbKD, a Llama-3-70B teacher -> a Llama-3-8B-shaped student, 4 nodes x 8 GPUs
+# Usage: online PbKD judged by the live teacher, a Llama-3-70B teacher -> a Llama-3-8B-shaped student, 4 nodes x 8 GPUs
 #   export TEACHER_CKPT=/ckpt/llama3-70b-mcore-tp8 STUDENT_CKPT=/ckpt/llama3-8b-mcore-tp2 \
 #          PROMPTS=/data/prompts_with_teacher_responses.jsonl TOKENIZER=/ckpt/llama3-70b-hf
 #   sbatch slurm/online_70b_to_7b.sh [section.field=value ...]      # from the repository root

@@ -72,22 +72,48 @@ def _uses_distributed_optimizer(engine: Any) -> bool:
     return bool(engine.model[0].ddp_config.use_distributed_optimizer)
 
 
-def model_sharded_state_dict(model: torch.nn.Module) -> dict:
-    return model.sharded_state_dict(metadata=dict(_METADATA))
+def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "") -> dict:
+    """The model's sharded state dict, with its own DP group (a role on a rank window has no
+    parallel_state groups for megatron-core to fall back to)."""
+    metadata = dict(_METADATA)
+    groups = getattr(model, "pg_collection", None)
+    if groups is not None and getattr(groups, "dp_cp", None) is not None:
+        metadata["dp_cp_group"] = groups.dp_cp
+    return model.sharded_state_dict(prefix=prefix, metadata=metadata)
+
+
+def begin_save(root: str | os.PathLike, iteration: int, subdir: str = "rng") -> tuple[Path, Path]:
+    """Collective: (final, tmp) directories of iteration's checkpoint; rank 0 creates a clean
+    ``iter_N.tmp`` (with ``subdir``), removing what a crashed save left there."""
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / subdir).mkdir(parents=True)
+    dist.barrier()
+    return final, tmp
+
+
+def commit_save(final: Path, tmp: Path, marker: dict) -> None:
+    """Collective: once every rank wrote its part, rank 0 writes the completion marker, renames
+    ``tmp`` to ``final`` and points ``latest`` at it (atomic replace)."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(final.parent / "latest", final.name)
+    dist.barrier()
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra: dict | None = None) -> Path:
     """Collectively save model, optimizer, LR schedule, ``extra`` (e.g. data cursor) and RNG."""
-    root = Path(root)
-    final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    final, tmp = begin_save(root, iteration)
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
     model = engine.unwrapped()
     model_sd = model_sharded_state_dict(model)
     state = {
@@ -100,25 +126,13 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra:
         "extra": extra or {},
     }
     dist_checkpointing.save(state, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
     torch.save(capture_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        (tmp / MARKER).write_text(
-            json.dumps(
-                {
-                    "iteration": iteration,
-                    "layout": _layout_of(engine),
-                    "distributed_optimizer": _uses_distributed_optimizer(engine),
-                },
-                indent=1,
-            )
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text_atomic(root / "latest", final.name)
-    dist.barrier()
+    marker = {
+        "iteration": iteration,
+        "layout": _layout_of(engine),
+        "distributed_optimizer": _uses_distributed_optimizer(engine),
+    }
+    commit_save(final, tmp, marker)
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -188,28 +202,35 @@ def _unshare_adam_steps(optimizer: Any) -> None:
                 state["step"] = state["step"].clone()
 
 
-def save_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Weights only (e.g. an initialisation shared by several layouts, or a converted checkpoint)."""
+def save_model_weights(path: str | os.PathLike, model: torch.nn.Module | None) -> None:
+    """Weights only (e.g. an initialisation shared by several layouts, or a converted checkpoint).
+    Collective: a rank without the model passes None."""
     path = Path(path)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save({"model": model_sharded_state_dict(model)}, str(path))
+    dist_checkpointing.save({"model": model_sharded_state_dict(model) if model is not None else {}}, str(path))
     dist.barrier()
 
 
-def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, str(path))
-    model.load_state_dict(loaded["model"])
+def load_model_weights(path: str | os.PathLike, model: torch.nn.Module | None) -> None:
+    """Collective over the world: a rank that holds no such model passes None and takes part."""
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model) if model else {}}, str(path))
+    if model is not None:
+        model.load_state_dict(loaded["model"])
 
 
 def load_backbone_weights(
-    path: str | os.PathLike, model: torch.nn.Module, skip_prefix: str = "output_layer."
+    path: str | os.PathLike, model: torch.nn.Module | None, skip_prefix: str = "output_layer."
 ) -> None:
     """Load every weight except the head (e.g. a reward model initialised from a policy checkpoint,
-    whose output layer is a [vocab, hidden] projection, not the RM's scalar head)."""
-    sharded = {k: v for k, v in model_sharded_state_dict(model).items() if not k.startswith(skip_prefix)}
+    whose output layer is a [vocab, hidden] projection, not the RM's scalar head). Collective: a
+    rank without the model passes None."""
+    sd = model_sharded_state_dict(model) if model is not None else {}
+    sharded = {k: v for k, v in sd.items() if not k.startswith(skip_prefix)}
     loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    if model is None:
+        return
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     bad_missing = [k for k in missing if not k.startswith(skip_prefix) and not k.endswith("_extra_state")]
     if bad_missing or unexpected:

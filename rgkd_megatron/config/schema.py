@@ -151,7 +151,9 @@ class TrainConfig:
     log_interval: int = 1
     """Log metrics every this many steps."""
     save_interval: int = 0
-    """Save a checkpoint every this many steps; 0 = only at the end."""
+    """Save a checkpoint every this many steps (rgkd-distill: iterations, of the whole loop: every
+    role's model and optimizer, the plan cursor, preference pairs, RNG); 0 = only at the end. A run
+    resumes from ``<logging.run_dir>/checkpoints/latest`` automatically."""
     eval_interval: int = 0
     """Evaluate on valid_path every this many steps; 0 = never during training."""
 

@@ -90,6 +90,14 @@ class PreferenceStore:
         self.pairs.extend(new_pairs)
         return len(new_pairs)
 
+    def rewrite(self, pairs: Iterable[PreferencePair]) -> None:
+        """Replace the whole store (resume: drop pairs appended after a checkpoint), atomically."""
+        pairs = list(pairs)
+        self.pairs = []
+        if not pairs:
+            self.path.unlink(missing_ok=True)
+        self.extend(pairs)
+
     def trainable(self) -> list[PreferencePair]:
         """Pairs the Bradley-Terry penalty uses (ties excluded)."""
         return [p for p in self.pairs if not p.tie]

@@ -69,6 +69,8 @@ class RoleGroups:
     pg_collection: ProcessGroupCollection | None
     """None on ranks outside the role's window."""
     is_member: bool
+    window_group: dist.ProcessGroup | None = None
+    """All ranks of the role's window (None when the role spans the world: the default group)."""
 
     def _rank(self, group_name: str) -> int:
         if not self.is_member:
@@ -151,13 +153,14 @@ def _build_window_role(layout: RoleLayout) -> RoleGroups:
         "dp_cp": grid.create_pg(["cp", "dp"]),
         "tp_dp_cp": grid.create_pg(["tp", "cp", "dp"]),
     }
+    window = grid.create_pg(["tp", "cp", "dp", "pp"])
     pp_enum = grid.get_rank_enum("pp")
     embd_enum = [sorted({r[0], r[-1]}) for r in pp_enum]
     groups["embd"], _ = dist.new_subgroups_by_enumeration(embd_enum)
     groups["pos_embd"], _ = dist.new_subgroups_by_enumeration([[r[0]] for r in pp_enum])
     is_member = dist.get_rank() in layout.ranks
     if not is_member:
-        return RoleGroups(layout, None, is_member=False)
+        return RoleGroups(layout, None, is_member=False, window_group=window)
     collection = ProcessGroupCollection(
         **groups,
         intra_dp_cp=groups["dp_cp"],
@@ -169,4 +172,4 @@ def _build_window_role(layout: RoleLayout) -> RoleGroups:
         expt_dp=groups["dp"],
         intra_expt_dp=groups["dp"],
     )
-    return RoleGroups(layout, collection, is_member=True)
+    return RoleGroups(layout, collection, is_member=True, window_group=window)

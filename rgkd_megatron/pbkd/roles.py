@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from rgkd_megatron.checkpoint.dist_ckpt import load_backbone_weights, load_model_weights
+from rgkd_megatron.checkpoint.rng import capture_rng_state, restore_rng_state
 from rgkd_megatron.config import ModelConfig, RGKDConfig
 from rgkd_megatron.config.loader import config_from_dict
 from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, score, stage_forward
@@ -70,39 +71,47 @@ def build_pbkd_models(
     """
     by_role = dict(groups) if isinstance(groups, Mapping) else dict.fromkeys((POLICY, REWARD, TEACHER), groups)
     t, seed = cfg.train, cfg.train.seed
-    policy_engine = reward_engine = reference = teacher = None
+    policy = reward = reference = teacher = None
     pg, rg, tg = by_role.get(POLICY), by_role.get(REWARD), by_role.get(TEACHER)
     if _member(pg):
         seed_model_init(role_seed(seed, POLICY), pg)
-        par = role_parallel(cfg, pg)
-        policy = build_policy(cfg.model, par, pg, vocab_size)
-        reference = build_teacher(cfg.model, par, pg, vocab_size)  # frozen copy of the init
-        if cfg.model.load:
-            for model in (policy, reference):
-                load_model_weights(cfg.model.load, model)
-        else:
-            reference.load_state_dict(policy.state_dict())
-        policy_engine = build_engine(
-            policy, pg, cfg.optimizer, par, t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters, t.lr_decay_style
-        )
+        policy = build_policy(cfg.model, role_parallel(cfg, pg), pg, vocab_size)
+        reference = build_teacher(cfg.model, role_parallel(cfg, pg), pg, vocab_size)  # frozen copy of the init
     if _member(rg):
         seed_model_init(role_seed(seed, REWARD), rg)
-        par = role_parallel(cfg, rg)
-        reward = build_reward_model(cfg.model, par, rg, vocab_size)
-        if cfg.model.load:
-            load_backbone_weights(cfg.model.load, reward)
-        if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
-            attach_q_head(reward, cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
-        reward_engine = build_engine(
-            reward, rg, cfg.optimizer, par, cfg.pbkd.rm_lr, cfg.pbkd.rm_lr, 0, t.train_iters, "constant"
-        )
-    if cfg.pbkd.teacher_load and _member(tg):
+        reward = build_reward_model(cfg.model, role_parallel(cfg, rg), rg, vocab_size)
+        reward_rng = capture_rng_state()  # the Q head (attached after loading) continues the reward's stream
+    teacher_cfg = None
+    if cfg.pbkd.teacher_load:
         if not cfg.pbkd.teacher_model_config:
             raise ValueError("pbkd.teacher_model_config: required with pbkd.teacher_load")
         teacher_cfg = teacher_model_config(cfg.pbkd.teacher_model_config)
-        seed_model_init(role_seed(seed, TEACHER), tg)
-        teacher = build_teacher(teacher_cfg, role_parallel(cfg, tg), tg, vocab_size)
+        if _member(tg):
+            seed_model_init(role_seed(seed, TEACHER), tg)
+            teacher = build_teacher(teacher_cfg, role_parallel(cfg, tg), tg, vocab_size)
+    # loads are collective over the world: every rank makes the same calls (None = not held here)
+    if cfg.model.load:
+        load_model_weights(cfg.model.load, policy)
+        load_model_weights(cfg.model.load, reference)
+        load_backbone_weights(cfg.model.load, reward)
+    elif policy is not None:
+        reference.load_state_dict(policy.state_dict())
+    if teacher_cfg is not None:
         load_model_weights(cfg.pbkd.teacher_load, teacher)
+    policy_engine = reward_engine = None
+    if policy is not None:
+        par = role_parallel(cfg, pg)
+        policy_engine = build_engine(
+            policy, pg, cfg.optimizer, par, t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters, t.lr_decay_style
+        )
+    if reward is not None:
+        if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
+            restore_rng_state(reward_rng)
+            attach_q_head(reward, cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
+        reward_engine = build_engine(
+            reward, rg, cfg.optimizer, role_parallel(cfg, rg), cfg.pbkd.rm_lr, cfg.pbkd.rm_lr, 0, t.train_iters,
+            "constant",
+        )  # fmt: skip
     return PbKDModels(
         policy_engine, reward_engine, reference, teacher, vocab_size, tg if teacher is not None else None
     )

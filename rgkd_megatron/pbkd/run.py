@@ -4,23 +4,31 @@ save the student and write the report."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 
-from rgkd_megatron.checkpoint.dist_ckpt import save_model_weights
+from rgkd_megatron.checkpoint.dist_ckpt import find_latest_checkpoint, save_model_weights
+from rgkd_megatron.checkpoint.role_ckpt import load_roles_checkpoint, save_roles_checkpoint
 from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_config, validate_config
 from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
-from rgkd_megatron.parallel.groups import layout_for_world
+from rgkd_megatron.parallel import cpu_compat
+from rgkd_megatron.parallel.groups import RoleGroups, build_role_groups, layout_for_world
 from rgkd_megatron.pbkd.kd import KDTrainer
 from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
+from rgkd_megatron.pbkd.role_events import make_handlers
 from rgkd_megatron.pbkd.roles import build_pbkd_models
 from rgkd_megatron.pbkd.trainer import PbKDTrainer, SeqKDTrainer
+from rgkd_megatron.schedule.placement import POLICY, REWARD, ROLES, TEACHER, role_layouts, role_model_configs
+from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan
+from rgkd_megatron.schedule.runner import PlanRunner
+from rgkd_megatron.schedule.transport import RoleTransport
 from rgkd_megatron.training.setup import init_role
 from rgkd_megatron.utils.logging import get_logger
-from rgkd_megatron.utils.metrics import MetricsLogger, read_metrics
+from rgkd_megatron.utils.metrics import MetricsLogger, read_metrics, truncate_metrics
 from rgkd_megatron.utils.progress import ProgressBar
 
 logger = get_logger(__name__)
@@ -32,8 +40,86 @@ TRAINERS = {
 }
 
 
+def _role_groups(cfg: RGKDConfig, world: int) -> tuple[dict[str, RoleGroups], dict[str, range]]:
+    """Groups and rank windows per role (collective). Colocated: every role on one world layout."""
+    if cfg.placement.mode == "colocated":
+        layout = layout_for_world(
+            cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, world
+        )
+        groups = init_role(layout, cfg.train.seed)
+        return dict.fromkeys(ROLES, groups), dict.fromkeys(ROLES, range(world))
+    models, errors = role_model_configs(cfg)
+    if errors:
+        raise ValueError(errors[0])
+    layouts = role_layouts(cfg, world, models)
+    cpu_compat.apply()
+    groups = {role: build_role_groups(layout) for role, layout in layouts.items()}
+    return groups, {role: layout.ranks for role, layout in layouts.items()}
+
+
+def _check_runner_support(cfg: RGKDConfig, plan: Plan) -> None:
+    """Disaggregated placement runs split trainers; the TEACHER window judges (teacher_loglik) and
+    evaluates, but does not yet score every policy step (white-box top-k) on its own window."""
+    if cfg.placement.mode == "colocated":
+        return
+    method = cfg.pbkd.method
+    if plan.spec.teacher_scores:
+        raise ValueError(
+            f"placement.mode=disaggregated: pbkd.method={method} reads the live teacher's top-k on every "
+            "policy step, which the role runner does not move between windows yet; use placement.mode=colocated "
+            "(or an off-policy KD method with pbkd.cache_path)"
+        )
+    if not TRAINERS[method].splits_policy_step and REWARD in plan.roles:
+        raise ValueError(
+            f"placement.mode=disaggregated: pbkd.method={method} fuses its policy and adversary steps; "
+            "use placement.mode=colocated"
+        )
+
+
+def _evaluate(trainer, transport: RoleTransport | None, windows, tag: int) -> dict[str, float]:
+    """Evaluation at a cut, collective. Colocated: everything here. Disaggregated: the policy
+    window samples greedy responses and sends them to the reward window (reward gap) and the
+    teacher window (teacher NLL), when those are placed."""
+    rank = dist.get_rank()
+    if transport is None:
+        metrics = trainer.evaluate()
+    else:
+        metrics = {}
+        consumers = [REWARD] if trainer.reports_reward_gap and REWARD in windows else []
+        if TEACHER in windows and trainer.cfg.pbkd.teacher_load:
+            consumers.append(TEACHER)
+        if rank in windows[POLICY]:
+            metrics, responses = trainer.evaluate_policy()
+            for role in consumers:
+                transport.send({"responses": responses}, POLICY, role, tag=tag)
+        for role in consumers:
+            if rank in windows[role]:
+                responses = transport.recv(POLICY, role, tag=tag)["responses"]
+                evaluate = trainer.evaluate_reward if role == REWARD else trainer.evaluate_teacher
+                metrics = evaluate(responses)
+        transport.flush()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, metrics)
+    return {k: v for m in gathered for k, v in m.items()}
+
+
+def _gather_metrics(runner: PlanRunner) -> dict[int, dict[str, float]]:
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, runner.pop_metrics())
+    merged: dict[int, dict[str, float]] = {}
+    for part in gathered:
+        for step, m in part.items():
+            merged.setdefault(step, {}).update(m)
+    return merged
+
+
 def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
-    """Run ``cfg.pbkd.method``; torch.distributed must be initialised. Returns the final metrics."""
+    """Run ``cfg.pbkd.method``; torch.distributed must be initialised. Returns the final metrics.
+
+    The plan (``schedule.plan``) is executed by the role runner on the configured placement;
+    checkpoints of the whole loop go to ``<run_dir>/checkpoints`` every ``train.save_interval``
+    iterations and at the end, and a run resumes from the latest complete one automatically.
+    """
     world = dist.get_world_size()
     validate_config(cfg, world)
     if cfg.pbkd.method not in TRAINERS:
@@ -43,14 +129,12 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     if not cfg.pbkd.prompts_path:
         raise ValueError("pbkd.prompts_path: required (JSONL of {prompt, response})")
     run_dir = Path(cfg.logging.run_dir)
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         save_resolved_config(cfg, str(run_dir))
-    groups = init_role(
-        layout_for_world(
-            cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, world
-        ),
-        cfg.train.seed,
-    )
+    plan = build_plan(PlanSpec.from_config(cfg))
+    _check_runner_support(cfg, plan)
+    groups, windows = _role_groups(cfg, world)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     items = load_prompt_set(
         cfg.pbkd.prompts_path, tokenizer, cfg.data.seq_length // 2, cfg.data.seq_length // 2
@@ -59,10 +143,29 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     models = build_pbkd_models(cfg, groups, vocab_size)
     trainer = TRAINERS[cfg.pbkd.method](cfg, models, tokenizer, train_items, heldout, run_dir)
-    initial = trainer.evaluate()
-    logger.info("initial student: %s", initial)
-    total = cfg.pbkd.rounds * cfg.pbkd.iterations_per_round
-    rank = dist.get_rank()
+    colocated = cfg.placement.mode == "colocated"
+    transport = None if colocated else RoleTransport(windows)
+    runner_ref: list[PlanRunner] = []
+    runner = PlanRunner(plan, make_handlers(trainer, runner_ref), windows, transport)
+    runner_ref.append(runner)
+    engines = {role: e for role, e in ((POLICY, models.policy), (REWARD, models.reward)) if e is not None}
+    ckpt_root = run_dir / "checkpoints"
+    total = plan.spec.iterations
+    eval_tag = len(plan.events)  # tags above every event id
+    latest = find_latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state = load_roles_checkpoint(latest, engines)
+        trainer.load_state_dict(state["trainer"])
+        runner.restore(state["runner"])
+        initial, final = state["initial"], dict(state["final"])
+        logger.info("resumed from checkpoint %s (iteration %d of %d)", latest, runner.iteration, total)
+        if rank == 0:
+            truncate_metrics(run_dir / "metrics.jsonl", runner.iteration)
+    else:
+        initial = _evaluate(trainer, transport, windows, eval_tag)
+        logger.info("initial student: %s", initial)
+        final = dict(initial)
+    per_round = cfg.pbkd.iterations_per_round
     with (
         MetricsLogger(
             str(run_dir), rank=rank, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
@@ -70,10 +173,39 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         ) as metrics_logger,
         ProgressBar(total, desc=cfg.pbkd.method, enabled=cfg.logging.progress_bar, unit="iter", rank=rank) as bar,
     ):  # fmt: skip
-        metrics_logger.log(0, {f"{k}": v for k, v in initial.items()})
-        final = trainer.run(metrics_logger, bar)
-    save_model_weights(run_dir / "student", models.policy.unwrapped())
+        if runner.iteration == 0:
+            metrics_logger.log(0, dict(initial))
+        bar.update(runner.iteration)
+        while runner.iteration < total:
+            t = runner.iteration + 1
+            round_end = t % per_round == 0 or t == total
+            save = t == total or (cfg.train.save_interval > 0 and t % cfg.train.save_interval == 0)
+            round_started = time.perf_counter()
+            runner.run(t)
+            bar.update(1)
+            if not (round_end or save):
+                continue
+            runner.drain()
+            for step, m in sorted(_gather_metrics(runner).items()):
+                final.update(m)
+                metrics_logger.log(step, {**m, "round": (step - 1) // per_round + 1})
+            if round_end:
+                evaluation = _evaluate(trainer, transport, windows, eval_tag + t)
+                final.update(evaluation, round_time_s=time.perf_counter() - round_started)
+                final.update(round=(t - 1) // per_round + 1)
+                metrics_logger.log(t, {**evaluation, "round": (t - 1) // per_round + 1})
+            if save:
+                state = {
+                    "trainer": trainer.state_dict(),
+                    "runner": runner.cut_state(),
+                    "initial": initial,
+                    "final": final,
+                }
+                save_roles_checkpoint(ckpt_root, t, engines, state, {"method": cfg.pbkd.method})
+    timing = runner.timing_report()
+    save_model_weights(run_dir / "student", models.policy.unwrapped() if models.policy is not None else None)
     if rank == 0:
+        (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
         summary = {"method": cfg.pbkd.method, "initial": initial, "final": final}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _report(run_dir, cfg.pbkd.method, initial, final)

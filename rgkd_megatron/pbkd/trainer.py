@@ -1,5 +1,8 @@
 """Online PbKD: T rounds of sample -> judge -> append -> re-solve the min-max, warm-started.
 
+The trainer implements the steps; their order (and placement on role windows) is the plan's,
+executed by ``schedule.runner.PlanRunner`` (see ``pbkd/role_events.py`` and ``pbkd/run.py``).
+
 Per round r = 1..T (T = 1 is the offline variant: pairs from the initial student only):
   1. sample one response from the current student for ``pairs_per_round`` training prompts;
   2. judge each against the teacher's response and append the pairs (with provenance) to the
@@ -16,7 +19,6 @@ All sampling is seeded from (train.seed, round, step), so a run is reproducible.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,25 +53,105 @@ class PbKDTrainer:
         self, cfg: RGKDConfig, models: PbKDModels, tokenizer: Tokenizer, train_items, heldout_items, run_dir
     ):
         self.cfg, self.p, self.models, self.tok = cfg, cfg.pbkd, models, tokenizer
-        self.groups = models.policy.groups
         self.train_items: list[PromptItem] = train_items
         self.heldout_items: list[PromptItem] = heldout_items
         self.run_dir = Path(run_dir)
         self.store = PreferenceStore(self.run_dir / "preferences.jsonl")
-        self.judge = make_judge(
-            self.p.judge,
-            entry_point=self.p.judge_entry_point,
-            label_file=self.p.judge_label_file,
-            teacher_loglik=self._teacher_loglik if models.teacher is not None else None,
-            tie_tolerance=self.p.tie_tolerance,
-        )
+        self.judge = None  # None: the judge runs on another role's ranks (teacher_loglik, disaggregated)
+        if self.p.judge != "teacher_loglik" or models.teacher is not None:
+            self.judge = make_judge(
+                self.p.judge,
+                entry_point=self.p.judge_entry_point,
+                label_file=self.p.judge_label_file,
+                teacher_loglik=self._teacher_loglik if models.teacher is not None else None,
+                tie_tolerance=self.p.tie_tolerance,
+            )
+        self.round_student_step = 0
         self.policy_steps = 0
         self.rm_steps = 0
         self.round_samples: list[tuple[PromptItem, list[int]]] = []
+        self.rounds_received = 0
+        """Last round whose samples and pairs the reward side holds (collect sets it when colocated)."""
         self._teacher_self_nll: float | None = None
         self.reports_reward_gap = True
         """False for methods whose adversary has no sequence-reward head (baselines, MM-PbKD's Q)."""
         self._check_lengths()
+
+    splits_policy_step = True
+    """The policy step runs as rollout (policy) -> score (reward) -> policy_update (policy), so the
+    role runner can place the reward model on other ranks; subclasses that fuse them set False."""
+
+    @property
+    def groups(self):
+        """The policy's groups (the reward model's or the teacher's on a rank without the policy)."""
+        for engine in (self.models.policy, self.models.reward):
+            if engine is not None:
+                return engine.groups
+        return self.models.teacher_groups
+
+    def _writes_pairs(self) -> bool:
+        """This rank judges and is the first of its role's window: it writes preferences.jsonl."""
+        if self.judge is None:
+            return False
+        if self.p.judge == "teacher_loglik" and self.models.teacher_groups is not None:
+            judging = self.models.teacher_groups
+        elif self.models.policy is not None:
+            judging = self.models.policy.groups
+        else:
+            return False
+        return dist.get_rank() == judging.layout.rank_offset
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """Everything besides the models this trainer needs to continue exactly (JSON-able)."""
+        return {
+            "policy_steps": self.policy_steps,
+            "rm_steps": self.rm_steps,
+            "rounds_received": self.rounds_received,
+            "round_samples": [[item.prompt_id, list(r)] for item, r in self.round_samples],
+            "round_student_step": self.round_student_step,
+            "pairs": [pair.to_json() for pair in self.store.pairs],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy_steps, self.rm_steps = int(state["policy_steps"]), int(state["rm_steps"])
+        self.rounds_received = int(state["rounds_received"])
+        self.round_samples = self._samples_from_payload({"samples": state["round_samples"]})
+        self.round_student_step = int(state["round_student_step"])
+        pairs = [PreferencePair.from_json(line, "checkpoint") for line in state["pairs"]]
+        if self._writes_pairs():  # the JSONL may hold pairs collected after the checkpoint
+            self.store.rewrite(pairs)
+        else:
+            self.store.pairs = pairs
+
+    # ------------------------------------------------------------------ artifacts between roles
+    def _samples_from_payload(self, payload: dict) -> list[tuple[PromptItem, list[int]]]:
+        by_id = {i.prompt_id: i for i in self.train_items}
+        return [(by_id[int(pid)], [int(t) for t in r]) for pid, r in payload["samples"]]
+
+    def samples_payload(self) -> dict:
+        """The round's student samples, for the judge's and the reward model's ranks."""
+        return {
+            "samples": [[item.prompt_id, list(r)] for item, r in self.round_samples],
+            "student_step": self.round_student_step,
+        }
+
+    @staticmethod
+    def pairs_payload(pairs: list[PreferencePair]) -> dict:
+        return {"pairs": [pair.to_json() for pair in pairs]}
+
+    def receive_samples(self, payload: dict) -> None:
+        self.round_samples = self._samples_from_payload(payload)
+        self.round_student_step = int(payload["student_step"])
+
+    def receive_round(self, round_index: int, payload: dict) -> None:
+        """Reward side: take the round's samples and pairs (no-op when they were made on this rank)."""
+        if self.rounds_received >= round_index:
+            return
+        self.receive_samples(payload)
+        new = [PreferencePair.from_json(line, f"round {round_index}") for line in payload["pairs"]]
+        self.store.pairs.extend(new)
+        self.rounds_received = round_index
 
     # ------------------------------------------------------------------ helpers
     def _check_lengths(self) -> None:
@@ -92,7 +174,11 @@ class PbKDTrainer:
         item = next(i for i in self.train_items + self.heldout_items if i.prompt_id == prompt_id)
         ids = self.tok.encode(response) + [self.tok.eos_id]
         return -response_nll(
-            self.models.teacher, self.groups, [list(item.prompt_ids)], [ids], self.models.vocab_size
+            self.models.teacher,
+            self.models.teacher_groups,
+            [list(item.prompt_ids)],
+            [ids],
+            self.models.vocab_size,
         )
 
     def _sample(self, prompts: list[list[int]], seed: int, greedy: bool = False):
@@ -111,7 +197,7 @@ class PbKDTrainer:
         )
 
     def _run(self, engine, forward_step, batch: dict, rows_per_micro: int) -> dict[str, float]:
-        local = dp_shard(batch, self.groups.dp_rank, self.groups.layout.dp)
+        local = dp_shard(batch, engine.groups.dp_rank, engine.groups.layout.dp)
         micro = split_rows(local, rows_per_micro)
         return train_step(
             engine, forward_step, iter(micro), len(micro), self.cfg.data.seq_length, rows_per_micro
@@ -119,16 +205,29 @@ class PbKDTrainer:
 
     # ------------------------------------------------------------------ round: sample, judge, append
     def collect(self, round_index: int) -> int:
+        """Sample, judge and append the round's pairs; returns how many (see ``collect_round``)."""
+        return len(self.collect_round(round_index))
+
+    def collect_round(self, round_index: int) -> list[PreferencePair]:
+        """Sample the round's responses, then judge them (both on this rank)."""
+        self.sample_round(round_index)
+        return self.judge_round(round_index)
+
+    def sample_round(self, round_index: int) -> None:
+        """Policy side: one response of the current student for ``pairs_per_round`` prompts."""
         rng = self._rng(round_index, 1)
         picks = rng.choice(
             len(self.train_items), size=min(self.p.pairs_per_round, len(self.train_items)), replace=False
         )
         items = [self.train_items[i] for i in picks]
         out = self._sample([list(i.prompt_ids) for i in items], self._seed(round_index, 2))
+        self.round_samples = list(zip(items, out.response_ids()))
+        self.round_student_step = self.policy_steps
+
+    def judge_round(self, round_index: int) -> list[PreferencePair]:
+        """The judge's side: each sample against the teacher's response -> pairs, appended."""
         pairs = []
-        self.round_samples = []
-        for item, response in zip(items, out.response_ids()):
-            self.round_samples.append((item, response))
+        for item, response in self.round_samples:
             verdict = self.judge(item.prompt_id, item.prompt, item.teacher, self.tok.decode(response))
             chosen, rejected = orient(verdict, item.teacher_ids, response)
             pairs.append(
@@ -138,21 +237,22 @@ class PbKDTrainer:
                     chosen_ids=chosen,
                     rejected_ids=rejected,
                     provenance=Provenance(
-                        round=round_index, student_step=self.policy_steps, judge=self.judge.name
+                        round=round_index, student_step=self.round_student_step, judge=self.judge.name
                     ),
                     tie=verdict.tie,
                     margin=verdict.margin,
                 )
             )
-        if dist.get_rank() == 0:
+        if self._writes_pairs():
             self.store.extend(pairs)
         else:
             self.store.pairs.extend(pairs)
-        return len(pairs)
+        self.rounds_received = round_index
+        return pairs
 
     # ------------------------------------------------------------------ the max player
     def rm_step(self, round_index: int) -> dict[str, float]:
-        dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
+        dp, mbs = self.models.reward.groups.layout.dp, self.cfg.train.micro_batch_size
         per_kind = max(1, mbs // 4)
         count = self.p.prompts_per_step
         if count % (dp * per_kind):
@@ -184,16 +284,35 @@ class PbKDTrainer:
 
     # ------------------------------------------------------------------ the min player
     def policy_step(self, round_index: int) -> dict[str, float]:
+        """rollout -> score -> policy_update on this rank (colocated)."""
+        rollout = self.rollout(round_index)
+        return self.policy_update(round_index, rollout, self.score_rollout(rollout["sequences"]))
+
+    def rollout(self, round_index: int) -> dict:
+        """Policy side: n samples for each of g prompts, with their sampling log-probs."""
         g, n = self.p.prompts_per_step, self.p.samples_per_prompt
-        dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
         rng = self._rng(round_index, 4, self.policy_steps)
         items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
         out = self._sample(prompts, self._seed(round_index, 5, self.policy_steps))
         responses = out.response_ids()
         sequences = [p + r for p, r in zip(prompts, responses)]
-        raw = reward_scores(self.models.reward.unwrapped(), self.groups, sequences, self.tok.pad_id)
-        rewards = bounded_reward(raw, self.p.reward_bound)
+        return {"items": items, "prompts": prompts, "responses": responses, "logprobs": out.logprobs,
+                "sequences": sequences}  # fmt: skip
+
+    def score_rollout(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Reward side: the bounded rewards of the rollout's sequences [g * n] (fp32)."""
+        rm = self.models.reward
+        return bounded_reward(
+            reward_scores(rm.unwrapped(), rm.groups, sequences, self.tok.pad_id), self.p.reward_bound
+        )
+
+    def policy_update(self, round_index: int, rollout: dict, rewards: torch.Tensor) -> dict[str, float]:
+        """Policy side: RLOO / PPO-clip step with KL to the initial student (+ SeqKD anchor)."""
+        g, n = self.p.prompts_per_step, self.p.samples_per_prompt
+        dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
+        items, prompts, responses = rollout["items"], rollout["prompts"], rollout["responses"]
+        sequences = rollout["sequences"]
         advantages = group_advantages(rewards.view(g, n)).reshape(-1)
         seq_len = self.cfg.data.seq_length
         batch = collate_sequences(prompts, responses, seq_len, self.tok.pad_id)
@@ -201,7 +320,7 @@ class PbKDTrainer:
         batch["ref_logprobs"] = _fit(ref, seq_len)
         old = torch.zeros(len(prompts), seq_len)
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            old[i, len(p) - 1 : len(p) - 1 + len(r)] = out.logprobs[i, : len(r)]
+            old[i, len(p) - 1 : len(p) - 1 + len(r)] = rollout["logprobs"][i, : len(r)]
         batch["old_logprobs"] = old
         batch["advantage"] = advantages.float()
         batch["reward"] = rewards.float()
@@ -238,6 +357,18 @@ class PbKDTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, items: list[PromptItem] | None = None) -> dict[str, float]:
+        """Every evaluation metric on this rank (colocated: all models here)."""
+        items = items or self.heldout_items
+        metrics, responses = self.evaluate_policy(items)
+        if self.reports_reward_gap:
+            metrics.update(self.evaluate_reward(responses, items))
+        return metrics
+
+    def evaluate_policy(
+        self, items: list[PromptItem] | None = None
+    ) -> tuple[dict[str, float], list[list[int]]]:
+        """Policy side: greedy responses on held-out prompts, ROUGE-L, length, the teacher's NLL of
+        them (when the teacher is on this rank). Returns (metrics, responses)."""
         items = items or self.heldout_items
         out = self._sample([list(i.prompt_ids) for i in items], seed=0, greedy=True)
         responses = out.response_ids()
@@ -246,70 +377,40 @@ class PbKDTrainer:
         refs = [(t, i.reference) for t, i in zip(texts, items) if i.reference]
         if refs:
             metrics["eval_rougeL_vs_reference"] = rouge_l([t for t, _ in refs], [r for _, r in refs])
-        prompts = [list(i.prompt_ids) for i in items]
-        if self.reports_reward_gap:
-            rm = self.models.reward.unwrapped()
-            r_student = bounded_reward(
-                reward_scores(rm, self.groups, [p + r for p, r in zip(prompts, responses)], self.tok.pad_id),
-                self.p.reward_bound,
-            )
-            r_teacher = bounded_reward(
-                reward_scores(
-                    rm,
-                    self.groups,
-                    [p + list(i.teacher_ids) for p, i in zip(prompts, items)],
-                    self.tok.pad_id,
-                ),
-                self.p.reward_bound,
-            )
-            metrics["eval_reward_gap"] = float(r_teacher.mean() - r_student.mean())
         metrics["eval_response_len"] = float(np.mean([len(r) for r in responses]))
         if self.models.teacher is not None:
-            nonempty = [(p, r) for p, r in zip(prompts, responses) if r]
-            metrics["eval_teacher_nll_of_student"] = response_nll(
-                self.models.teacher,
-                self.groups,
-                [p for p, _ in nonempty],
-                [r for _, r in nonempty],
-                self.models.vocab_size,
+            metrics.update(self.evaluate_teacher(responses, items))
+        return metrics, responses
+
+    def evaluate_teacher(
+        self, responses: list[list[int]], items: list[PromptItem] | None = None
+    ) -> dict[str, float]:
+        """Teacher side: its NLL of the student's held-out responses, and of its own."""
+        items = items or self.heldout_items
+        prompts = [list(i.prompt_ids) for i in items]
+        teacher, groups, vocab = self.models.teacher, self.models.teacher_groups, self.models.vocab_size
+        nonempty = [(p, r) for p, r in zip(prompts, responses) if r]
+        metrics = {
+            "eval_teacher_nll_of_student": response_nll(
+                teacher, groups, [p for p, _ in nonempty], [r for _, r in nonempty], vocab
             )
-            if self._teacher_self_nll is None:
-                self._teacher_self_nll = response_nll(
-                    self.models.teacher,
-                    self.groups,
-                    prompts,
-                    [list(i.teacher_ids) for i in items],
-                    self.models.vocab_size,
-                )
-            metrics["eval_teacher_nll_of_teacher"] = self._teacher_self_nll
+        }
+        if self._teacher_self_nll is None:
+            self._teacher_self_nll = response_nll(
+                teacher, groups, prompts, [list(i.teacher_ids) for i in items], vocab
+            )
+        metrics["eval_teacher_nll_of_teacher"] = self._teacher_self_nll
         return metrics
 
-    # ------------------------------------------------------------------ the loop
-    def run(self, metrics_logger=None, progress=None) -> dict[str, float]:
-        last: dict[str, float] = {}
-        step = 0
-        for round_index in range(1, self.p.rounds + 1):
-            started = time.perf_counter()
-            added = self.collect(round_index)
-            logger.info("round %d: %d pairs added (%d total)", round_index, added, len(self.store))
-            for _ in range(self.p.iterations_per_round):
-                for _ in range(self.p.k_r):
-                    last.update(self.rm_step(round_index))
-                for _ in range(self.p.k_p):
-                    last.update(self.policy_step(round_index))
-                step += 1
-                last.update(round=round_index, pairs=len(self.store))
-                if metrics_logger is not None:
-                    metrics_logger.log(step, dict(last))
-                if progress is not None:
-                    progress.update(1, reward=f"{last.get('policy_sample_reward_mean', 0):.3f}")
-            last.update(self.evaluate())
-            last["round_time_s"] = time.perf_counter() - started
-            if metrics_logger is not None:
-                metrics_logger.log(
-                    step, {k: v for k, v in last.items() if k.startswith("eval_") or k == "round"}
-                )
-        return last
+    def evaluate_reward(
+        self, responses: list[list[int]], items: list[PromptItem] | None = None
+    ) -> dict[str, float]:
+        """Reward side: mean bounded reward of the teacher's minus the student's held-out responses."""
+        items = items or self.heldout_items
+        prompts = [list(i.prompt_ids) for i in items]
+        r_student = self.score_rollout([p + r for p, r in zip(prompts, responses)])
+        r_teacher = self.score_rollout([p + list(i.teacher_ids) for p, i in zip(prompts, items)])
+        return {"eval_reward_gap": float(r_teacher.mean() - r_student.mean())}
 
 
 def _fit(rows_bt: torch.Tensor, seq_len: int) -> torch.Tensor:

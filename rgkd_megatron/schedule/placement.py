@@ -16,7 +16,8 @@ overlapping windows, windows outside the world, ranks in no window (unless
 ``placement.allow_idle_ranks``), a layout not dividing its window, heads / query groups / FFN
 width / layers not divisible by the role's TP / PP (for the role's own model: the student's for
 POLICY and REWARD, ``pbkd.teacher_model_config`` for TEACHER), and a role the method needs but the
-placement lacks (a live teacher for white-box KD / MM-PbKD / the teacher_loglik judge, a reward
+placement lacks (a live teacher for MM-PbKD, the teacher_loglik judge and white-box KD, except
+off-policy KD with ``pbkd.cache_path`` set, which reads the teacher top-k cache instead; a reward
 model for PbKD / MM-PbKD).
 
 Usage::
@@ -79,7 +80,15 @@ def role_needs(pbkd: PbKDConfig) -> dict[str, str | None]:
     elif pbkd.method == "mm_pbkd":
         reward = "pbkd.method=mm_pbkd trains a Q-function"
     teacher = None
-    if pbkd.method == "mm_pbkd" or pbkd.method in KD_METHODS:
+    if pbkd.method == "mm_pbkd":
+        teacher = "pbkd.method=mm_pbkd reads the live teacher's probabilities"
+    elif pbkd.method in KD_METHODS and pbkd.on_policy:
+        teacher = (
+            f"pbkd.method={pbkd.method} with pbkd.on_policy=true reads the live teacher's probabilities "
+            "on the student's samples (pbkd.cache_path holds only the teacher's responses)"
+        )
+    elif pbkd.method in KD_METHODS and not pbkd.cache_path:
+        # off-policy KD with pbkd.cache_path set reads the teacher top-k cache instead (KDTrainer)
         teacher = f"pbkd.method={pbkd.method} reads the live teacher's probabilities"
     elif pbkd.judge == "teacher_loglik" and pbkd.method == "pbkd":
         teacher = "pbkd.judge=teacher_loglik scores pairs with the live teacher"

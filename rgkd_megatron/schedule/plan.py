@@ -145,6 +145,8 @@ class PlanSpec:
         """The spec of ``cfg``: schedule fields plus what ``pbkd.method`` does (see the trainers)."""
         p, method = cfg.pbkd, cfg.pbkd.method
         adversarial = method in ("pbkd", "mm_pbkd")
+        # off-policy KD with pbkd.cache_path reads the teacher top-k cache: no live teacher scoring
+        cached_kd = method in KD_METHODS and not p.on_policy and bool(p.cache_path)
         return cls(
             rounds=p.rounds,
             iterations_per_round=p.iterations_per_round,
@@ -157,7 +159,7 @@ class PlanSpec:
             teacher_judges=adversarial and p.judge == "teacher_loglik",
             reward_model=adversarial,
             rollouts=adversarial or (method in KD_METHODS and p.on_policy),
-            teacher_scores=method == "mm_pbkd" or method in KD_METHODS,
+            teacher_scores=method == "mm_pbkd" or (method in KD_METHODS and not cached_kd),
         )
 
 
@@ -172,6 +174,10 @@ class Plan:
 
     spec: PlanSpec
     events: tuple[Event, ...]
+    iteration_ends: tuple[int, ...] = ()
+    """``iteration_ends[t-1]``: number of events built for iterations 1..t; the prefix
+    ``events[:iteration_ends[t-1]]`` is a consistent cut (nothing in it depends on a later event),
+    where the runner may synchronise, evaluate and checkpoint. The last entry is ``len(events)``."""
 
     @property
     def serial(self) -> bool:
@@ -208,7 +214,11 @@ class Plan:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": asdict(self.spec), "events": [asdict(e) for e in self.events]}
+        return {
+            "spec": asdict(self.spec),
+            "events": [asdict(e) for e in self.events],
+            "iteration_ends": list(self.iteration_ends),
+        }
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -221,7 +231,7 @@ class Plan:
             for name in ("inputs", "outputs", "depends_on"):
                 fields[name] = tuple(fields[name])
             events.append(Event(**fields))
-        return cls(PlanSpec(**data["spec"]), tuple(events))
+        return cls(PlanSpec(**data["spec"]), tuple(events), tuple(data.get("iteration_ends", ())))
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -273,6 +283,7 @@ def build_plan(spec: PlanSpec) -> Plan:
             b.add(REWARD, "rm_update", i, round_, block, [f"rm@{i - 1}", *data], [f"rm@{i}"])
 
     t = 0
+    ends: list[int] = []
     for round_ in range(1, spec.rounds + 1):
         for _ in range(iters):
             t += 1
@@ -298,10 +309,12 @@ def build_plan(spec: PlanSpec) -> Plan:
                     b.add(REWARD, "score", j, round_, t, [*batch, f"rm@{rm_version}"], [f"rewards@{j}"])
                     update_inputs.append(f"rewards@{j}")
                 b.add(POLICY, "policy_update", j, round_, t, update_inputs, [f"policy@{j}"])
+            ends.append(len(b.events))
     while blocks_done < t:
         blocks_done += 1
         rm_block(blocks_done)
-    return Plan(spec, tuple(b.events))
+    ends[-1] = len(b.events)  # the trailing RM blocks belong to the last iteration
+    return Plan(spec, tuple(b.events), tuple(ends))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ are exact global means over micro-batches and DP ranks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -47,6 +48,32 @@ class Engine:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model[0].module
+
+
+@contextlib.contextmanager
+def _world_collectives_on(window: dist.ProcessGroup | None) -> Iterator[None]:
+    """Run megatron-core code that calls ``torch.distributed.all_gather_object`` on the default
+    (world) group on the role's window instead. ``get_megatron_optimizer`` aligns optimizer param
+    groups across "all ranks" that way; with roles on disjoint windows, all ranks of the *model* are
+    the window's, and the other windows are busy with their own roles (a world call would deadlock
+    or mix roles). ``window=None``: the role spans the world, nothing to redirect."""
+    if window is None:
+        yield
+        return
+    original = dist.all_gather_object
+
+    def on_window(object_list: list, obj: Any, group: Any = None) -> None:
+        if group is not None:
+            return original(object_list, obj, group=group)
+        local: list = [None] * dist.get_world_size(window)
+        original(local, obj, group=window)
+        object_list[:] = local + [obj] * (len(object_list) - len(local))
+
+    dist.all_gather_object = on_window
+    try:
+        yield
+    finally:
+        dist.all_gather_object = original
 
 
 def build_engine(
@@ -91,9 +118,10 @@ def build_engine(
         use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
         overlap_param_gather=parallel_cfg.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(
-        opt_config, [ddp_model], use_gloo_process_groups=False, pg_collection=pg
-    )
+    with _world_collectives_on(groups.window_group):
+        optimizer = get_megatron_optimizer(
+            opt_config, [ddp_model], use_gloo_process_groups=False, pg_collection=pg
+        )
     # one INFO line: spec, optimizer class actually built, dtype, fp8, recompute, kd kernel, overlap
     log_kernel_selection(engine_selection(model, optimizer, ddp_config))
     scheduler = OptimizerParamScheduler(

@@ -233,3 +233,18 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 continue
             raise ValueError(f"{path}:{i + 1}: malformed JSON line: {exc}") from None
     return rows
+
+
+def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> None:
+    """Drop rows logged after ``last_step`` (a resumed run logs them again), atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,7 +1,9 @@
 """The real SLURM path end to end: a local cluster of two fake nodes (scripts/slurm_cluster.sh),
 the real job script slurm/online_70b_to_7b.sh submitted with sbatch over 2 nodes x 2 tasks running
-the tiny recipe (examples/recipes/tiny_online.yaml: TP=2 x DP=2 on CPU/gloo), then submitted again
-under the same job name, which must resume from the first job's checkpoint (requeue simulation).
+the tiny recipe (examples/recipes/tiny_online.yaml: disaggregated, student TP=2 on node1, reward
+model TP=1 x DP=2 on node2, CPU/gloo). Then a second job under another name whose reward rank is
+SIGKILLed mid-run (RGKD_FAULT_AFTER_EVENT), and its resubmission under the same name (a requeue),
+which must resume from the crashed job's last checkpoint and end bit-identical to the first job.
 
 Needs root and the Debian packages of `bash scripts/install.sh --dev`; without them the tests FAIL
 (they are part of CI). A cluster that is already up is used and left running; one this module
@@ -10,17 +12,21 @@ started is stopped at the end. About 2 minutes on 2 cores (two jobs of ~1 minute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from launch_helpers import INSTALL_HINT, REPO, clean_env, missing_programs
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 CLUSTER = REPO / "scripts" / "slurm_cluster.sh"
 SCRIPT = "slurm/online_70b_to_7b.sh"
@@ -52,11 +58,26 @@ def _job_info(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def _submit_and_wait(runs_root: Path, tag: str) -> dict:
+def _kill_leftovers(job_id: str) -> None:
+    """Processes of a job that outlived it: a SIGKILLed rank orphans megatron-core's checkpoint
+    writer helper (a multiprocessing manager), which proctrack/linuxproc no longer tracks."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in environ:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+def _submit_and_wait(runs_root: Path, tag: str, job_name: str = JOB_NAME, **env_vars: str) -> dict:
     """sbatch the real script with the tiny recipe; wait until the job leaves the queue."""
     out = runs_root / f"{tag}-%j.out"
-    env = clean_env(RGKD_RECIPE=TINY, RGKD_RUNS_ROOT=str(runs_root))
-    cmd = ["sbatch", "--parsable", "--job-name", JOB_NAME, "--nodes", "2", "--ntasks-per-node", "2",
+    env = clean_env(RGKD_RECIPE=TINY, RGKD_RUNS_ROOT=str(runs_root), **env_vars)
+    cmd = ["sbatch", "--parsable", "--job-name", job_name, "--nodes", "2", "--ntasks-per-node", "2",
            "--gres=gpu:0", "--output", str(out), SCRIPT]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
@@ -72,7 +93,8 @@ def _submit_and_wait(runs_root: Path, tag: str) -> dict:
             pytest.fail(f"job {job_id} still queued/running after {JOB_TIMEOUT_S} s: {queued}")
         time.sleep(1)
     elapsed = time.perf_counter() - started
-    run_dir = runs_root / JOB_NAME
+    _kill_leftovers(job_id)
+    run_dir = runs_root / job_name
     log_dir = run_dir / "logs" / job_id
     stdout_file = runs_root / f"{tag}-{job_id}.out"
     print(f"job {job_id} ({tag}): {elapsed:.1f} s")
@@ -102,11 +124,19 @@ def first_job(slurm_cluster, runs_root):
     return _submit_and_wait(runs_root, "first")
 
 
+CRASH_NAME = "rgkd-ci-tiny-online-crash"
+FAULT = "11:2"  # plan event 11 (the reward window scores iteration 3's rollouts) on rank 2: SIGKILL
+
+
 @pytest.fixture(scope="module")
-def second_job(first_job, runs_root):
-    if (first_job["log_dir"] / "exit_status").read_text().strip() != "0":
-        pytest.fail("the first job failed, so there is nothing to resume: " + _describe(first_job))
-    return _submit_and_wait(runs_root, "second")
+def crashed_job(first_job, runs_root):
+    return _submit_and_wait(runs_root, "crashed", CRASH_NAME, RGKD_FAULT_AFTER_EVENT=FAULT)
+
+
+@pytest.fixture(scope="module")
+def second_job(crashed_job, runs_root):
+    """The crashed job submitted again under its name (what a requeue does)."""
+    return _submit_and_wait(runs_root, "second", CRASH_NAME)
 
 
 def _expected_steps() -> int:
@@ -188,17 +218,37 @@ def test_checkpoint_written(first_job):
     assert sorted(p.name for p in ckpt.glob("iter_*")), ckpt
 
 
-def test_resubmitted_job_resumes(first_job, second_job):
-    """Requeue simulation: same job name -> same run dir -> resume from checkpoints/latest.
-    Waits for rgkd-distill's resume (the rank-0 log must say it resumed from the checkpoint)."""
+def _tensors(checkpoint: Path, out: Path) -> dict:
+    dcp_to_torch_save(str(checkpoint), str(out))
+    return {k: v for k, v in torch.load(out, weights_only=True).items() if isinstance(v, torch.Tensor)}
+
+
+def test_crashed_job_fails_and_keeps_its_last_checkpoint(crashed_job):
+    assert crashed_job["info"].get("ExitCode") != "0:0", _describe(crashed_job)
+    assert (crashed_job["log_dir"] / "exit_status").read_text().strip() != "0"
+    ckpt = crashed_job["run_dir"] / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000002", _describe(crashed_job)
+    assert not (crashed_job["run_dir"] / "summary.json").exists()
+
+
+def test_resubmitted_job_resumes_bit_identical(first_job, crashed_job, second_job, tmp_path):
+    """Requeue: same job name -> same run dir -> resume from checkpoints/latest, then finish with
+    every model and optimizer tensor equal to the uninterrupted first job's."""
     assert second_job["info"].get("ExitCode") == "0:0", _describe(second_job)
     assert (second_job["log_dir"] / "exit_status").read_text().strip() == "0"
-    assert second_job["run_dir"] == first_job["run_dir"]
+    assert second_job["run_dir"] == crashed_job["run_dir"]
     assert "checkpoints/latest" in second_job["stdout"] and "resumes from it" in second_job["stdout"]
     rank0 = (second_job["log_dir"] / "rank-0.log").read_text()
-    assert re.search(r"resum\w*\b.*(checkpoint|iter_\d+)", rank0, re.IGNORECASE), _describe(second_job)
+    assert re.search(r"resumed from checkpoint \S*iter_0000002", rank0), _describe(second_job)
+    final = f"iter_{_expected_steps():07d}"
+    reference = _tensors(first_job["run_dir"] / "checkpoints" / final, tmp_path / "a.pt")
+    resumed = _tensors(second_job["run_dir"] / "checkpoints" / final, tmp_path / "b.pt")
+    assert sorted(reference) == sorted(resumed) and any("exp_avg" in k for k in reference)
+    for key, value in reference.items():
+        assert torch.equal(value, resumed[key]), key
     steps = [
         json.loads(line)["step"]
         for line in (second_job["run_dir"] / "metrics.jsonl").read_text().splitlines()
     ]
     assert max(steps) == _expected_steps()
+

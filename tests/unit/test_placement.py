@@ -200,6 +200,34 @@ def test_missing_roles_the_method_needs():
     assert role_needs(load_config(None, validate=False).pbkd)["teacher"] is None
 
 
+def test_off_policy_kd_reads_the_teacher_cache_instead_of_a_live_teacher():
+    # off-policy KD with pbkd.cache_path: KDTrainer reads the cached top-k, no TEACHER role needed
+    cached = load_config(None, ["pbkd.method=fkl", "pbkd.cache_path=/data/cache"], validate=False)
+    assert role_needs(cached.pbkd)["teacher"] is None
+    assert validate_placement(cached, 8) == []
+    assert [w.role for w in placed_windows(cached, 8)] == ["policy"]
+    disagg = [
+        "pbkd.method=fkl", "pbkd.cache_path=/data/cache", "placement.mode=disaggregated",
+        "placement.policy.num_ranks=8", "placement.teacher.num_ranks=0", "placement.reward.num_ranks=0",
+    ]  # fmt: skip
+    assert validate_placement(load_config(None, disagg, validate=False), 8, MODELS) == []
+    # a placed teacher would idle: the cache takes precedence off-policy
+    _one(_errors("pbkd.method=fkl", "pbkd.cache_path=/data/cache", "placement.reward.num_ranks=0",
+                 "placement.allow_idle_ranks=false"), "placement.teacher.num_ranks", "never uses the teacher")  # fmt: skip
+
+
+def test_on_policy_kd_needs_the_live_teacher_even_with_a_cache():
+    for extra in ([], ["pbkd.cache_path=/data/cache"]):
+        cfg = load_config(None, ["pbkd.method=fkl", "pbkd.on_policy=true", *extra], validate=False)
+        assert role_needs(cfg.pbkd)["teacher"] is not None
+        errors = validate_placement(cfg, 8)
+        assert len(errors) == 1
+        _one(errors, "pbkd.teacher_load", "pbkd.method=fkl with pbkd.on_policy=true reads the live teacher")
+    # MM-PbKD always scores with the live teacher (MMPbKDTrainer requires models.teacher)
+    mm = load_config(None, ["pbkd.method=mm_pbkd", "pbkd.cache_path=/data/cache"], validate=False)
+    _one(validate_placement(mm, 8), "pbkd.teacher_load", "pbkd.method=mm_pbkd reads the live teacher")
+
+
 def test_a_placed_role_the_method_never_uses_is_idle():
     errors = _errors("pbkd.method=pbkd")  # black-box PbKD with the teacher_wins judge: no live teacher
     assert _one(errors, "placement.teacher.num_ranks").endswith(

@@ -155,6 +155,21 @@ def test_method_specs_from_config():
     assert off.events[0].inputs == ()
 
 
+def test_cached_off_policy_kd_has_no_teacher_scoring():
+    def spec(*overrides):
+        return PlanSpec.from_config(load_config(None, ["pbkd.method=fkl", *overrides], validate=False))
+
+    cached = spec("pbkd.cache_path=/data/cache")
+    assert (cached.collect, cached.reward_model, cached.rollouts, cached.teacher_scores) == (False,) * 4
+    assert [(e.role, e.action) for e in build_plan(cached).events][:1] == [("policy", "policy_update")]
+    assert spec("pbkd.cache_path=/data/cache", "pbkd.on_policy=true").teacher_scores  # cache unused on-policy
+    assert spec().teacher_scores  # no cache: the live teacher scores
+    mm = PlanSpec.from_config(
+        load_config(None, ["pbkd.method=mm_pbkd", "pbkd.cache_path=/data/cache"], validate=False)
+    )
+    assert mm.teacher_scores
+
+
 def test_schedule_config_errors_name_the_field():
     cfg = load_config(None, ["schedule.overlap=true"], validate=False)
     assert validate_schedule(cfg)[0].startswith(
