@@ -4,6 +4,9 @@ optimizer and gradient clipping see its parameters)."""
 
 from __future__ import annotations
 
+import types
+
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from rgkd_megatron.losses.mm_pbkd import BilinearQHead
@@ -32,4 +35,26 @@ def attach_q_head(model: nn.Module, bound: float) -> BilinearQHead:
     head.action_bias.partition_dim = 0
     head.action_bias.partition_stride = 1
     model.q_head = head
+    model.sharded_state_dict = types.MethodType(_q_model_sharded_state_dict, model)
     return head
+
+
+def _q_model_sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+    """The backbone's sharded state dict plus the Q head's (``action_bias`` sharded over TP like the
+    vocabulary, the rest replicated). megatron-core's GPTModel expects an output-layer weight on the
+    last stage; the Q model has none (``HiddenStatesOut``), so the backbone is dumped as a non-last
+    stage (which skips only that output-layer handling) and the head is added explicitly."""
+    post_process = self.post_process
+    self.post_process = False
+    try:
+        backbone = type(self).sharded_state_dict(self, prefix, sharded_offsets, metadata)
+    finally:
+        self.post_process = post_process
+    backbone = {k: v for k, v in backbone.items() if not k.startswith(f"{prefix}q_head.")}
+    head_prefix = f"{prefix}q_head."
+    groups = self.pg_collection
+    head = make_sharded_tensors_for_checkpoint(
+        self.q_head.state_dict(keep_vars=True), head_prefix, {"action_bias": 0}, sharded_offsets,
+        tp_group=groups.tp, dp_cp_group=groups.dp_cp,
+    )  # fmt: skip
+    return {**backbone, **head}

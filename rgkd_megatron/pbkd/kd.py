@@ -41,6 +41,8 @@ def _kd_loss_func(opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
 class KDTrainer(PbKDTrainer):
     """Word-level / on-policy KD baseline with the divergence named by ``pbkd.method``."""
 
+    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reports_reward_gap = False

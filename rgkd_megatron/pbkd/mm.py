@@ -54,6 +54,8 @@ def _q_values(model, gpt, batch, tp_group, vocab_size):
 class MMPbKDTrainer(PbKDTrainer):
     """MM-PbKD: a Q-function adversary read through the teacher's (top-k + tail) probabilities."""
 
+    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.models.teacher is None:

@@ -446,6 +446,8 @@ class SeqKDTrainer(PbKDTrainer):
     """The SeqKD / SFT baseline through the same data, budget and evaluation: each policy step is a
     cross-entropy step on teacher responses (as many rows as a PbKD policy step), no reward model."""
 
+    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reports_reward_gap = False

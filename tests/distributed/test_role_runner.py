@@ -35,10 +35,10 @@ LOSSES = ("rm_loss", "rm_bt_loss", "policy_pg_loss", "policy_kl", "policy_sample
 
 
 def test_disaggregated_staleness0_equals_colocated(tmp_path):
-    colocated, disaggregated = tmp_path / "colocated", tmp_path / "disaggregated"
+    colocated, windows = tmp_path / "colocated", tmp_path / "disaggregated"
     _distill(colocated, 4, ["parallel.tensor_model_parallel_size=2", "train.global_batch_size=8"])
-    _distill(disaggregated, 4, disaggregated(policy=(0, 2, 2), reward=(2, 2, 2)))
-    a, b = metrics_rows(colocated), metrics_rows(disaggregated)
+    _distill(windows, 4, disaggregated(policy=(0, 2, 2), reward=(2, 2, 2)))
+    a, b = metrics_rows(colocated), metrics_rows(windows)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     compared = 0
     for ra, rb in zip(a, b):
@@ -48,12 +48,12 @@ def test_disaggregated_staleness0_equals_colocated(tmp_path):
                 compared += 1
     assert compared >= 10
     ta = checkpoint_tensors(final_checkpoint(colocated), tmp_path / "a.pt")
-    tb = checkpoint_tensors(final_checkpoint(disaggregated), tmp_path / "b.pt")
+    tb = checkpoint_tensors(final_checkpoint(windows), tmp_path / "b.pt")
     weights = [k for k in ta if not k.startswith("optimizer.")]
     assert any(k.startswith("policy.") for k in weights) and any(k.startswith("reward.") for k in weights)
     for key in weights:
         assert torch.allclose(ta[key], tb[key], rtol=1e-4, atol=1e-5), key
-    timing = json.loads((disaggregated / "schedule_timing.json").read_text())
+    timing = json.loads((windows / "schedule_timing.json").read_text())
     assert timing["placement"] == "disaggregated" and timing["max_rm_lag"] == 0
 
 
