@@ -62,12 +62,6 @@ class KDTrainer(PbKDTrainer):
                 "(off-policy) or pbkd.teacher_load and pbkd.teacher_model_config (live)"
             )
 
-    def collect(self, round_index: int) -> int:
-        return 0
-
-    def rm_step(self, round_index: int) -> dict[str, float]:
-        return {}
-
     def policy_step(self, round_index: int) -> dict[str, float]:
         rows = self.p.prompts_per_step * self.p.samples_per_prompt
         rng = self._rng(round_index, 7, self.policy_steps)

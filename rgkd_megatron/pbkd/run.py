@@ -176,11 +176,13 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         if runner.iteration == 0:
             metrics_logger.log(0, dict(initial))
         bar.update(runner.iteration)
+        start = runner.iteration
         while runner.iteration < total:
             t = runner.iteration + 1
             round_end = t % per_round == 0 or t == total
             save = t == total or (cfg.train.save_interval > 0 and t % cfg.train.save_interval == 0)
-            round_started = time.perf_counter()
+            if (t - 1) % per_round == 0 or runner.iteration == start:
+                round_started = time.perf_counter()
             runner.run(t)
             bar.update(1)
             if not (round_end or save):

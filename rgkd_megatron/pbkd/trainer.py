@@ -204,10 +204,6 @@ class PbKDTrainer:
         )
 
     # ------------------------------------------------------------------ round: sample, judge, append
-    def collect(self, round_index: int) -> int:
-        """Sample, judge and append the round's pairs; returns how many (see ``collect_round``)."""
-        return len(self.collect_round(round_index))
-
     def collect_round(self, round_index: int) -> list[PreferencePair]:
         """Sample the round's responses, then judge them (both on this rank)."""
         self.sample_round(round_index)
@@ -451,12 +447,6 @@ class SeqKDTrainer(PbKDTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reports_reward_gap = False
-
-    def collect(self, round_index: int) -> int:
-        return 0
-
-    def rm_step(self, round_index: int) -> dict[str, float]:
-        return {}
 
     def policy_step(self, round_index: int) -> dict[str, float]:
         from rgkd_megatron.training.objectives import make_sft_forward_step

@@ -198,10 +198,11 @@ class PlanRunner:
         """What a checkpoint at the current cut keeps besides models (call ``drain`` first)."""
         return {"position": self.position, "iteration": self.iteration, "artifacts": dict(self.wire)}
 
-    def restore(self, state: Mapping[str, Any], to_local: Callable[[str, Any], Any] = lambda a, w: w) -> None:
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``cut_state``'s output (the kept artifacts are JSON/tensor payloads)."""
         self.position, self.iteration = int(state["position"]), int(state["iteration"])
         self.wire = dict(state["artifacts"])
-        self.local = {a: to_local(a, w) for a, w in self.wire.items()}
+        self.local = dict(self.wire)
 
     def pop_metrics(self) -> dict[int, dict[str, float]]:
         out = dict(self.metrics)
