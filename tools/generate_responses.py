@@ -1,11 +1,14 @@
-"""Generate a teacher's responses for a prompt set: ``{prompt, response, reference}`` JSONL.
+"""Generate a teacher's responses for a prompt set: ``{prompt, response, reference, truncated, sample}`` JSONL.
 
 The output is what ``rgkd-distill`` reads as ``pbkd.prompts_path``. The teacher is a megatron
 dist_checkpointing directory (any TP/PP it was saved at) plus a YAML whose ``model`` section
 describes it (``model_config.yaml`` written next to a converted checkpoint, or a run's
 ``config.yaml``). Prompts go through the tokenizer's prompt template (the chat template for
 SmolLM2-Instruct), responses are generated in batches with a KV cache (greedy by default), the EOS
-is stripped, and the file is written atomically in prompt order.
+is stripped, and the file is written atomically in prompt order. Each record says whether its
+response was cut at ``--max-new-tokens`` without an EOS (``"truncated": true``; a consumer must not
+append an EOS to it) and which sample of its prompt it is (``"sample"``, 0-based):
+``--num-samples N`` (with ``--temperature > 0``) writes N consecutive records per prompt.
 
 Rerunning is safe: finished batches are kept in ``OUT.partial/`` and a rerun after a kill continues
 from them; when ``OUT`` is complete and ``OUT.meta.json`` shows the same prompts file, model,
@@ -26,6 +29,7 @@ data-parallel replica generates a disjoint share of the batches and rank 0 merge
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--output",
         required=True,
-        help="JSONL to write: the input records in order, each with a 'response' (atomic; OUT.meta.json and, while running, OUT.partial/ next to it)",
+        help="JSONL to write: the input records in order (each --num-samples times), each with a 'response', 'truncated' (cut at --max-new-tokens without EOS) and 'sample' (atomic; OUT.meta.json and, while running, OUT.partial/ next to it)",
     )
     io.add_argument(
         "--load",
@@ -76,13 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=_DEFAULTS.batch_size,
-        help="prompts per generate call (prompts are batched by similar token length)",
+        help="responses per generate call (prompt samples are batched by similar token length)",
+    )
+    gen.add_argument(
+        "--num-samples",
+        type=int,
+        default=_DEFAULTS.num_samples,
+        help="responses per prompt, written as consecutive records with 'sample' 0..N-1 (N > 1 needs --temperature > 0)",
     )
     gen.add_argument(
         "--max-new-tokens",
         type=int,
         default=_DEFAULTS.max_new_tokens,
-        help="longest response in tokens (EOS included); longer responses are cut",
+        help="longest response in tokens (EOS included); longer responses are cut and marked 'truncated'",
     )
     gen.add_argument(
         "--temperature", type=float, default=_DEFAULTS.temperature, help="sampling temperature; 0 = greedy"
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> GenerationSettings:
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
+        top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, num_samples=args.num_samples,
     )  # fmt: skip
     try:
         settings.validate()
@@ -190,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from rgkd_megatron.data.tokenizer import load_tokenizer
     from rgkd_megatron.generation.responses import (
         check_output_state,
+        meta_path,
         plan_generation,
         read_prompt_records,
         response_identity,
@@ -218,10 +229,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     identity = response_identity(args.prompts, fingerprint, tokenizer, params_dtype, settings, len(records))
     state = check_output_state(args.output, identity, args.overwrite)
     if state == "done":
-        return {"state": "done", "output": args.output, "num_prompts": len(records)}
+        meta = json.loads(meta_path(args.output).read_text(encoding="utf-8"))
+        return {"state": "done", "output": args.output, "num_prompts": len(records),
+                "num_samples": settings.num_samples, "num_records": plan.num_items,
+                "num_truncated": meta.get("num_truncated")}  # fmt: skip
     if args.dry_run:
         longest = max(len(ids) for ids in plan.prompt_ids)
-        print(f"plan: {len(records)} prompts in {len(plan.batches)} batches of <= {settings.batch_size}; "
+        print(f"plan: {len(records)} prompts x {settings.num_samples} samples in {len(plan.batches)} "
+              f"batches of <= {settings.batch_size}; "
               f"longest prompt {longest} tokens + {settings.max_new_tokens} new <= "
               f"{cfg.model.max_position_embeddings}; output state: {state}; teacher {fingerprint[:16]}...")  # fmt: skip
         return None
@@ -275,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if infer_rank() == 0:
         if summary["state"] == "done":
-            print(f"{args.output} is up to date ({summary['num_prompts']} responses, same prompts, model "
+            print(f"{args.output} is up to date ({summary['num_records']} responses, same prompts, model "
                   "and settings): nothing to do")  # fmt: skip
         else:
-            print(f"wrote {summary['num_prompts']} responses to {args.output} ({summary['generated_batches']} of "
+            print(f"wrote {summary['num_records']} responses ({summary['num_prompts']} prompts x "
+                  f"{summary['num_samples']} samples) to {args.output} ({summary['generated_batches']} of "
                   f"{summary['num_batches']} batches generated in this run, {summary['num_truncated']} "
-                  f"responses cut at --max-new-tokens)")  # fmt: skip
+                  f"responses cut at --max-new-tokens, marked truncated)")  # fmt: skip
     return 0
 
 

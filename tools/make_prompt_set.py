@@ -1,17 +1,20 @@
 """Generate ``examples/data/prompts_en.jsonl``: short English prompts with reference answers.
 
-The embedded prompt set of the out-of-the-box distillation (issue 8): general-knowledge and
-instruction prompts a 135M-parameter instruct model (SmolLM2-135M-Instruct) can answer, each with a
-short correct reference (1-2 sentences). Records are ``{"prompt": str, "reference": str}``; the
-teacher's responses are added later by ``tools/generate_responses.py``.
+The embedded prompt set of the out-of-the-box distillation: general-knowledge and instruction
+prompts a 135M-parameter instruct model (SmolLM2-135M-Instruct) can answer, each with a short
+correct reference (1-2 sentences). Records are ``{"prompt": str, "reference": str}``; the teacher's
+responses are added later by ``tools/generate_responses.py``.
 
-Every prompt and reference comes from the tables and templates below, written for this project (no
-external dataset, model or web text). Phrasings rotate per family so the model sees varied
-instructions. The generator is seeded; the output is byte-identical from run to run.
+Every prompt and reference comes from the fact tables in ``tools/prompt_tables.py`` and the
+templates below, written for this project (no external dataset, model or web text). Phrasings
+rotate per family so the model sees varied instructions. The generator is seeded; the output is
+byte-identical from run to run.
 
-Families: capitals, science facts, one-sentence explanations, definitions of everyday words,
-synonyms, antonyms, short lists, formal rewriting, plurals and past tenses, and tiny reasoning
-(arithmetic word problems, comparisons, calendar steps, counting legs, odd one out, even or odd).
+Families (see ``FAMILIES``): capitals, science facts, one-sentence explanations, definitions of
+everyday words, synonyms, antonyms, short lists, formal rewriting, plurals and past tenses, colors,
+sentence completion, which is bigger, and computed ones: tiny reasoning (arithmetic word problems,
+comparisons, calendar steps, counting legs, odd one out, even or odd, the larger number), numbers
+in words, spelling and letter counts, and unit conversions.
 
 Usage::
 
@@ -27,23 +30,35 @@ import random
 import sys
 from collections import Counter
 
-# --------------------------------------------------------------------------------------------------
-# fact tables (written for this project)
+# the fact tables sit next to this script; make them importable when it is loaded by path (tests)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prompt_tables import (  # noqa: E402
+    ANTONYMS,
+    CAPITALS,
+    COLORS,
+    COMPLETIONS,
+    CONCEPTS,
+    DAYS,
+    FORMAL,
+    ITEMS,
+    LEGS,
+    LISTS,
+    NAMES,
+    ODD_ONE_OUT,
+    PAST_TENSES,
+    PLURALS,
+    SCIENCE,
+    SIZES,
+    SPELLING_WORDS,
+    SYNONYMS,
+    UNITS,
+    WORDS,
+)
 
-CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("the United Kingdom", "London"), ("Ireland", "Dublin"),
-    ("the Netherlands", "Amsterdam"), ("Belgium", "Brussels"), ("Austria", "Vienna"),
-    ("Switzerland", "Bern"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Sweden", "Stockholm"),
-    ("Norway", "Oslo"), ("Denmark", "Copenhagen"), ("Finland", "Helsinki"), ("Hungary", "Budapest"),
-    ("the Czech Republic", "Prague"), ("Russia", "Moscow"), ("Turkey", "Ankara"), ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"), ("Nigeria", "Abuja"), ("Morocco", "Rabat"), ("Ghana", "Accra"),
-    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("South Korea", "Seoul"),
-    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"),
-    ("Australia", "Canberra"), ("New Zealand", "Wellington"), ("Canada", "Ottawa"),
-    ("the United States", "Washington, D.C."), ("Mexico", "Mexico City"), ("Brazil", "Brasilia"),
-    ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Chile", "Santiago"),
-]  # fmt: skip
+del sys.path[0]
+
+# --------------------------------------------------------------------------------------------------
+# phrasing templates (rotated per family)
 
 CAPITAL_TEMPLATES = [
     "What is the capital of {country}?",
@@ -52,136 +67,12 @@ CAPITAL_TEMPLATES = [
     "Tell me the capital of {country}.",
 ]
 
-SCIENCE = [
-    ("At what temperature does water boil at sea level, in degrees Celsius?", "Water boils at 100 degrees Celsius at sea level."),
-    ("At what temperature does water freeze, in degrees Celsius?", "Water freezes at 0 degrees Celsius."),
-    ("What gas do plants take in from the air to make food?", "Plants take in carbon dioxide."),
-    ("What gas do humans need to breathe to stay alive?", "Humans need oxygen."),
-    ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun."),
-    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
-    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
-    ("How many planets are in our solar system?", "There are eight planets in our solar system."),
-    ("What is the chemical formula of water?", "The chemical formula of water is H2O."),
-    ("What star is at the center of our solar system?", "The Sun is the star at the center of our solar system."),
-    ("What force pulls objects toward the ground?", "Gravity pulls objects toward the ground."),
-    ("What organ pumps blood through the human body?", "The heart pumps blood through the body."),
-    ("Which organ do humans use to breathe?", "Humans breathe with their lungs."),
-    ("How many bones does an adult human have?", "An adult human has 206 bones."),
-    ("What is the hardest natural substance?", "Diamond is the hardest natural substance."),
-    ("What do bees make from the nectar of flowers?", "Bees make honey from nectar."),
-    ("What is the name of the Earth's natural satellite?", "The Earth's natural satellite is the Moon."),
-    ("How long does it take the Earth to orbit the Sun?", "It takes the Earth about 365 days, or one year, to orbit the Sun."),
-    ("How long does it take the Earth to spin once on its axis?", "The Earth spins once on its axis in about 24 hours."),
-    ("What are the three common states of matter?", "The three common states of matter are solid, liquid and gas."),
-    ("What is the main gas in the air we breathe?", "Nitrogen is the main gas in the air, about 78 percent."),
-    ("What color do you get when you mix blue and yellow paint?", "Mixing blue and yellow paint gives green."),
-    ("What color do you get when you mix red and white paint?", "Mixing red and white paint gives pink."),
-    ("What kind of animal is a whale?", "A whale is a mammal."),
-    ("What kind of animal is a frog?", "A frog is an amphibian."),
-    ("Is a spider an insect?", "No, a spider is an arachnid; it has eight legs, while insects have six."),
-    ("How many legs does an insect have?", "An insect has six legs."),
-    ("What is the boiling point of water in degrees Fahrenheit?", "Water boils at 212 degrees Fahrenheit at sea level."),
-    ("What part of a plant absorbs water from the soil?", "The roots absorb water from the soil."),
-    ("Which vitamin does the skin make when exposed to sunlight?", "The skin makes vitamin D in sunlight."),
-    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
-    ("What is the tallest mountain on Earth above sea level?", "Mount Everest is the tallest mountain above sea level."),
-    ("What metal is liquid at room temperature?", "Mercury is a metal that is liquid at room temperature."),
-    ("Does sound travel faster in air or in water?", "Sound travels faster in water than in air."),
-    ("Which travels faster, light or sound?", "Light travels much faster than sound."),
-    ("What do we call animals that eat only plants?", "Animals that eat only plants are called herbivores."),
-    ("What do we call animals that eat only meat?", "Animals that eat only meat are called carnivores."),
-    ("What is the center of an atom called?", "The center of an atom is called the nucleus."),
-    ("What is the largest organ of the human body?", "The skin is the largest organ of the human body."),
-    ("Why do we see lightning before we hear thunder?", "Light travels faster than sound, so the flash reaches us before the thunder."),
-]  # fmt: skip
-
-CONCEPTS = [
-    ("photosynthesis", "Photosynthesis is the process by which plants use sunlight, water and carbon dioxide to make their own food and release oxygen."),
-    ("gravity", "Gravity is the force that pulls objects toward each other, such as things falling toward the Earth."),
-    ("evaporation", "Evaporation is when a liquid, such as water, turns into a gas, usually because it is heated."),
-    ("a volcano", "A volcano is an opening in the Earth's surface through which hot melted rock, ash and gas escape."),
-    ("an earthquake", "An earthquake is a sudden shaking of the ground caused by movements of rock deep inside the Earth."),
-    ("the water cycle", "The water cycle is the continuous movement of water from the ground to the sky as vapor and back again as rain or snow."),
-    ("a habitat", "A habitat is the natural home where an animal or plant lives."),
-    ("a fossil", "A fossil is the preserved remains or trace of a plant or animal that lived long ago."),
-    ("electricity", "Electricity is a form of energy carried by moving electric charges, used to power lights and machines."),
-    ("a magnet", "A magnet is an object that attracts iron and some other metals."),
-    ("friction", "Friction is the force that resists motion when two surfaces rub against each other."),
-    ("a rainbow", "A rainbow is an arc of colors in the sky made when sunlight is bent and split by raindrops."),
-    ("an eclipse", "An eclipse happens when one object in space, such as the Moon, blocks the light of another, such as the Sun."),
-    ("a democracy", "A democracy is a system of government in which citizens choose their leaders by voting."),
-    ("inflation", "Inflation is the general rise in prices over time, which means money buys less."),
-    ("a budget", "A budget is a plan for how to spend and save money over a period of time."),
-    ("recycling", "Recycling is turning used materials such as paper, glass and plastic into new products."),
-    ("a vaccine", "A vaccine is a medicine that trains the body's immune system to fight a specific disease."),
-    ("a computer program", "A computer program is a set of instructions that tells a computer what to do."),
-    ("the internet", "The internet is a worldwide network that connects computers so they can share information."),
-    ("a password", "A password is a secret word or phrase used to prove who you are before accessing an account."),
-    ("a verb", "A verb is a word that describes an action or a state, such as run or be."),
-    ("a noun", "A noun is a word that names a person, place, thing or idea."),
-    ("an adjective", "An adjective is a word that describes a noun, such as big or red."),
-    ("a metaphor", "A metaphor is a figure of speech that describes something by saying it is something else."),
-    ("a map", "A map is a drawing that shows where places are and how they relate to each other."),
-    ("a calendar", "A calendar is a chart that shows the days, weeks and months of a year."),
-    ("a thermometer", "A thermometer is a tool that measures temperature."),
-    ("a telescope", "A telescope is an instrument that makes distant objects, such as stars, look closer."),
-    ("a microscope", "A microscope is an instrument that makes very small things look larger so we can see them."),
-    ("climate", "Climate is the usual weather of a place over many years."),
-    ("a desert", "A desert is a very dry area that gets little rain."),
-    ("an island", "An island is a piece of land completely surrounded by water."),
-    ("a continent", "A continent is one of the Earth's very large land masses, such as Africa or Asia."),
-    ("digestion", "Digestion is the process by which the body breaks food down into substances it can use."),
-    ("a cell", "A cell is the smallest living unit that makes up all plants and animals."),
-    ("energy", "Energy is the ability to do work or cause change, such as moving or heating something."),
-    ("a shadow", "A shadow is a dark area formed when an object blocks light."),
-    ("a season", "A season is one of the four parts of the year, spring, summer, autumn and winter, each with its own weather."),
-    ("a tide", "A tide is the regular rise and fall of the sea level, caused mainly by the pull of the Moon."),
-]  # fmt: skip
-
 CONCEPT_TEMPLATES = [
     "Explain in one sentence what {thing} is.",
     "In one sentence, what is {thing}?",
     "Briefly explain what {thing} is.",
     "What is {thing}? Answer in one sentence.",
 ]
-
-WORDS = [
-    ("umbrella", "An umbrella is a folding cover on a stick that keeps you dry in the rain."),
-    ("kettle", "A kettle is a container used to boil water."),
-    ("pillow", "A pillow is a soft cushion that supports your head while you sleep."),
-    ("ladder", "A ladder is a set of steps between two long sides, used for climbing up and down."),
-    ("wallet", "A wallet is a small flat case for carrying money and cards."),
-    ("library", "A library is a place where books are kept for people to read or borrow."),
-    ("bakery", "A bakery is a shop where bread and cakes are made and sold."),
-    ("neighbor", "A neighbor is a person who lives next to or near you."),
-    ("breakfast", "Breakfast is the first meal of the day, eaten in the morning."),
-    ("recipe", "A recipe is a set of instructions for cooking a dish."),
-    ("invitation", "An invitation is a request for someone to come to an event."),
-    ("journey", "A journey is a trip from one place to another."),
-    ("hobby", "A hobby is an activity you do for fun in your free time."),
-    ("promise", "A promise is a statement that you will certainly do something."),
-    ("apology", "An apology is saying that you are sorry for something you did."),
-    ("schedule", "A schedule is a plan that lists times when things will happen."),
-    ("receipt", "A receipt is a piece of paper showing that you paid for something."),
-    ("passport", "A passport is an official document that proves who you are when you travel abroad."),
-    ("helmet", "A helmet is a hard hat that protects your head."),
-    ("blanket", "A blanket is a large piece of warm cloth used to cover you in bed."),
-    ("mirror", "A mirror is a piece of glass that reflects your image."),
-    ("candle", "A candle is a stick of wax with a wick that you burn to give light."),
-    ("harvest", "A harvest is the gathering of ripe crops from the fields."),
-    ("festival", "A festival is a special time of celebration, often with music, food and events."),
-    ("volunteer", "A volunteer is a person who offers to do work without being paid."),
-    ("deadline", "A deadline is the latest time by which something must be done."),
-    ("souvenir", "A souvenir is an object you keep to remember a place or event."),
-    ("habit", "A habit is something you do regularly, often without thinking about it."),
-    ("curious", "Curious means eager to learn or know about something."),
-    ("generous", "Generous means happy to give money, time or help to others."),
-    ("polite", "Polite means behaving with good manners and respect toward others."),
-    ("brave", "Brave means ready to face danger or difficulty without fear."),
-    ("ancient", "Ancient means very old, from a time long ago."),
-    ("fragile", "Fragile means easily broken or damaged."),
-    ("patient", "Patient means able to wait calmly without getting annoyed."),
-]  # fmt: skip
 
 WORD_TEMPLATES = [
     "What does the word '{word}' mean?",
@@ -191,14 +82,6 @@ WORD_TEMPLATES = [
     "Explain the word '{word}' in one sentence.",
 ]
 
-SYNONYMS = [
-    ("happy", "glad"), ("big", "large"), ("small", "tiny"), ("fast", "quick"), ("begin", "start"),
-    ("end", "finish"), ("smart", "clever"), ("angry", "furious"), ("easy", "simple"), ("buy", "purchase"),
-    ("help", "assist"), ("shout", "yell"), ("rich", "wealthy"), ("shut", "close"), ("sad", "unhappy"),
-    ("pretty", "beautiful"), ("cold", "chilly"), ("talk", "speak"), ("choose", "pick"), ("gift", "present"),
-    ("jump", "leap"), ("quiet", "silent"), ("tired", "sleepy"), ("correct", "right"), ("scared", "afraid"),
-]  # fmt: skip
-
 SYNONYM_TEMPLATES = [
     "Give a synonym for '{word}'.",
     "What is another word for '{word}'?",
@@ -206,35 +89,12 @@ SYNONYM_TEMPLATES = [
     "Suggest one synonym of '{word}'.",
 ]
 
-ANTONYMS = [
-    ("hot", "cold"), ("up", "down"), ("open", "closed"), ("early", "late"), ("heavy", "light"),
-    ("full", "empty"), ("strong", "weak"), ("young", "old"), ("day", "night"), ("win", "lose"),
-    ("push", "pull"), ("inside", "outside"), ("wet", "dry"), ("loud", "quiet"), ("high", "low"),
-    ("thick", "thin"), ("ask", "answer"), ("buy", "sell"), ("arrive", "leave"), ("remember", "forget"),
-]  # fmt: skip
-
 ANTONYM_TEMPLATES = [
     "What is the opposite of '{word}'?",
     "Give an antonym of '{word}'.",
     "Name a word that means the opposite of '{word}'.",
     "Which word is the opposite of '{word}'?",
 ]
-
-LISTS = [
-    ("fruits", ["apple", "banana", "orange"]), ("vegetables", ["carrot", "potato", "spinach"]),
-    ("colors", ["red", "blue", "green"]), ("animals that live in the ocean", ["dolphin", "shark", "octopus"]),
-    ("farm animals", ["cow", "sheep", "pig"]), ("musical instruments", ["piano", "guitar", "violin"]),
-    ("sports", ["football", "tennis", "swimming"]), ("kitchen tools", ["knife", "spoon", "pan"]),
-    ("things you can find in a classroom", ["desk", "chalkboard", "pencil"]),
-    ("planets", ["Mercury", "Venus", "Earth"]), ("birds", ["eagle", "sparrow", "penguin"]),
-    ("kinds of weather", ["rain", "snow", "wind"]), ("body parts", ["hand", "knee", "nose"]),
-    ("pieces of clothing", ["shirt", "jacket", "sock"]), ("shapes", ["circle", "square", "triangle"]),
-    ("means of transport", ["car", "train", "bicycle"]), ("drinks", ["water", "tea", "milk"]),
-    ("insects", ["ant", "bee", "butterfly"]), ("jobs", ["teacher", "doctor", "farmer"]),
-    ("countries in Europe", ["France", "Spain", "Poland"]), ("wild animals", ["lion", "elephant", "giraffe"]),
-    ("days of the week", ["Monday", "Tuesday", "Wednesday"]), ("flowers", ["rose", "tulip", "daisy"]),
-    ("metals", ["iron", "copper", "gold"]), ("things that are cold", ["ice", "snow", "a freezer"]),
-]  # fmt: skip
 
 LIST_TEMPLATES = [
     "List three {what}.",
@@ -244,29 +104,6 @@ LIST_TEMPLATES = [
     "Write down three {what}.",
 ]
 
-FORMAL = [
-    ("Hey, what's up?", "Hello, how are you?"),
-    ("Gimme a sec.", "Please give me a moment."),
-    ("I wanna go home.", "I would like to go home."),
-    ("Thanks a lot, buddy!", "Thank you very much."),
-    ("Can't make it today, sorry.", "I apologize, but I am unable to attend today."),
-    ("That movie was super cool.", "That film was excellent."),
-    ("Send me the stuff ASAP.", "Please send me the materials as soon as possible."),
-    ("I dunno the answer.", "I do not know the answer."),
-    ("We gotta finish this now.", "We must finish this now."),
-    ("The food was kinda bad.", "The food was rather poor."),
-    ("See ya tomorrow!", "I will see you tomorrow."),
-    ("Yeah, sounds good to me.", "Yes, that sounds acceptable to me."),
-    ("My boss is gonna be mad.", "My manager will be displeased."),
-    ("Lemme know if you need help.", "Please let me know if you need any assistance."),
-    ("The meeting got pushed back.", "The meeting has been postponed."),
-    ("I'm totally beat.", "I am very tired."),
-    ("Can you fix this real quick?", "Could you please correct this promptly?"),
-    ("Nope, not interested.", "No, thank you; I am not interested."),
-    ("Check out the new report.", "Please review the new report."),
-    ("Sorry I'm late, traffic was crazy.", "I apologize for my late arrival; the traffic was very heavy."),
-]  # fmt: skip
-
 FORMAL_TEMPLATES = [
     'Make this sentence formal: "{text}"',
     'Rewrite the following sentence in a formal tone: "{text}"',
@@ -274,30 +111,42 @@ FORMAL_TEMPLATES = [
     'Turn this casual sentence into formal English: "{text}"',
 ]
 
-PLURALS = [
-    ("child", "children"), ("mouse", "mice"), ("tooth", "teeth"), ("foot", "feet"), ("box", "boxes"),
-    ("city", "cities"), ("knife", "knives"), ("sheep", "sheep"), ("woman", "women"), ("leaf", "leaves"),
-]  # fmt: skip
+COLOR_TEMPLATES = [
+    "What color is {thing}?",
+    "What is the usual color of {thing}?",
+    "Tell me the color of {thing}.",
+    "Which color is {thing}?",
+]
 
-PAST_TENSES = [
-    ("go", "went"), ("eat", "ate"), ("write", "wrote"), ("see", "saw"), ("run", "ran"),
-    ("buy", "bought"), ("think", "thought"), ("swim", "swam"), ("bring", "brought"), ("teach", "taught"),
-]  # fmt: skip
+COMPLETION_TEMPLATES = [
+    'Complete the sentence: "{start} ..."',
+    'Finish this sentence with one word: "{start} ..."',
+    'Fill in the missing word: "{start} ___."',
+    'What word completes this sentence? "{start} ..."',
+    'Complete this sentence: "{start} ..."',
+]
 
-NAMES = ["Tom", "Anna", "Ben", "Lucy", "Omar", "Mia", "Ravi", "Sara", "Leo", "Nina", "Kai", "Eva"]
-ITEMS = ["apples", "books", "pencils", "stickers", "cookies", "marbles", "stamps", "shells"]
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-LEGS = [("cat", 4), ("dog", 4), ("chicken", 2), ("spider", 8), ("duck", 2), ("horse", 4), ("ant", 6)]
-ODD_ONE_OUT = [
-    (["apple", "banana", "carrot", "pear"], "carrot", "it is a vegetable and the others are fruits"),
-    (["dog", "cat", "rose", "horse"], "rose", "it is a flower and the others are animals"),
-    (["red", "blue", "table", "green"], "table", "it is a piece of furniture and the others are colors"),
-    (["Monday", "June", "Friday", "Sunday"], "June", "it is a month and the others are days of the week"),
-    (["car", "bus", "train", "chair"], "chair", "it is furniture and the others are vehicles"),
-    (["piano", "violin", "spoon", "drum"], "spoon", "it is a kitchen tool and the others are instruments"),
-    (["eagle", "sparrow", "salmon", "owl"], "salmon", "it is a fish and the others are birds"),
-    (["circle", "square", "triangle", "seven"], "seven", "it is a number and the others are shapes"),
-]  # fmt: skip
+NUMBER_TEMPLATES = [
+    "Write the number {n} in words.",
+    "How do you write {n} in words?",
+    "Spell out the number {n}.",
+    "Write {n} using words instead of digits.",
+]
+
+UNIT_TEMPLATES = [
+    "How many {small} are in {n} {units}?",
+    "Convert {n} {units} to {small}.",
+    "{n} {units} is how many {small}?",
+    "How many {small} are there in {n} {units}?",
+]
+
+SPELLING_TEMPLATES = [  # (what is asked, phrasing)
+    ("count", "How many letters are in the word '{word}'?"),
+    ("spell", "Spell the word '{word}' letter by letter."),
+    ("first", "What is the first letter of the word '{word}'?"),
+    ("count", "Count the letters in the word '{word}'."),
+    ("last", "What is the last letter of the word '{word}'?"),
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,6 +224,112 @@ def grammar() -> list[tuple[str, str]]:
     return out
 
 
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def colors() -> list[tuple[str, str]]:
+    return [
+        (_rotate(COLOR_TEMPLATES, i, thing=thing), f"{_cap(thing)} is {color}.")
+        for i, (thing, color) in enumerate(COLORS)
+    ]
+
+
+def completions() -> list[tuple[str, str]]:
+    return [
+        (_rotate(COMPLETION_TEMPLATES, i, start=start), f"{start} {end}.")
+        for i, (start, end) in enumerate(COMPLETIONS)
+    ]
+
+
+def sizes() -> list[tuple[str, str]]:
+    """Which is bigger (or smaller); the bigger thing comes first in every other cycle of phrasings."""
+    out = []
+    for i, (big, small) in enumerate(SIZES):
+        a, b = (big, small) if (i // 4) % 2 == 0 else (small, big)
+        kind = i % 4
+        if kind == 0:
+            out.append((f"Which is bigger, {a} or {b}?", f"{_cap(big)} is bigger than {small}."))
+        elif kind == 1:
+            out.append((f"Which is larger: {a} or {b}?", f"{_cap(big)} is larger than {small}."))
+        elif kind == 2:
+            out.append((f"Which one is smaller, {a} or {b}?", f"{_cap(small)} is smaller than {big}."))
+        else:
+            answer = "Yes" if a == big else "No"
+            out.append((f"Is {a} bigger than {b}?", f"{answer}, {big} is bigger than {small}."))
+    return out
+
+
+def spelling() -> list[tuple[str, str]]:
+    out = []
+    for i, word in enumerate(SPELLING_WORDS):
+        kind, template = SPELLING_TEMPLATES[i % len(SPELLING_TEMPLATES)]
+        if kind == "count":
+            reference = f"The word '{word}' has {len(word)} letters."
+        elif kind == "spell":
+            reference = f"The word '{word}' is spelled {'-'.join(word)}."
+        else:
+            letter = word[0] if kind == "first" else word[-1]
+            reference = f"The {kind} letter of '{word}' is '{letter}'."
+        out.append((template.format(word=word), reference))
+    return out
+
+
+ONES = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+]  # fmt: skip
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def in_words(n: int) -> str:
+    """``n`` (0 <= n < 1,000,000) in English words, American style: 342 -> 'three hundred forty-two'."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+    if n < 1000:
+        return ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + in_words(n % 100))
+    return in_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + in_words(n % 1000))
+
+
+NUMBER_RANGES = [(21, 99), (100, 999), (1000, 9999)]  # drawn in turn
+
+
+def number_words(rng: random.Random, count: int = 25) -> list[tuple[str, str]]:
+    """Numbers to words (every fifth the other way round); the words are computed by ``in_words``."""
+    out: list[tuple[str, str]] = []
+    seen: set[int] = set()
+    while len(out) < count:
+        i = len(out)
+        n = rng.randint(*NUMBER_RANGES[i % len(NUMBER_RANGES)])
+        if n in seen:
+            continue
+        seen.add(n)
+        words = in_words(n)
+        if i % 5 == 4:
+            out.append((f"Write '{words}' as a number using digits.", f"'{_cap(words)}' is {n}."))
+        else:
+            out.append((_rotate(NUMBER_TEMPLATES, i, n=str(n)), f"{n} in words is {words}."))
+    return out
+
+
+def units(rng: random.Random, count: int = 25) -> list[tuple[str, str]]:
+    """Unit conversions with the product computed: '3 hours is 180 minutes, since 1 hour is 60 minutes.'"""
+    out: list[tuple[str, str]] = []
+    seen: set[tuple[str, int]] = set()
+    while len(out) < count:
+        i = len(out)
+        unit, plural, small, factor = UNITS[i % len(UNITS)]
+        n = rng.randint(2, 9)
+        if (unit, n) in seen:
+            continue
+        seen.add((unit, n))
+        prompt = _rotate(UNIT_TEMPLATES, i, n=str(n), units=plural, small=small)
+        out.append((prompt, f"{n} {plural} is {n * factor} {small}, since 1 {unit} is {factor} {small}."))
+    return out
+
+
 def _word_problem(rng: random.Random) -> tuple[str, str]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(3, 12), rng.randint(1, 9)
@@ -383,7 +338,8 @@ def _word_problem(rng: random.Random) -> tuple[str, str]:
         return q, f"{name} has {a + b} {item} now, because {a} + {b} = {a + b}."
     b = min(b, a - 1)
     q = f"{name} had {a} {item} and gave {b} to a friend. How many {item} are left?"
-    return q, f"{name} has {a - b} {item} left, because {a} - {b} = {a - b}."
+    left = item if a - b != 1 else item[:-1]  # "1 shell", "3 shells"
+    return q, f"{name} has {a - b} {left} left, because {a} - {b} = {a - b}."
 
 
 def _boxes(rng: random.Random) -> tuple[str, str]:
@@ -422,7 +378,8 @@ def _larger(rng: random.Random) -> tuple[str, str]:
 
 
 REASONING_DRAWS = [
-    (_word_problem, 12), (_boxes, 6), (_comparison, 6), (_calendar, 6), (_legs, 5), (_parity, 4), (_larger, 4),
+    (_word_problem, 20), (_boxes, 10), (_comparison, 10), (_calendar, 10), (_legs, 8), (_parity, 8),
+    (_larger, 8),
 ]  # fmt: skip
 
 
@@ -450,13 +407,32 @@ def reasoning(rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+def families(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Every family's (prompt, reference) pairs, in a fixed order (the computed ones draw from ``rng``)."""
+    return {
+        "capitals": capitals(),
+        "science": list(SCIENCE),
+        "explanations": explanations(),
+        "definitions": definitions(),
+        "synonyms": synonyms(),
+        "antonyms": antonyms(),
+        "lists": lists(),
+        "formal": formal(),
+        "grammar": grammar(),
+        "colors": colors(),
+        "completion": completions(),
+        "sizes": sizes(),
+        "spelling": spelling(),
+        "reasoning": reasoning(rng),
+        "number words": number_words(rng),
+        "units": units(rng),
+    }
+
+
 def make_records(seed: int = 2024) -> list[dict[str, str]]:
     """All records, shuffled with ``seed``; raises if any prompt repeats or a field is empty."""
     rng = random.Random(seed)
-    pairs = (
-        capitals() + list(SCIENCE) + explanations() + definitions() + synonyms() + antonyms()
-        + lists() + formal() + grammar() + reasoning(rng)
-    )  # fmt: skip
+    pairs = [pair for family in families(rng).values() for pair in family]
     repeated = [p for p, n in Counter(p for p, _ in pairs).items() if n > 1]
     if repeated:
         raise ValueError(f"repeated prompts: {repeated[:5]}")

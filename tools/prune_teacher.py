@@ -8,13 +8,24 @@ Kept layers are renumbered in order; with --ffn-hidden-size each kept layer keep
 with the largest ||gate_j||*||up_j||*||down_:,j|| (data-free magnitude score). What was kept is in
 DST/prune_metadata.json (and summarised in the safetensors metadata). Convert the student with
 tools/convert_checkpoint.py --to mcore. Bad inputs exit with status 2 naming the flag or tensor.
+
+With --probe PAIRS.jsonl ({"prompt", "response"} records) and --num-layers K, the layers to keep are
+measured instead of assumed: candidate sets (evenly spaced, drop the deep block, the Gromov et al.
+angular-distance block, ShortGPT block influence) are scored by the teacher-forced response NLL of
+the pruned teacher on the first --probe-samples records, the lowest wins, and the table is recorded
+in prune_metadata.json under "probe". --probe-only prints the table and writes nothing
+(rgkd_megatron/convert/layer_probe.py has the definitions).
+
+    python tools/prune_teacher.py --src teacher_hf --dst student_hf --num-layers 12 --probe pairs.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 
 def _layer_list(text: str) -> list[int]:
@@ -47,26 +58,121 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)"
     )
     p.add_argument("--json", action="store_true", help="print the pruning metadata as JSON")
+    p.add_argument(
+        "--probe",
+        metavar="PAIRS.jsonl",
+        help="choose the --num-layers layers by measurement: JSONL of {prompt, response} records; "
+        "candidate layer sets are scored by the pruned teacher's response NLL, the lowest is kept",
+    )
+    p.add_argument(
+        "--probe-samples", type=int, default=24, help="use the first N records of --probe (default 24)"
+    )
+    p.add_argument(
+        "--probe-max-tokens", type=int, default=512, help="cut each probe sample to N tokens (default 512)"
+    )
+    p.add_argument(
+        "--probe-only", action="store_true", help="with --probe: print the table and exit without writing"
+    )
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _print_table(report, total: int) -> None:
+    """Candidates best first, the unpruned teacher as a reference row."""
+    teacher = report.stats.teacher_nll
+    print(f"{'candidate':<18}{'NLL':>9}{'vs teacher':>12}  layers")
+    print(f"{'teacher (all)':<18}{teacher:>9.4f}{'':>12}  0..{total - 1}")
+    for c in report.candidates:
+        print(
+            f"{c['name']:<18}{c['nll']:>9.4f}{c['nll'] - teacher:>+12.4f}  {','.join(map(str, c['layers']))}"
+        )
+    print(
+        f"chosen: {report.best['name']} {report.best['layers']} "
+        f"({report.samples} samples, {report.scored_tokens} scored tokens, {report.seconds:.1f} s)"
+    )
+
+
+def _run_probe(args):
+    """Read the probe file, load the teacher with transformers, score the candidates: (report, record)."""
+    import torch
+    import transformers
+
     from rgkd_megatron.convert.common import ConversionError
+    from rgkd_megatron.convert.layer_probe import read_probe_pairs, run_probe
+    from rgkd_megatron.data.tokenizer import file_sha256, load_tokenizer
+
+    pairs = read_probe_pairs(args.probe, args.probe_samples)
+    if not os.path.isfile(os.path.join(args.src, "config.json")):
+        raise ConversionError(f"--src {args.src}: no config.json")
+    try:
+        tokenizer = load_tokenizer(args.src)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConversionError(f"--src {args.src}: tokenizer: {exc}") from exc
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32).eval()
+    print(f"prune_teacher: loaded {args.src} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    report = run_probe(model, tokenizer, pairs, args.num_layers, max_tokens=args.probe_max_tokens)
+    record = {
+        "file": os.path.abspath(args.probe),
+        "sha256": file_sha256(args.probe),
+        "samples": report.samples,
+        "scored_tokens": report.scored_tokens,
+        "max_tokens": args.probe_max_tokens,
+        "criterion": "lowest teacher-forced NLL (nats/token) of response + EOS tokens",
+        "teacher_nll": report.stats.teacher_nll,
+        "candidates": [{k: c[k] for k in ("name", "layers", "nll")} for c in report.candidates],
+        "chosen": report.best["name"],
+        "chosen_layers": report.best["layers"],
+        "seconds": round(report.seconds, 2),
+    }
+    return report, record
+
+
+def _add_probe_metadata(dst: str, meta: dict, record: dict) -> dict:
+    """Rewrite DST/prune_metadata.json with the probe record (atomically: temp file + rename)."""
+    from rgkd_megatron.convert.prune import _dumps
+
+    meta = {**meta, "probe": record}
+    path = os.path.join(dst, "prune_metadata.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(_dumps(meta))
+    os.replace(path + ".tmp", path)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.probe is None and args.probe_only:
+        parser.error("--probe-only needs --probe")
+    if args.probe is not None and args.num_layers is None:
+        parser.error("--probe needs --num-layers (it chooses which layers to keep)")
+    if args.probe_samples < 1 or args.probe_max_tokens < 2:
+        parser.error("--probe-samples must be >= 1 and --probe-max-tokens >= 2")
+    from rgkd_megatron.convert.common import ConversionError, check_destination
     from rgkd_megatron.utils.logging import setup_logging
 
     setup_logging("INFO")
     try:
         from rgkd_megatron.convert.prune import prune_checkpoint
 
+        record = None
+        if args.probe is not None:
+            if not args.probe_only:
+                check_destination(args.dst)  # fail before the (long) probe
+            report, record = _run_probe(args)
+            _print_table(report, report.stats.block + args.num_layers)
+            if args.probe_only:
+                return 0
         meta = prune_checkpoint(
             args.src,
             args.dst,
-            keep_layers=args.keep_layers,
-            num_layers=args.num_layers,
+            keep_layers=record["chosen_layers"] if record else args.keep_layers,
+            num_layers=None if record else args.num_layers,
             ffn_hidden_size=args.ffn_hidden_size,
             max_shard_size=args.max_shard_size,
         )
+        if record is not None:
+            meta = _add_probe_metadata(args.dst, meta, record)
     except (ConversionError, FileNotFoundError) as exc:
         print(f"prune_teacher: error: {exc}", file=sys.stderr)
         return 2

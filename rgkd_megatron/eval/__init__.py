@@ -1,1 +1,2 @@
-"""Evaluation: ROUGE-L, teacher NLL of student outputs, reward gap, gap closed, Markdown report."""
+"""Evaluation: ROUGE-L, teacher NLL of student outputs, reward gap, gap closed, text diagnostics,
+paired bootstrap intervals over held-out prompts, Markdown report."""

@@ -5,6 +5,8 @@ Gap closed (higher is better), per run, then averaged:
 - ROUGE-L vs teacher: (R_final - R_initial) / (1 - R_initial), the teacher scoring 1 against itself;
 - teacher NLL of the student's outputs: (N_initial - N_final) / (N_initial - N_teacher), N_teacher
   being the teacher's NLL of its own responses.
+
+Learning curves (``mean_curves``): per method and step, the mean over seeds of an eval metric.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from rgkd_megatron.eval.scores import gap_closed, mean_and_std
 
@@ -69,3 +71,27 @@ def results_rows(summaries: list[dict]) -> list[dict]:
                 row[key.replace("_", " ")] = mean_and_std(values) if len(values) > 1 else values[0]
         rows.append(row)
     return rows
+
+
+def mean_curves(
+    histories: Mapping[str, Sequence[Sequence[Mapping]]], key: str
+) -> dict[str, list[tuple[float, float]]]:
+    """{method: [(step, mean over the method's runs of ``key`` at that step), ...]} by step.
+
+    ``histories``: {method: [metrics.jsonl rows of each run]}. Averaged over the steps every run of
+    the method logged ``key`` at (if they share none: every step, over the runs that logged it); a
+    step logged twice by one run (a resume) keeps its last value. Methods with no point are left out.
+    """
+    out: dict[str, list[tuple[float, float]]] = {}
+    for method, runs in histories.items():
+        per_run = [{row["step"]: float(row[key]) for row in rows if key in row} for rows in runs]
+        per_run = [points for points in per_run if points]
+        if not per_run:
+            continue
+        steps = set.intersection(*(set(p) for p in per_run)) or set().union(*per_run)
+        points = []
+        for step in sorted(steps):
+            values = [p[step] for p in per_run if step in p]
+            points.append((step, sum(values) / len(values)))
+        out[method] = points
+    return out

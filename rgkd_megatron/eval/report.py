@@ -1,10 +1,11 @@
 """Markdown report with a results table and PNG plots of logged metrics.
 
-``write_report(run_dir, title, rows, curves)``:
+``write_report(run_dir, title, rows, curves, notes, sections)``:
 - ``rows``: list of dicts, one per method (keys become columns; floats shown with 4 digits, and
   ``(mean, std)`` tuples as ``mean ± std``);
 - ``curves``: {plot name: {series label: [(x, y), ...]}}, drawn one PNG per plot with matplotlib's
-  non-interactive backend and linked from the report.
+  non-interactive backend and linked from the report;
+- ``sections``: (heading, Markdown body) pairs placed after the results table, before the plots.
 Written atomically (temp file + rename) so a crash never leaves a half report.
 """
 
@@ -63,11 +64,14 @@ def write_report(
     rows: Sequence[Mapping[str, Any]],
     curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
     notes: str = "",
+    sections: Sequence[tuple[str, str]] | None = None,
 ) -> Path:
     """Write ``run_dir/report.md`` (+ ``plot_*.png``); returns the report path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}\n", markdown_table(rows)]
+    for heading, body in sections or ():
+        parts.append(f"\n## {heading}\n\n{body.strip()}\n")
     for name, series in (curves or {}).items():
         png = run_dir / f"plot_{name}.png"
         plot_curves(png, name, series)

@@ -1,17 +1,24 @@
 """Teacher responses for a prompt set: batched generation under TP/PP/DP, resumable, written atomically.
 
-Input: JSONL records ``{"prompt": str[, "reference": str, ...]}``. Output: the same records in the
-same order as ``{"prompt", "response", "reference", ...}`` (the format ``rgkd-distill`` reads as
-``pbkd.prompts_path``; other input fields are kept, ``reference`` is null when absent). Run by
+Input: JSONL records ``{"prompt": str[, "reference": str, ...]}``. Output: ``num_samples`` records
+per input record, consecutive, in input order, each
+``{"prompt", "response", "reference", "truncated", "sample", ...}`` (the format ``rgkd-distill``
+reads as ``pbkd.prompts_path``): ``truncated`` is true when the response was cut at
+``max_new_tokens`` without sampling the EOS, ``sample`` is the 0-based sample index of the prompt;
+other input fields are kept, ``reference`` is null when absent. Run by
 ``tools/generate_responses.py``; this module holds the logic so that it can be tested and reused.
 
 Design choices:
 - Canonical batches. Prompts are wrapped in the tokenizer's prompt template and tokenized exactly as
   ``pbkd.prompts.load_prompt_set`` does (no truncation: a prompt that does not fit is an error), then
-  sorted by token length (ties by position) and cut into batches of ``batch_size``. Similar lengths
+  expanded to ``num_samples`` items per prompt (item ``j`` = prompt ``j // num_samples``, sample
+  ``j % num_samples``), sorted by token length (ties by item index) and cut into batches of
+  ``batch_size``. Similar lengths
   keep ``generate``'s per-sample offsets cheap (a row longer than the batch's shortest prompt is
   consumed one token per forward). Batch ``k`` is sampled with seed ``seed + k``. Nothing depends on
-  the DP size or the rank, so any layout, and any resume, yields the same batches.
+  the DP size or the rank, so any layout, and any resume, yields the same batches. The samples of
+  one prompt usually share a batch: its rows draw their own uniforms from the batch's generator, so
+  they still differ (``num_samples > 1`` needs ``temperature > 0``; greedy copies would be equal).
 - Work split: DP rank ``d`` takes the pending batches ``d, d + dp, ...``; the TP x PP ranks of one
   replica run ``generate`` together (it returns the same output on all of them) and the replica's
   first rank (TP rank 0, first stage) saves each finished batch.
@@ -27,7 +34,8 @@ Design choices:
   finished output does nothing; a mismatch (or a sidecar from other settings) is an error unless
   ``overwrite``.
 - Responses are decoded from the generated ids without the EOS id (when sampled). Responses cut at
-  ``max_new_tokens`` are kept (and counted in the summary).
+  ``max_new_tokens`` are kept, marked ``"truncated": true`` (a consumer must not append an EOS to
+  them) and counted in the summary and the metadata.
 
 Usage (collective: every rank of the world calls it; the model is built for the role's groups)::
 
@@ -73,7 +81,10 @@ __all__ = [
 
 logger = get_logger(__name__)
 FORMAT_NAME = "rgkd-responses"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every record carries ``truncated`` and ``sample``; ``settings.num_samples``."""
+OUTPUT_FIELDS = ("prompt", "response", "reference", "truncated", "sample")
+"""Fields the tool writes itself (an input field of the same name is not copied)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +100,7 @@ class PromptRecord:
     prompt: str
     reference: str | None
     extra: dict[str, Any] = field(default_factory=dict)
-    """Other fields of the record, copied to the output (``response`` excluded)."""
+    """Other fields of the record, copied to the output (``OUTPUT_FIELDS`` excluded)."""
 
 
 def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
@@ -122,7 +133,7 @@ def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
             reference = obj.get("reference")
             if reference is not None and not isinstance(reference, str):
                 raise ValueError(f"{where}: field 'reference' must be a string or null, got {reference!r}")
-            extra = {k: v for k, v in obj.items() if k not in ("prompt", "response", "reference")}
+            extra = {k: v for k, v in obj.items() if k not in OUTPUT_FIELDS}
             records.append(PromptRecord(lineno, obj["prompt"], reference, extra))
     if not records:
         raise ValueError(f"{path}: no records")
@@ -144,26 +155,43 @@ class GenerationSettings:
     seed: int = 0
     """Batch k is sampled with seed + k (irrelevant when greedy)."""
     batch_size: int = 8
-    """Prompts per ``generate`` call."""
+    """Responses (prompt samples) per ``generate`` call."""
+    num_samples: int = 1
+    """Responses per prompt (> 1 needs temperature > 0)."""
 
     def validate(self) -> None:
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "num_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
         check_sampling_args(self.temperature, self.top_k, self.top_p)
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError(
+                f"num_samples: {self.num_samples} samples per prompt need temperature > 0 "
+                "(greedy decoding would give identical samples)"
+            )
 
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    """Tokenized prompts and the canonical batches."""
+    """Tokenized prompts and the canonical batches of items (prompt samples)."""
 
     records: list[PromptRecord]
     prompt_ids: list[list[int]]
     batches: list[list[int]]
-    """Batch k = the record indices it holds (ascending token length)."""
+    """Batch k = the item indices it holds (ascending token length); item ``j`` is sample
+    ``j % num_samples`` of record ``j // num_samples``, and the output holds the items in order."""
+    num_samples: int = 1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.records) * self.num_samples
+
+    def item(self, j: int) -> tuple[int, int]:
+        """(record index, sample index) of item ``j``."""
+        return divmod(j, self.num_samples)
 
 
 def plan_generation(
@@ -181,10 +209,11 @@ def plan_generation(
                 f"--max-new-tokens {settings.max_new_tokens} that exceeds the model's "
                 f"max_position_embeddings={max_positions} (shorten the prompt or lower --max-new-tokens)"
             )
-    order = sorted(range(len(records)), key=lambda i: (len(prompt_ids[i]), i))
+    n = settings.num_samples
+    order = sorted(range(len(records) * n), key=lambda j: (len(prompt_ids[j // n]), j))
     size = settings.batch_size
     batches = [order[i : i + size] for i in range(0, len(order), size)]
-    return GenerationPlan(records, prompt_ids, batches)
+    return GenerationPlan(records, prompt_ids, batches, n)
 
 
 def response_identity(
@@ -318,8 +347,9 @@ def generate_responses(
 ) -> dict[str, Any]:
     """Generate every pending batch (DP-split), then merge on rank 0. Collective over the world.
 
-    Returns a summary (identical on every rank): {'state', 'num_prompts', 'num_batches',
-    'generated_batches', 'num_truncated', 'output'}; 'state' is 'done' when nothing was to do.
+    Returns a summary (identical on every rank): {'state', 'num_prompts', 'num_samples',
+    'num_records', 'num_batches', 'generated_batches', 'num_truncated', 'output'}; 'state' is 'done'
+    when nothing was to do ('num_truncated' then comes from the metadata).
     """
     out = Path(out)
     sidecar = partial_dir(out)
@@ -351,7 +381,8 @@ def generate_responses(
     if "error" in decision[0]:
         raise ValueError(decision[0]["error"])
     state, finished = decision[0]["state"], set(decision[0]["finished"])
-    summary = {"state": state, "num_prompts": len(plan.records), "num_batches": len(plan.batches),
+    summary = {"state": state, "num_prompts": len(plan.records), "num_samples": plan.num_samples,
+               "num_records": plan.num_items, "num_batches": len(plan.batches),
                "generated_batches": 0, "output": str(out)}  # fmt: skip
     if state == "done":
         summary["num_truncated"] = _read_json(meta_path(out)).get("num_truncated")
@@ -366,12 +397,12 @@ def generate_responses(
             "resuming: %d of %d batches already done in %s", len(finished), len(plan.batches), sidecar
         )
     bar_desc = "generate" if dp == 1 else f"generate (dp 0/{dp})"
-    with ProgressBar(total=sum(len(plan.batches[k]) for k in mine), desc=bar_desc, unit="prompt",
+    with ProgressBar(total=sum(len(plan.batches[k]) for k in mine), desc=bar_desc, unit="response",
                      enabled=progress) as bar:  # fmt: skip
         for k in mine:
             indices = plan.batches[k]
             result = generate(
-                model, groups, [plan.prompt_ids[i] for i in indices],
+                model, groups, [plan.prompt_ids[plan.item(j)[0]] for j in indices],
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p, top_k=settings.top_k, eos_id=tokenizer.eos_id,
                 pad_id=tokenizer.pad_id, seed=settings.seed + k, vocab_size=vocab_size,
@@ -408,9 +439,9 @@ def _sum_over_world(count: int, groups: RoleGroups) -> int:
 
 
 def _merge(plan: GenerationPlan, out: Path, identity: dict[str, Any], sidecar: Path) -> dict[str, Any]:
-    """Rank 0: the sidecar's batches -> ``out`` in prompt order, then its metadata; sidecar removed."""
-    responses: list[str | None] = [None] * len(plan.records)
-    finished: list[bool] = [False] * len(plan.records)
+    """Rank 0: the sidecar's batches -> ``out`` in item order, then its metadata; sidecar removed."""
+    responses: list[str | None] = [None] * plan.num_items
+    finished: list[bool] = [False] * plan.num_items
     for k, indices in enumerate(plan.batches):
         batch = _read_json(sidecar / f"batch_{k:06d}.json")
         if batch is None or batch.get("indices") != indices:
@@ -420,14 +451,20 @@ def _merge(plan: GenerationPlan, out: Path, identity: dict[str, Any], sidecar: P
         for i, text, done in zip(indices, batch["responses"], batch["finished"]):
             responses[i], finished[i] = text, done
     lines = []
-    for record, response in zip(plan.records, responses):
-        row = {"prompt": record.prompt, "response": response, "reference": record.reference, **record.extra}
+    for j, (response, done) in enumerate(zip(responses, finished)):
+        i, sample = plan.item(j)
+        record = plan.records[i]
+        row = {"prompt": record.prompt, "response": response, "reference": record.reference,
+               "truncated": not done, "sample": sample, **record.extra}  # fmt: skip
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     _write_atomic(out, "".join(lines))
     num_truncated = finished.count(False)
     meta = {"identity": identity, "output_sha256": file_sha256(str(out)), "num_records": len(lines),
+            "num_prompts": len(plan.records), "num_samples": plan.num_samples,
             "num_truncated": num_truncated}  # fmt: skip
     _write_atomic(meta_path(out), json.dumps(meta, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(sidecar, ignore_errors=True)
-    logger.info("wrote %d responses to %s (%d cut at max_new_tokens)", len(lines), out, num_truncated)
+    logger.info("wrote %d responses (%d prompts x %d samples) to %s; %d of them cut at max_new_tokens "
+                "(marked truncated)", len(lines), len(plan.records), plan.num_samples, out,
+                num_truncated)  # fmt: skip
     return {"num_truncated": num_truncated}

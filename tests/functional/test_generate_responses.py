@@ -2,11 +2,17 @@
 
 - The tool's file holds one response per prompt, in prompt order, equal to an independent call of
   ``generate`` on all prompts at once (greedy) with the EOS stripped and decoded here: this checks the
-  tool's length-sorted batching and its merge.
-- 2 DP processes (TP=1) write the same bytes as 1 process; so does TP=2.
+  tool's length-sorted batching and its merge; ``truncated`` is the reference's ``not finished``.
+- ``--num-samples 3 --temperature 1`` on a teacher whose EOS logit is boosted (so that some responses
+  stop and some are cut): 3 consecutive records per prompt with ``sample`` 0, 1, 2, equal to an
+  independent ``generate`` call on the documented canonical order (one batch: item j = sample j % 3
+  of prompt j // 3, sorted by (prompt length, j), seed = --seed); ``truncated`` is true exactly for
+  the rows whose ids reached --max-new-tokens without EOS; the samples of a prompt differ.
+- 2 DP processes (TP=1) write the same bytes as 1 process; so does TP=2; so do 2 DP processes with
+  --num-samples.
 - A crash after the first batch leaves no output, only the ``.partial`` sidecar; the rerun resumes
-  and writes the same bytes. A rerun on a finished output does nothing; other settings are an error
-  unless --overwrite.
+  and writes the same bytes (with and without --num-samples). A rerun on a finished output does
+  nothing; other settings are an error unless --overwrite.
 - Bad inputs: a clear error, exit code 2, nothing written. (Everything that needs megatron runs in
   spawned processes; the pytest process only reads files.)
 """
@@ -38,6 +44,8 @@ PROMPTS = [
 ]
 MAX_NEW = 6
 BATCH = 2
+SAMPLES = ["--temperature", "1.0", "--num-samples", "3", "--seed", "3"]
+EOS_BOOST = 5.0  # scales the EOS row of the tied output weight: a mix of stopped and cut responses
 OK = ['{"prompt": "a"}']
 BAD_CASES = [  # (id, prompt lines, extra flags, expected message); run with --dry-run
     ("bad-json", ['{"prompt": "a"}', '{"prompt": "b"', '{"prompt": "c"}'], [], "prompts.jsonl:2: invalid JSON"),
@@ -50,6 +58,8 @@ BAD_CASES = [  # (id, prompt lines, extra flags, expected message); run with --d
     ("missing-prompts", OK, ["--prompts", "{tmp}/missing.jsonl"], "missing.jsonl does not exist"),
     ("missing-ckpt", OK, ["--load", "{tmp}/nope"], "nope: checkpoint directory does not exist"),
     ("bad-flag", OK, ["--max-new-tokens", "0"], "max_new_tokens: expected a positive int"),
+    ("bad-samples", OK, ["--num-samples", "0", "--temperature", "1"], "num_samples: expected a positive int"),
+    ("greedy-samples", OK, ["--num-samples", "2"], "num_samples: 2 samples per prompt need temperature > 0"),
     ("bad-tp", OK, ["--tp", "3"], "parallel.tensor_model_parallel_size"),
     ("bad-model-config", OK, ["--model-config", "{tmp}/prompts.jsonl"], "--model-config"),
 ]  # fmt: skip
@@ -95,12 +105,38 @@ def _bad_inputs(tool, tmp: Path) -> list[tuple[int, str, list[str]]]:
     return results
 
 
+def _crash_and_resume(tool, tmp: Path, out: str, *extra: str) -> dict:
+    """Run the tool with ``generate`` failing on its second call, look at what is left, rerun."""
+    import rgkd_megatron.generation.responses as responses
+
+    generate, calls, result = responses.generate, [], {}
+
+    def crash_after_first_batch(*args, **kwargs):
+        if calls:
+            raise RuntimeError("simulated kill")
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    responses.generate = crash_after_first_batch
+    try:
+        _main(tool, _argv(tmp, out, *extra))
+    except RuntimeError as exc:
+        result["crash"] = str(exc)
+    finally:
+        responses.generate = generate
+    result["after_crash"] = sorted(p.name for p in tmp.iterdir() if p.name.startswith(out))
+    result["after_crash_partial"] = sorted(p.name for p in (tmp / f"{out}.partial").iterdir())
+    result["resume"] = _main(tool, _argv(tmp, out, *extra))
+    result["resumed_bytes"] = (tmp / out).read_bytes()
+    return result
+
+
 def _single_process(rank, world_size, tmp):
-    """Build + save the teacher, run the tool (plain, crash/resume, rerun, mismatch, bad inputs), and
-    the reference."""
+    """Build + save the teacher (and its EOS-boosted copy), run the tool (plain, samples,
+    crash/resume, rerun, mismatch, bad inputs), and the references."""
+    import torch
     import yaml
 
-    import rgkd_megatron.generation.responses as responses
     from rgkd_megatron.checkpoint.dist_ckpt import save_model_weights
     from rgkd_megatron.config import config_from_dict
     from rgkd_megatron.data.tokenizer import load_tokenizer
@@ -125,32 +161,30 @@ def _single_process(rank, world_size, tmp):
         if row and row[-1] == tok.eos_id:
             row = row[:-1]
         expected.append(tok.decode(row))
+    result = {"expected": expected, "expected_truncated": [not f for f in ref.finished.tolist()]}
+
+    # the EOS-boosted teacher and the reference for --num-samples 3 in one batch of 3 * len(PROMPTS)
+    with torch.no_grad():
+        model.shared_embedding_or_output_weight()[tok.eos_id] *= EOS_BOOST
+    save_model_weights(tmp / "ckpt_eos", model)
+    order = sorted(range(3 * len(PROMPTS)), key=lambda j: (len(ids[j // 3]), j))
+    ref = generate(model, groups, [ids[j // 3] for j in order], max_new_tokens=MAX_NEW, temperature=1.0,
+                   eos_id=tok.eos_id, pad_id=tok.pad_id, seed=3, vocab_size=tok.vocab_size)  # fmt: skip
+    samples = [None] * len(order)
+    for j, row, done in zip(order, ref.response_ids(), ref.finished.tolist()):
+        cut = len(row) == MAX_NEW and row[-1] != tok.eos_id  # from the ids alone
+        samples[j] = (tok.decode(row[:-1] if done else row), not done, cut)
+    result["expected_samples"] = samples
     teardown_roles()
 
-    tool, result = _load_tool(), {"expected": expected}
+    tool, eos = _load_tool(), ["--load", str(tmp / "ckpt_eos")]
     result["plain"] = _main(tool, _argv(tmp, "out.jsonl"))
     result["rerun"] = _main(tool, _argv(tmp, "out.jsonl"))
     result["mismatch"] = _main(tool, _argv(tmp, "out.jsonl", "--seed", "5", "--temperature", "1.0"))
-
-    calls = []
-
-    def crash_after_first_batch(*args, **kwargs):
-        if calls:
-            raise RuntimeError("simulated kill")
-        calls.append(1)
-        return generate(*args, **kwargs)
-
-    responses.generate = crash_after_first_batch
-    try:
-        _main(tool, _argv(tmp, "resumed.jsonl"))
-    except RuntimeError as exc:
-        result["crash"] = str(exc)
-    finally:
-        responses.generate = generate
-    result["after_crash"] = sorted(p.name for p in tmp.iterdir() if p.name.startswith("resumed"))
-    result["after_crash_partial"] = sorted(p.name for p in (tmp / "resumed.jsonl.partial").iterdir())
-    result["resume"] = _main(tool, _argv(tmp, "resumed.jsonl"))
-    result["resumed_bytes"] = (tmp / "resumed.jsonl").read_bytes()
+    result["samples"] = _main(tool, _argv(tmp, "samples.jsonl", *eos, *SAMPLES, "--batch-size", "21"))
+    result["samples_b2"] = _main(tool, _argv(tmp, "samples_b2.jsonl", *eos, *SAMPLES))
+    result.update(_crash_and_resume(tool, tmp, "resumed.jsonl"))
+    result["samples_resumed"] = _crash_and_resume(tool, tmp, "samples_resumed.jsonl", *eos, *SAMPLES)
     result["overwrite"] = _main(tool, _argv(tmp, "resumed.jsonl", "--max-new-tokens", "3", "--overwrite"))
     result["bad"] = _bad_inputs(tool, tmp)
     parser = tool.build_parser()
@@ -159,8 +193,12 @@ def _single_process(rank, world_size, tmp):
 
 
 def _two_processes(rank, world_size, tmp):
-    tool = _load_tool()
-    return _main(tool, _argv(Path(tmp), "dp2.jsonl")), _main(tool, _argv(Path(tmp), "tp2.jsonl", "--tp", "2"))
+    tool, tmp = _load_tool(), Path(tmp)
+    return (
+        _main(tool, _argv(tmp, "dp2.jsonl")),
+        _main(tool, _argv(tmp, "tp2.jsonl", "--tp", "2")),
+        _main(tool, _argv(tmp, "dp2_samples.jsonl", "--load", str(tmp / "ckpt_eos"), *SAMPLES)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +221,37 @@ def test_one_response_per_prompt_in_order_equal_to_direct_generate(run):
     assert [r["response"] for r in rows] == result["expected"]
     assert [r["reference"] for r in rows] == [p.get("reference") for p in PROMPTS]
     assert rows[3]["task"] == "arithmetic"
+    assert [r["truncated"] for r in rows] == result["expected_truncated"]
+    assert [r["sample"] for r in rows] == [0] * len(PROMPTS)
+    assert list(rows[3]) == ["prompt", "response", "reference", "truncated", "sample", "task"]
     assert not (tmp / "out.jsonl.partial").exists()
     meta = json.loads((tmp / "out.jsonl.meta.json").read_text())
     assert meta["identity"]["settings"]["max_new_tokens"] == MAX_NEW and meta["num_records"] == len(PROMPTS)
+    assert meta["identity"]["version"] == 2 and meta["identity"]["settings"]["num_samples"] == 1
+    assert meta["num_samples"] == 1 and meta["num_truncated"] == sum(result["expected_truncated"])
+    assert f"{meta['num_truncated']} responses cut at --max-new-tokens" in result["plain"][1]
+
+
+def test_samples_are_consecutive_records_marked_truncated_when_cut(run):
+    tmp, result = run
+    rc, out, _ = result["samples"]
+    assert rc == 0 and f"wrote {3 * len(PROMPTS)} responses ({len(PROMPTS)} prompts x 3 samples)" in out
+    rows = _read(tmp / "samples.jsonl")
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in PROMPTS for _ in range(3)]
+    assert [r["sample"] for r in rows] == [0, 1, 2] * len(PROMPTS)
+    assert [r["reference"] for r in rows] == [p.get("reference") for p in PROMPTS for _ in range(3)]
+    expected = result["expected_samples"]
+    assert [r["response"] for r in rows] == [text for text, _, _ in expected]
+    truncated = [r["truncated"] for r in rows]
+    assert truncated == [not_finished for _, not_finished, _ in expected]
+    assert truncated == [cut for _, _, cut in expected]  # reached max_new_tokens, last id not EOS
+    assert 0 < sum(truncated) < len(rows), "the boosted EOS must give both stopped and cut responses"
+    # 3 copies of a prompt share the one batch: they draw their own uniforms, so they differ
+    assert any(len({r["response"] for r in rows[i : i + 3]}) > 1 for i in range(0, len(rows), 3))
+    meta = json.loads((tmp / "samples.jsonl.meta.json").read_text())
+    assert meta["identity"]["settings"]["num_samples"] == 3
+    assert (meta["num_samples"], meta["num_records"], meta["num_truncated"]) == (3, len(rows), sum(truncated))
+    assert f"{sum(truncated)} responses cut at --max-new-tokens" in out
 
 
 def test_rerun_is_a_no_op_and_a_mismatch_needs_overwrite(run):
@@ -209,11 +275,24 @@ def test_resume_after_a_crash_gives_the_same_file(run):
     assert result["resumed_bytes"] == (tmp / "out.jsonl").read_bytes()
 
 
+def test_resume_with_samples_gives_the_same_file(run):
+    tmp, result = run
+    assert result["samples_b2"][0] == 0, result["samples_b2"]
+    resumed, batches = result["samples_resumed"], -(-3 * len(PROMPTS) // BATCH)
+    assert resumed["crash"] == "simulated kill"
+    assert resumed["after_crash"] == ["samples_resumed.jsonl.partial"]
+    assert resumed["after_crash_partial"] == ["batch_000000.json", "identity.json"]
+    rc, out, _ = resumed["resume"]
+    assert rc == 0 and f"{batches - 1} of {batches} batches generated in this run" in out
+    assert resumed["resumed_bytes"] == (tmp / "samples_b2.jsonl").read_bytes()
+
+
 def test_two_processes_data_or_tensor_parallel_write_the_same_file(run):
     tmp, _ = run
     outs = run_distributed(_two_processes, 2, args=(str(tmp),), timeout=180)
     assert all(rc == 0 for rank in outs for rc, _, _ in rank), outs
     assert (tmp / "dp2.jsonl").read_bytes() == (tmp / "out.jsonl").read_bytes()
+    assert (tmp / "dp2_samples.jsonl").read_bytes() == (tmp / "samples_b2.jsonl").read_bytes()
     # TP=2 sums partial products in another order; greedy ids on this peaked tiny model still agree
     assert (tmp / "tp2.jsonl").read_bytes() == (tmp / "out.jsonl").read_bytes()
 
@@ -228,4 +307,4 @@ def test_bad_inputs_fail_clearly_and_write_nothing(run, case):
 def test_help_documents_every_flag(run):
     text, undocumented = run[1]["help"]
     assert not undocumented
-    assert "--max-new-tokens" in text and "--overwrite" in text and "--tp" in text
+    assert "--max-new-tokens" in text and "--overwrite" in text and "--tp" in text and "--num-samples" in text

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rgkd_megatron.cli.evaluate import main as eval_main
-from rgkd_megatron.eval.aggregate import load_summaries, per_run_gap_closed, results_rows
+from rgkd_megatron.eval.aggregate import load_summaries, mean_curves, per_run_gap_closed, results_rows
 
 
 def _run(tmp_path, name, method, rouge_init, rouge_final, nll_init, nll_final, nll_teacher):
@@ -52,3 +52,18 @@ def test_rows_average_seeds_per_method(tmp_path):
 def test_missing_summary_is_a_clear_error(tmp_path, capsys):
     assert eval_main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "summary.json: missing" in capsys.readouterr().err
+
+
+def test_mean_curves_average_seeds_on_shared_steps():
+    k = "eval_rougeL_vs_teacher"
+    histories = {
+        "pbkd": [
+            [{"step": 0, k: 0.1}, {"step": 5, "loss": 1.0}, {"step": 10, k: 0.3}, {"step": 20, k: 0.5}],
+            [{"step": 0, k: 0.2}, {"step": 10, k: 0.4}, {"step": 10, k: 0.6}],  # resumed: last wins
+        ],
+        "kd": [[{"step": 3, k: 1.0}], [{"step": 4, k: 2.0}]],  # no shared step: every step
+        "none": [[{"step": 1, "loss": 2.0}]],
+    }
+    curves = mean_curves(histories, k)
+    assert curves["pbkd"] == [(0, pytest.approx(0.15)), (10, pytest.approx(0.45))]
+    assert curves["kd"] == [(3, 1.0), (4, 2.0)] and "none" not in curves

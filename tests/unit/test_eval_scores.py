@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rgkd_megatron.eval.report import markdown_table, write_report
-from rgkd_megatron.eval.scores import gap_closed, mean_and_std, rouge_l
+from rgkd_megatron.eval.scores import gap_closed, mean_and_std, rouge_l, rouge_l_per_item
 
 
 def _lcs(a, b):
@@ -27,6 +27,27 @@ def test_rouge_l_matches_lcs_f1():
     assert rouge_l(["x y"], ["a b"]) == 0.0
     with pytest.raises(ValueError, match="2 predictions vs 1"):
         rouge_l(["a", "b"], ["a"])
+
+
+def _lcs_f1(pred, ref):
+    lcs = _lcs(pred.split(), ref.split())
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(pred.split()), lcs / len(ref.split())
+    return 2 * p * r / (p + r)
+
+
+def test_rouge_l_per_item_matches_dense_lcs_and_its_mean_is_rouge_l():
+    # lower-case words without suffixes, so rouge-score's tokenizer and stemmer leave them as is
+    preds = ["the cat sat on a mat", "a b c d", "x y", "one two three two one", "red"]
+    refs = ["a cat sat on the red mat", "d c b a", "a b", "two one three", "red"]
+    scores = rouge_l_per_item(preds, refs)
+    assert scores == pytest.approx([_lcs_f1(p, r) for p, r in zip(preds, refs)])
+    assert scores[2] == 0.0 and scores[4] == pytest.approx(1.0)
+    assert rouge_l(preds, refs) == pytest.approx(sum(scores) / len(scores))
+    assert rouge_l_per_item([], []) == []
+    with pytest.raises(ValueError, match="nothing to score"):
+        rouge_l([], [])
 
 
 def test_gap_closed_and_stats():
