@@ -20,6 +20,14 @@ class PbKDConfig:
     """JSONL of {prompt, response[, reference]}: prompts with the teacher's responses."""
     heldout_fraction: float = 0.2
     """Share of prompts held out for evaluation (chosen by a seeded shuffle)."""
+    heldout_seed: int = 0
+    """Seed of the held-out split, separate from train.seed so that every training seed is
+    evaluated on the same prompts (paired comparisons across methods and seeds)."""
+    teacher_samples_path: str | None = None
+    """JSONL of teacher responses sampled at the rollout temperature (``tools/generate_responses.py
+    --temperature 1 --num-samples N``): the reward model's teacher side, paired by prompt with the
+    student's samples. Without it the greedy responses stand in (a warning says the RM can then
+    separate greedy from sampled text instead of teacher from student)."""
     rounds: int = 2
     """Online rounds T (1 = offline: pairs only from the initial student)."""
     pairs_per_round: int = 16
@@ -46,8 +54,22 @@ class PbKDConfig:
     """PPO clip epsilon; null = plain REINFORCE with the RLOO baseline."""
     rm_lr: float = 1.0e-4
     """Reward-model learning rate."""
-    judge: Literal["teacher_wins", "teacher_loglik", "entry_point", "label_file"] = "teacher_wins"
-    """Judge labelling (teacher, student) pairs."""
+    rm_warmup_steps: int = 0
+    """Extra reward-model steps before the first policy step (the discriminator warm-up), on the
+    first round's student samples."""
+    rm_magnitude_coef: float = 0.01
+    """c: + c * mean raw^2 in the RM loss; keeps the reward off its tanh bound (pins the free offset)."""
+    advantage_norm: Literal["none", "std"] = "std"
+    """Policy-gradient advantages: RLOO baseline, then divided by the group's reward std ("std",
+    group-normalised as in GRPO/GAD) or not ("none")."""
+    q_bound: float | None = None
+    """MM-PbKD: per-token bound of the Q head (null = reward_bound)."""
+    judge: Literal["teacher_wins", "teacher_loglik", "rouge_reference", "entry_point", "label_file"] = (
+        "teacher_wins"
+    )
+    """Judge labelling (teacher, student) pairs. teacher_wins makes the BT term repeat the gap term
+    (the confidence set never binds); rouge_reference (ROUGE-L against the prompt's reference) and
+    the others can prefer the student."""
     judge_entry_point: str | None = None
     """'package.module:function' (prompt, response) -> score, for judge=entry_point."""
     judge_label_file: str | None = None
@@ -86,7 +108,8 @@ class PbKDConfig:
 
 _POSITIVE = ("rounds", "pairs_per_round", "iterations_per_round", "samples_per_prompt", "prompts_per_step",
              "reward_bound", "rm_lr", "max_new_tokens", "temperature", "kd_temperature")  # fmt: skip
-_NON_NEGATIVE = ("k_r", "k_p", "bt_lambda", "kl_beta", "seqkd_alpha", "tie_tolerance", "top_k")
+_NON_NEGATIVE = ("k_r", "k_p", "bt_lambda", "kl_beta", "seqkd_alpha", "tie_tolerance", "top_k",
+                 "rm_warmup_steps", "rm_magnitude_coef", "heldout_seed")  # fmt: skip
 _POSITIVE += ("kd_topk",)
 _UNIT = ("heldout_fraction", "gamma", "beta_mm", "top_p")
 
@@ -109,6 +132,14 @@ def validate_pbkd(cfg: PbKDConfig) -> list[str]:
         errors.append(
             f"pbkd.samples_per_prompt: RLOO needs >= 2 samples per prompt, got {cfg.samples_per_prompt}"
         )
+    if cfg.method in ("pbkd", "mm_pbkd") and (cfg.temperature != 1.0 or cfg.top_p < 1.0 or cfg.top_k > 0):
+        errors.append(
+            f"pbkd.temperature: {cfg.method}'s REINFORCE/PPO/KL estimators assume unfiltered samples from the "
+            f"policy at temperature 1 (got temperature={cfg.temperature}, top_p={cfg.top_p}, top_k={cfg.top_k}); "
+            "the importance correction for other sampling settings is not implemented"
+        )
+    if cfg.q_bound is not None and cfg.q_bound <= 0:
+        errors.append(f"pbkd.q_bound: expected null or a value > 0, got {cfg.q_bound}")
     if cfg.ppo_clip is not None and cfg.ppo_clip <= 0:
         errors.append(f"pbkd.ppo_clip: expected null or a value > 0, got {cfg.ppo_clip}")
     if not 0 < cfg.kd_beta < 1:

@@ -42,13 +42,17 @@ Sample = tuple[Sequence[int], int]
 
 
 def make_sft_sample(
-    prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int
+    prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int, truncated: bool = False
 ) -> tuple[list[int], int]:
-    """``(prompt + response + [eos_id], len(prompt))``: the loss covers the response and the EOS."""
+    """``(prompt + response + [eos_id], len(prompt))``: the loss covers the response and the EOS.
+
+    A response that generation cut at its length limit (``truncated``) gets no EOS: the student must
+    not learn to stop where the teacher was merely cut off.
+    """
     if eos_id is None or int(eos_id) < 0:
         raise ValueError(f"eos_id must be a non-negative token id, got {eos_id!r}")
     prompt = [int(t) for t in prompt_ids]
-    return prompt + [int(t) for t in response_ids] + [int(eos_id)], len(prompt)
+    return prompt + [int(t) for t in response_ids] + ([] if truncated else [int(eos_id)]), len(prompt)
 
 
 def _pairs(sample: Sample, seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

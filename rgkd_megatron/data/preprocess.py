@@ -23,8 +23,10 @@ from rgkd_megatron.data.indexed_dataset import dataset_paths, write_indexed_data
 from rgkd_megatron.data.tokenizer import Tokenizer, load_tokenizer
 
 
-def iter_records(path: str, prompt_key: str, response_key: str) -> Iterator[tuple[int, str, str]]:
-    """``(line_number, prompt, response)`` per non-blank line; ValueError naming file, line and field."""
+def iter_records(path: str, prompt_key: str, response_key: str) -> Iterator[tuple[int, str, str, bool]]:
+    """``(line_number, prompt, response, truncated)`` per non-blank line; ValueError naming file, line
+    and field. ``truncated`` (optional boolean field, written by ``tools/generate_responses.py``) marks
+    a response cut at the generation limit: it is tokenized without EOS."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -46,15 +48,20 @@ def iter_records(path: str, prompt_key: str, response_key: str) -> Iterator[tupl
                         f"{path}: line {lineno}: field '{key}' must be a string, got {type(record[key]).__name__}"
                     )
                 values.append(record[key])
-            yield lineno, values[0], values[1]
+            truncated = record.get("truncated", False)
+            if not isinstance(truncated, bool):
+                raise ValueError(
+                    f"{path}: line {lineno}: field 'truncated' must be true or false, got {truncated!r}"
+                )
+            yield lineno, values[0], values[1], truncated
 
 
 def encode_record(
-    tokenizer: Tokenizer, prompt: str, response: str, use_template: bool
+    tokenizer: Tokenizer, prompt: str, response: str, use_template: bool, truncated: bool = False
 ) -> tuple[list[int], int]:
-    """One SFT sample ``(prompt_ids + response_ids + [eos], len(prompt_ids))``."""
+    """One SFT sample ``(prompt_ids + response_ids [+ eos], len(prompt_ids))`` (no EOS if truncated)."""
     text = tokenizer.apply_prompt_template(prompt) if use_template else prompt
-    return make_sft_sample(tokenizer.encode(text), tokenizer.encode(response), tokenizer.eos_id)
+    return make_sft_sample(tokenizer.encode(text), tokenizer.encode(response), tokenizer.eos_id, truncated)
 
 
 # Worker-process state (set by _init_worker).
@@ -66,9 +73,9 @@ def _init_worker(tokenizer_path: str, prompt_template: Optional[str], use_templa
     _WORKER["use_template"] = use_template
 
 
-def _encode_in_worker(item: tuple[int, str, str]) -> tuple[list[int], int]:
-    _, prompt, response = item
-    return encode_record(_WORKER["tokenizer"], prompt, response, _WORKER["use_template"])
+def _encode_in_worker(item: tuple[int, str, str, bool]) -> tuple[list[int], int]:
+    _, prompt, response, truncated = item
+    return encode_record(_WORKER["tokenizer"], prompt, response, _WORKER["use_template"], truncated)
 
 
 def _hash_and_count(path: str) -> tuple[str, int]:
@@ -132,7 +139,7 @@ def preprocess_jsonl(
     records = iter_records(args.input, args.prompt_key, args.response_key)
     pool = None
     if args.workers == 1:
-        samples = (encode_record(tokenizer, p, r, use_template) for _, p, r in records)
+        samples = (encode_record(tokenizer, p, r, use_template, t) for _, p, r, t in records)
     else:
         pool = multiprocessing.Pool(
             args.workers,

@@ -111,17 +111,29 @@ class BilinearQHead(nn.Module):
     ``ghost_bias``; replicated). The token embeddings e [V_local, d_e] are NOT owned: pass this rank's
     shard of a frozen or shared table at call time (``.detach()`` it to keep it frozen). Cost: one
     [t, m, d_e] gather per call (chunk tokens in the caller for very large t * m * d_e).
+    ``zero_init=True`` starts W at 0, so Q = 0 everywhere (the game starts from no preference; the
+    gradient in W, B (1 - tanh^2) e h^T / sqrt(d_e), is not zero, so it still learns).
     """
 
     def __init__(
-        self, hidden_size: int, embed_dim: int, vocab_size_local: int, *, bound: float, ghost: bool = True
+        self,
+        hidden_size: int,
+        embed_dim: int,
+        vocab_size_local: int,
+        *,
+        bound: float,
+        ghost: bool = True,
+        zero_init: bool = False,
     ):
         super().__init__()
         if not bound > 0:
             raise ValueError(f"bound={bound}: must be > 0")
         self.bound = float(bound)
         self.proj = nn.Linear(hidden_size, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=hidden_size**-0.5)
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+        else:
+            nn.init.normal_(self.proj.weight, std=hidden_size**-0.5)
         self.action_bias = nn.Parameter(torch.zeros(vocab_size_local))
         self.ghost_embedding = nn.Parameter(torch.zeros(embed_dim)) if ghost else None
         self.ghost_bias = nn.Parameter(torch.zeros(())) if ghost else None

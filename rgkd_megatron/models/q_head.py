@@ -20,8 +20,8 @@ class HiddenStatesOut(nn.Module):
 
 
 def attach_q_head(model: nn.Module, bound: float) -> BilinearQHead:
-    """Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a), e = the model's own (detached) input embedding.
-    The head's vocab-sharded bias is tagged like megatron's TP weights (grad norm, clipping)."""
+    """Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a), e = the model's own (detached) input embedding,
+    starting at Q = 0 (W = 0, b = 0). The head's vocab-sharded bias is tagged like megatron's TP weights (grad norm, clipping)."""
     if not model.pre_process or not model.post_process:
         raise ValueError(
             "the Q head needs the input embedding and the final hidden states on one stage (PP = 1)"
@@ -29,7 +29,7 @@ def attach_q_head(model: nn.Module, bound: float) -> BilinearQHead:
     embedding = model.embedding.word_embeddings.weight
     model.output_layer = HiddenStatesOut()
     head = BilinearQHead(
-        model.config.hidden_size, embedding.shape[1], embedding.shape[0], bound=bound, ghost=True
+        model.config.hidden_size, embedding.shape[1], embedding.shape[0], bound=bound, ghost=True, zero_init=True
     )
     head.action_bias.tensor_model_parallel = True
     head.action_bias.partition_dim = 0

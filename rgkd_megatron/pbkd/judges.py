@@ -6,6 +6,9 @@ d = s(teacher) - s(student): d > tol -> teacher preferred, d < -tol -> student p
 - ``teacher_wins`` (default, DESIGN.md s.4): the teacher response is always preferred.
 - ``teacher_loglik`` (white-box): s(y) = mean per-token log-prob of y under the teacher, given a
   scorer callable (the live teacher role or the cache).
+- ``rouge_reference``: s(y) = ROUGE-L F1 of y against the prompt's reference answer (the prompt
+  set's ``reference`` field). It prefers the student whenever the student is closer to the reference,
+  so the Bradley-Terry term carries information the gap term does not (the confidence set can bind).
 - ``entry_point``: a user function named ``package.module:function`` taking
   (prompt_text, response_text) -> float. It is imported by name from the user's installed code; no
   code is ever read from a config or checkpoint file.
@@ -19,7 +22,9 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
+
+from rgkd_megatron.eval.scores import rouge_l_per_item
 
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -111,15 +116,28 @@ def make_judge(
     entry_point: str | None = None,
     label_file: str | None = None,
     teacher_loglik: Callable[[int, str, str], float] | None = None,
+    references: Mapping[int, str] | None = None,
     tie_tolerance: float = 0.0,
 ) -> Judge:
-    """Build the judge named by the config (``pbkd.judge``)."""
+    """Build the judge named by the config (``pbkd.judge``). ``references``: prompt_id -> reference
+    answer (rouge_reference)."""
     if kind == "teacher_wins":
         return TeacherWinsJudge()
     if kind == "teacher_loglik":
         if teacher_loglik is None:
             raise ValueError("judge teacher_loglik needs a teacher scorer (white-box run)")
         return ScoreJudge("teacher_loglik", teacher_loglik, tie_tolerance)
+    if kind == "rouge_reference":
+        if not references:
+            raise ValueError("judge rouge_reference needs the prompts' 'reference' answers in pbkd.prompts_path")
+        refs = dict(references)
+
+        def rouge_score(prompt_id: int, _prompt: str, response: str) -> float:
+            if prompt_id not in refs:
+                raise KeyError(f"judge rouge_reference: prompt {prompt_id} has no reference answer")
+            return rouge_l_per_item([response], [refs[prompt_id]])[0]
+
+        return ScoreJudge("rouge_reference", rouge_score, tie_tolerance)
     if kind == "entry_point":
         if not entry_point:
             raise ValueError("judge entry_point needs pbkd.judge_entry_point='package.module:function'")
@@ -131,7 +149,9 @@ def make_judge(
         if not label_file or not Path(label_file).is_file():
             raise ValueError(f"judge label_file needs an existing pbkd.judge_label_file, got {label_file!r}")
         return LabelFileJudge(label_file)
-    raise ValueError(f"pbkd.judge: expected teacher_wins|teacher_loglik|entry_point|label_file, got {kind!r}")
+    raise ValueError(
+        f"pbkd.judge: expected teacher_wins|teacher_loglik|rouge_reference|entry_point|label_file, got {kind!r}"
+    )
 
 
 def orient(judgement: Judgement, teacher_ids: Sequence[int], student_ids: Sequence[int]):

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from rgkd_megatron.generation.generate import inference_mode, stage_forward
+from rgkd_megatron.generation.generate import inference_mode, score, stage_forward
 from rgkd_megatron.losses.mm_pbkd import expected_q as bucket_expectation
 from rgkd_megatron.losses.mm_pbkd import (
     implied_returns,
@@ -33,6 +33,7 @@ from rgkd_megatron.losses.mm_pbkd import (
     mm_student_loss,
     teacher_bucket_log_probs,
 )
+from rgkd_megatron.losses.policy_gradient import kl_penalty_loss
 from rgkd_megatron.pbkd.batches import collate_sequences
 from rgkd_megatron.pbkd.teacher_source import live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
@@ -184,11 +185,22 @@ class MMPbKDTrainer(PbKDTrainer):
 
     # -- the min player --------------------------------------------------------------------------
     def policy_step(self, round_index: int) -> dict[str, float]:
+        """Moment gap + on-policy PG term (``mm_student_loss``, mixed by beta_mm), plus the options
+        PbKD has: beta * KL(pi || pi_ref) per token of the on-policy samples and alpha * SeqKD NLL per
+        token of the teacher responses (both token means over the whole step)."""
         on, off = self._on_off_rows(round_index, 30)
         for batch in (on, off):
             batch["q_bsc"], batch["q_action"] = self._q_detached(batch)
+        seq_len = self.cfg.data.seq_length
+        on["ref_logprobs"] = torch.zeros(on["tokens"].shape, dtype=torch.float32)
+        on["ref_logprobs"][:, :-1] = score(
+            self.models.reference, self.groups, on["tokens"].tolist(), vocab_size=self.models.vocab_size
+        )[:, : seq_len - 1]
+        off["ref_logprobs"] = torch.zeros_like(on["ref_logprobs"])
         mbs = self.cfg.train.micro_batch_size
         n_rows = len(on["tokens"])
+        t_on = max(float(on["response_mask"].sum()), 1.0)
+        t_off = max(float(off["response_mask"].sum()), 1.0)
         parts = []
         for m in range(n_rows // mbs):
             sl = slice(m * mbs, (m + 1) * mbs)
@@ -212,10 +224,17 @@ class MMPbKDTrainer(PbKDTrainer):
                 normalizer=1.0,
             )  # fmt: skip
             loss = mix_on_off(loss_on, loss_off, p.beta_mm)
+            kl_loss, kl_m = kl_penalty_loss(
+                action_lp[on_sl], micro["ref_logprobs"][on_sl], mask[on_sl], beta=p.kl_beta, normalizer=t_on
+            )
+            nll_sum = -(action_lp[off_sl] * mask[off_sl]).sum()
+            loss = loss + n_rows * (kl_loss + p.seqkd_alpha * nll_sum / t_off)  # megatron divides by n_rows
             metrics = {
                 "mms_gap_on": metric_pair(m_on["mms/gap_sum"], mbs),
                 "mms_gap_off": metric_pair(m_off["mms/gap_sum"], mbs),
                 "mms_loss": metric_pair(loss, mbs),
+                "policy_kl": metric_pair(kl_m["kl/value_sum"], mask[on_sl].sum()),
+                "policy_seqkd_nll": metric_pair(nll_sum, mask[off_sl].sum()),
             }
             return loss, torch.tensor(mbs, dtype=torch.int), metrics
 

@@ -7,9 +7,18 @@ global sizes up front (built before the step), so every loss function returns it
 divided gradient is then exactly the gradient of the global objective, for any micro-batching and
 DP size (the TP=2 == TP=1 tests rely on it).
 
-RM step rows, per micro-batch, in this order: e teacher responses, p student samples, b preferred,
+RM step rows, per micro-batch, in this order: e teacher responses, p student samples of the same
+prompts (row i of each side shares a prompt, so ``rm_fresh_accuracy`` = share of r(y_E) > r(y_pi) on
+this forward, before the update, is the RM's accuracy on pairs it has not trained on), b preferred,
 b rejected (pairs aligned). Policy step rows: PG rows (student samples with advantages and
 reference log-probs) then optional teacher rows (the SeqKD anchor).
+
+Policy objective, one per-token scale (T_pg = response tokens of the step's samples, T_E = tokens
+of its teacher responses)::
+
+    L = (1 / T_pg) sum_{pg tokens} [ -A log pi + beta * kl ] + alpha * (1 / T_E) sum_{teacher tokens} -log pi
+
+so beta and alpha weigh per-token quantities against a per-token policy gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +30,12 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from rgkd_megatron.losses.policy_gradient import kl_penalty_loss, ppo_clip_loss, reinforce_loss
+from rgkd_megatron.losses.policy_gradient import (
+    kl_penalty_loss,
+    policy_step_loss,
+    ppo_clip_loss,
+    reinforce_loss,
+)
 from rgkd_megatron.losses.reward import rm_loss
 from rgkd_megatron.losses.topk_kd import vocab_parallel_topk_logits
 from rgkd_megatron.models.builders import sequence_rewards
@@ -48,14 +62,17 @@ class RMStepSizes:
         return self.total_expert + self.total_policy + 2 * self.total_pairs
 
 
-def _rm_loss_func(sizes: RMStepSizes, lam: float, bound: float, batch: dict, values_bs1: torch.Tensor):
+def _rm_loss_func(
+    sizes: RMStepSizes, lam: float, bound: float, magnitude_coef: float, batch: dict, values_bs1: torch.Tensor
+):
     raw_r = sequence_rewards(values_bs1.squeeze(-1).float(), batch["last_index"])
     e, p, b = sizes.expert, sizes.policy, sizes.pairs
     loss, m = rm_loss(
         raw_r[:e], raw_r[e : e + p], raw_r[e + p : e + p + b], raw_r[e + p + b :],
-        lam=lam, bound=bound, num_expert=sizes.total_expert, num_policy=sizes.total_policy,
-        num_pairs=sizes.total_pairs,
+        lam=lam, bound=bound, magnitude_coef=magnitude_coef, num_expert=sizes.total_expert,
+        num_policy=sizes.total_policy, num_pairs=sizes.total_pairs,
     )  # fmt: skip
+    fresh_correct = (raw_r[:e] > raw_r[e : e + p]).float().sum().detach() if e == p else None
     metrics = {
         "rm_loss": metric_pair(loss * sizes.total_rows, sizes.total_rows),
         "rm_expert_reward": metric_pair(m["rm/expert_reward_sum"], e),
@@ -64,16 +81,19 @@ def _rm_loss_func(sizes: RMStepSizes, lam: float, bound: float, batch: dict, val
         "rm_pref_accuracy": metric_pair(m["rm/accuracy_sum"], b),
         "rm_max_abs_reward": metric_pair(m["rm/max_abs_reward"] * sizes.rows, sizes.rows),
     }
+    if fresh_correct is not None:
+        metrics["rm_fresh_accuracy"] = metric_pair(fresh_correct, e)
     return loss * sizes.total_rows, torch.tensor(sizes.rows, dtype=torch.int), metrics
 
 
-def make_rm_forward_step(sizes: RMStepSizes, lam: float, bound: float) -> Callable:
-    """RM (max player) step: L = -(mean r(y_E) - mean r(y_pi)) + lambda * BT on the preference pairs."""
+def make_rm_forward_step(sizes: RMStepSizes, lam: float, bound: float, magnitude_coef: float = 0.0) -> Callable:
+    """RM (max player) step: L = -(mean r(y_E) - mean r(y_pi)) + lambda * BT on the preference pairs
+    + magnitude_coef * mean raw^2 (``losses.reward.rm_loss``)."""
 
     def rm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
         batch = next(data_iterator)
         values_bs1 = model(batch["tokens"], batch["position_ids"], None)
-        return values_bs1, partial(_rm_loss_func, sizes, lam, bound, batch)
+        return values_bs1, partial(_rm_loss_func, sizes, lam, bound, magnitude_coef, batch)
 
     return rm_forward_step
 
@@ -85,6 +105,8 @@ class PolicyStepSizes:
     teacher_rows: int
     """SeqKD-anchor rows per micro-batch (0 = no anchor)."""
     total_pg_rows: int
+    total_pg_tokens: int
+    """T_pg: response tokens of all the step's student samples (every micro-batch and DP rank)."""
     total_teacher_tokens: int
 
 
@@ -100,31 +122,33 @@ def token_logprobs(
 
 def _policy_loss_func(sizes: PolicyStepSizes, opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
     logprobs_bs = token_logprobs(logits_bsv, batch["labels"], tp_group, opts["vocab_size"])
-    n = sizes.pg_rows
+    n, t_pg = sizes.pg_rows, max(sizes.total_pg_tokens, 1)
     pg_lp, pg_mask = logprobs_bs[:n], batch["response_mask"][:n]
     if opts["ppo_clip"] is None:
-        pg_loss, _ = reinforce_loss(pg_lp, batch["advantage"][:n], pg_mask, normalizer=1.0)
+        pg_loss, _ = reinforce_loss(pg_lp, batch["advantage"][:n], pg_mask, normalizer=t_pg)
     else:
         pg_loss, _ = ppo_clip_loss(
             pg_lp, batch["old_logprobs"][:n], batch["advantage"][:n], pg_mask,
-            clip_eps=opts["ppo_clip"], normalizer=1.0,
+            clip_eps=opts["ppo_clip"], normalizer=t_pg,
         )  # fmt: skip
     kl_loss, kl_m = kl_penalty_loss(
-        pg_lp, batch["ref_logprobs"][:n], pg_mask, beta=opts["kl_beta"], normalizer=1.0
+        pg_lp, batch["ref_logprobs"][:n], pg_mask, beta=opts["kl_beta"], normalizer=t_pg
     )
-    loss = pg_loss + kl_loss
+    seqkd_nll = None
+    if sizes.teacher_rows:
+        nll_sum = -(logprobs_bs[n:] * batch["response_mask"][n:]).sum()
+        seqkd_nll = nll_sum / max(sizes.total_teacher_tokens, 1)
+    loss, _ = policy_step_loss(pg_loss, kl_loss=kl_loss, seqkd_nll=seqkd_nll, alpha=opts["seqkd_alpha"])
+    g = sizes.total_pg_rows  # megatron divides the summed losses by the summed counts (= g)
     metrics = {
-        "policy_pg_loss": metric_pair(pg_loss, n),
-        "policy_kl": metric_pair(kl_m["kl/value_sum"], n),
+        "policy_pg_loss": metric_pair(pg_loss * g, n),
+        "policy_kl": metric_pair(kl_m["kl/value_sum"], pg_mask.sum()),
         "policy_reward": metric_pair(batch["reward"][:n].sum(), n),
         "policy_response_len": metric_pair(pg_mask.sum(), n),
     }
     if sizes.teacher_rows:
-        nll_sum = -(logprobs_bs[n:] * batch["response_mask"][n:]).sum()
-        scale = opts["seqkd_alpha"] * sizes.total_pg_rows / max(sizes.total_teacher_tokens, 1)
-        loss = loss + scale * nll_sum
         metrics["policy_seqkd_nll"] = metric_pair(nll_sum, batch["response_mask"][n:].sum())
-    return loss, torch.tensor(n, dtype=torch.int), metrics
+    return loss * g, torch.tensor(n, dtype=torch.int), metrics
 
 
 def make_policy_forward_step(
@@ -135,8 +159,8 @@ def make_policy_forward_step(
     ppo_clip: float | None,
     seqkd_alpha: float,
 ) -> Callable:
-    """Policy (min player) step: RLOO policy gradient (or PPO-clip) + beta * KL(pi || pi_ref)
-    + alpha * SeqKD NLL of teacher responses, averaged over the step's student samples."""
+    """Policy (min player) step: RLOO policy gradient (or PPO-clip) + beta * KL(pi || pi_ref), per
+    token of the step's student samples, + alpha * SeqKD NLL per token of teacher responses."""
     opts = {"vocab_size": vocab_size, "kl_beta": kl_beta, "ppo_clip": ppo_clip, "seqkd_alpha": seqkd_alpha}
 
     def policy_forward_step(data_iterator: Iterator, model: torch.nn.Module):

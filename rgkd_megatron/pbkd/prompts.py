@@ -1,8 +1,11 @@
 """The prompt set of a distillation run: prompts with the teacher's responses (and references).
 
-JSONL records ``{"prompt": str, "response": str[, "reference": str]}``: ``response`` is the
-teacher's answer (what the student is distilled towards), ``reference`` an optional ground truth for
-evaluation. Prompts are wrapped in the tokenizer's prompt template and tokenized once; a seeded
+JSONL records ``{"prompt": str, "response": str[, "reference": str, "truncated": bool]}``:
+``response`` is the teacher's answer (what the student is distilled towards), ``reference`` an
+optional ground truth for evaluation, ``truncated`` marks a response that generation cut at its
+length limit (``tools/generate_responses.py`` writes it). A response ends with EOS only when the
+teacher stopped by itself: a truncated one, or one cut here at ``max_response_tokens``, has none, the
+same as a student sample cut at ``pbkd.max_new_tokens`` (otherwise EOS alone tells the two apart). Prompts are wrapped in the tokenizer's prompt template and tokenized once; a seeded
 shuffle splits off a held-out set for evaluation.
 """
 
@@ -23,8 +26,10 @@ class PromptItem:
     prompt_ids: tuple[int, ...]
     teacher: str
     teacher_ids: tuple[int, ...]
-    """Teacher response ids followed by EOS."""
+    """Teacher response ids, followed by EOS unless the response was truncated."""
     reference: str | None = None
+    truncated: bool = False
+    """The teacher's response was cut at a length limit (no EOS)."""
 
 
 def load_prompt_set(
@@ -47,7 +52,10 @@ def load_prompt_set(
             prompt_ids = tokenizer.encode(tokenizer.apply_prompt_template(record["prompt"]))[
                 -max_prompt_tokens:
             ]
-            teacher_ids = tokenizer.encode(record["response"])[: max_response_tokens - 1] + [tokenizer.eos_id]
+            truncated = record.get("truncated", False)
+            if not isinstance(truncated, bool):
+                raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
+            teacher_ids, truncated = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
             items.append(
                 PromptItem(
                     prompt_id=len(items),
@@ -56,6 +64,7 @@ def load_prompt_set(
                     teacher=record["response"],
                     teacher_ids=tuple(teacher_ids),
                     reference=record.get("reference"),
+                    truncated=truncated,
                 )
             )
     if not items:
@@ -74,3 +83,44 @@ def split_prompts(
     heldout = sorted(order[:n_heldout].tolist())
     train = sorted(order[n_heldout:].tolist())
     return [items[i] for i in train], [items[i] for i in heldout]
+
+
+def response_ids(tokenizer: Tokenizer, text: str, truncated: bool, max_tokens: int) -> tuple[tuple[int, ...], bool]:
+    """Token ids of a response: + EOS when it ended by itself; a truncated one (or one longer than
+    ``max_tokens``) is cut to ``max_tokens`` without EOS. Returns (ids, truncated)."""
+    ids = tokenizer.encode(text)
+    if truncated or len(ids) >= max_tokens:
+        return tuple(ids[:max_tokens]), True
+    return tuple(ids + [tokenizer.eos_id]), False
+
+
+def load_teacher_samples(
+    path: str, tokenizer: Tokenizer, items: list[PromptItem], max_response_tokens: int
+) -> dict[int, list[tuple[int, ...]]]:
+    """Teacher samples (``tools/generate_responses.py --num-samples N``, records ``{prompt,
+    response, truncated}``) by prompt_id of ``items``, matched on the prompt text; a record whose
+    prompt is not in the prompt set is an error naming its line."""
+    by_prompt = {i.prompt: i.prompt_id for i in items}
+    samples: dict[int, list[tuple[int, ...]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
+            for key in ("prompt", "response"):
+                if not isinstance(record.get(key), str):
+                    raise ValueError(f"{where}: field '{key}' must be a string")
+            if record["prompt"] not in by_prompt:
+                raise ValueError(f"{where}: prompt not in pbkd.prompts_path: {record['prompt'][:60]!r}")
+            truncated = record.get("truncated", False)
+            if not isinstance(truncated, bool):
+                raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
+            ids, _ = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
+            samples.setdefault(by_prompt[record["prompt"]], []).append(ids)
+    if not samples:
+        raise ValueError(f"{path}: no teacher samples")
+    return samples

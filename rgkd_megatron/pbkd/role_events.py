@@ -61,13 +61,16 @@ def make_handlers(trainer: Any, runner_ref: list[PlanRunner]) -> dict[str, Handl
         if not split:
             return _nothing(event, inputs)
         data = trainer.rollout(event.round)
-        return {f"rollouts@{event.step}": (data, {"sequences": data["sequences"]})}
+        wire = {key: data[key] for key in ("sequences", "prompt_ids", "prompt_lens")}
+        return {f"rollouts@{event.step}": (data, wire)}
 
     def score(event: Event, inputs: dict) -> dict:
         if not split:
             return _nothing(event, inputs)
         runner_ref[0].check_rm_version(event, trainer.rm_steps)
-        rewards = trainer.score_rollout(inputs[f"rollouts@{event.step}"]["sequences"])
+        rollout = inputs[f"rollouts@{event.step}"]
+        rewards = trainer.score_rollout(rollout["sequences"])
+        trainer.remember_rollout(rollout)  # the RM's next steps train on these fresh samples
         wire = {"rewards": rewards}
         return {f"rewards@{event.step}": (wire, wire)}
 

@@ -107,7 +107,7 @@ def build_pbkd_models(
     if reward is not None:
         if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
             restore_rng_state(reward_rng)
-            attach_q_head(reward, cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
+            attach_q_head(reward, cfg.pbkd.q_bound or cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
         reward_engine = build_engine(
             reward, rg, cfg.optimizer, role_parallel(cfg, rg), cfg.pbkd.rm_lr, cfg.pbkd.rm_lr, 0, t.train_iters,
             "constant",
@@ -134,6 +134,31 @@ def reward_scores(
     return broadcast_from_last_stage(rewards, (len(sequences),), torch.float32, groups)
 
 
+def response_nlls(
+    model: torch.nn.Module,
+    groups: RoleGroups,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    vocab_size: int,
+) -> list[tuple[float, int]]:
+    """Per response: (sum of the negative log-likelihood of its tokens given its prompt, token count)
+    under ``model``; an empty response gives (0.0, 0)."""
+    rows = [(i, p + r) for i, (p, r) in enumerate(zip(prompts, responses)) if r]
+    out = [(0.0, 0)] * len(prompts)
+    if not rows:
+        return out
+    logprobs = score(model, groups, [s for _, s in rows], vocab_size=vocab_size)
+    for row, (i, _) in enumerate(rows):
+        p, r = prompts[i], responses[i]
+        out[i] = (-float(logprobs[row, len(p) - 1 : len(p) - 1 + len(r)].sum()), len(r))
+    return out
+
+
+def mean_nll(pairs: list[tuple[float, int]]) -> float:
+    """Token-weighted mean NLL of (sum, count) pairs: sum_i s_i / sum_i n_i."""
+    return sum(s for s, _ in pairs) / max(sum(n for _, n in pairs), 1)
+
+
 def response_nll(
     model: torch.nn.Module,
     groups: RoleGroups,
@@ -142,9 +167,4 @@ def response_nll(
     vocab_size: int,
 ) -> float:
     """Mean per-token negative log-likelihood of the responses given the prompts under ``model``."""
-    logprobs = score(model, groups, [p + r for p, r in zip(prompts, responses)], vocab_size=vocab_size)
-    total, count = 0.0, 0
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        total -= float(logprobs[i, len(p) - 1 : len(p) - 1 + len(r)].sum())
-        count += len(r)
-    return total / max(count, 1)
+    return mean_nll(response_nlls(model, groups, prompts, responses, vocab_size))

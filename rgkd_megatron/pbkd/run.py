@@ -4,6 +4,7 @@ save the student and write the report."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from rgkd_megatron.checkpoint.dist_ckpt import find_latest_checkpoint, save_model_weights
 from rgkd_megatron.checkpoint.role_ckpt import load_roles_checkpoint, save_roles_checkpoint
 from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_config, validate_config
+from rgkd_megatron.convert.export import export_hf, write_checkpoint_sidecar
 from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
 from rgkd_megatron.parallel import cpu_compat
@@ -21,7 +23,8 @@ from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
 from rgkd_megatron.pbkd.role_events import make_handlers
 from rgkd_megatron.pbkd.roles import build_pbkd_models
-from rgkd_megatron.pbkd.trainer import PbKDTrainer, SeqKDTrainer
+from rgkd_megatron.pbkd.seqkd import SeqKDTrainer
+from rgkd_megatron.pbkd.trainer import PbKDTrainer
 from rgkd_megatron.schedule.placement import POLICY, REWARD, ROLES, TEACHER, role_layouts, role_model_configs
 from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan
 from rgkd_megatron.schedule.runner import PlanRunner
@@ -103,6 +106,25 @@ def _evaluate(trainer, transport: RoleTransport | None, windows, tag: int) -> di
     return {k: v for m in gathered for k, v in m.items()}
 
 
+def _split_heldout(metrics: dict) -> tuple[dict, list[dict] | None]:
+    """(the metrics without the private per-prompt keys, the per-prompt held-out records)."""
+    records = metrics.pop("_records", None)
+    nll = metrics.pop("_teacher_nll_items", None)
+    if records is not None:
+        for record, value in zip(records, nll or [None] * len(records)):
+            record["teacher_nll"] = value
+    return metrics, records
+
+
+def _write_heldout(path: Path, records: list[dict] | None) -> None:
+    """Rank 0: per-prompt held-out outputs (what rgkd-eval pairs across runs), atomically."""
+    if records is None or dist.get_rank() != 0:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _gather_metrics(runner: PlanRunner) -> dict[int, dict[str, float]]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, runner.pop_metrics())
@@ -139,7 +161,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     items = load_prompt_set(
         cfg.pbkd.prompts_path, tokenizer, cfg.data.seq_length // 2, cfg.data.seq_length // 2
     )
-    train_items, heldout = split_prompts(items, cfg.pbkd.heldout_fraction, cfg.train.seed)
+    train_items, heldout = split_prompts(items, cfg.pbkd.heldout_fraction, cfg.pbkd.heldout_seed)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     models = build_pbkd_models(cfg, groups, vocab_size)
     trainer = TRAINERS[cfg.pbkd.method](cfg, models, tokenizer, train_items, heldout, run_dir)
@@ -162,7 +184,8 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         if rank == 0:
             truncate_metrics(run_dir / "metrics.jsonl", runner.iteration)
     else:
-        initial = _evaluate(trainer, transport, windows, eval_tag)
+        initial, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag))
+        _write_heldout(run_dir / "heldout_outputs_initial.jsonl", records)
         logger.info("initial student: %s", initial)
         final = dict(initial)
     per_round = cfg.pbkd.iterations_per_round
@@ -192,7 +215,8 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
                 final.update(m)
                 metrics_logger.log(step, {**m, "round": (step - 1) // per_round + 1})
             if round_end:
-                evaluation = _evaluate(trainer, transport, windows, eval_tag + t)
+                evaluation, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag + t))
+                _write_heldout(run_dir / "heldout_outputs.jsonl", records)
                 final.update(evaluation, round_time_s=time.perf_counter() - round_started)
                 final.update(round=(t - 1) // per_round + 1)
                 metrics_logger.log(t, {**evaluation, "round": (t - 1) // per_round + 1})
@@ -207,6 +231,10 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     timing = runner.timing_report()
     save_model_weights(run_dir / "student", models.policy.unwrapped() if models.policy is not None else None)
     if rank == 0:
+        model_section = config_to_dict(cfg)["model"]
+        write_checkpoint_sidecar(run_dir / "student", model_section, cfg.data.tokenizer)
+        export_hf(run_dir / "student", model_section, cfg.data.tokenizer, run_dir / "student_hf")
+        logger.info("student: %s (megatron-core), %s (Hugging Face)", run_dir / "student", run_dir / "student_hf")
         (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
         summary = {"method": cfg.pbkd.method, "initial": initial, "final": final}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

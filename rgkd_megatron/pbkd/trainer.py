@@ -9,10 +9,13 @@ Per round r = 1..T (T = 1 is the offline variant: pairs from the initial student
      preference store;
   3. re-solve: ``iterations_per_round`` x (k_r RM steps, then k_p policy steps), continuing from the
      current weights of both players.
-An RM step uses teacher responses y_E, the round's student samples y_pi and preference pairs
-(DESIGN.md s.4). A policy step samples n responses for each of ``prompts_per_step`` prompts, scores
-them with the (bounded) reward model, and applies RLOO (or PPO-clip) with beta * KL to the initial
-student and an optional alpha * SeqKD anchor.
+An RM step uses fresh student samples y_pi (the round's samples, then each policy step's rollouts as
+they are scored), paired by prompt with teacher samples y_E drawn at the rollout temperature
+(``pbkd.teacher_samples_path``), and preference pairs (DESIGN.md s.4); the first one is preceded by
+``rm_warmup_steps`` warm-up steps. A policy step samples n responses for each of
+``prompts_per_step`` prompts, scores them with the (bounded) reward model, and applies RLOO (or
+PPO-clip; advantages optionally group-normalised) with beta * KL to the initial student and an
+optional alpha * SeqKD anchor, every term a mean over tokens (one per-token scale).
 
 All sampling is seeded from (train.seed, round, step), so a run is reproducible.
 """
@@ -28,11 +31,12 @@ import torch.distributed as dist
 from rgkd_megatron.config import RGKDConfig
 from rgkd_megatron.data.preference import PreferencePair, PreferenceStore, Provenance
 from rgkd_megatron.data.tokenizer import Tokenizer
-from rgkd_megatron.eval.scores import rouge_l
+from rgkd_megatron.eval.diagnostics import reward_saturation
 from rgkd_megatron.generation.generate import generate, score
 from rgkd_megatron.losses.policy_gradient import group_advantages
 from rgkd_megatron.losses.reward import bounded_reward
 from rgkd_megatron.pbkd.batches import collate_sequences, dp_shard, split_rows
+from rgkd_megatron.pbkd.evaluation import EvaluationMixin
 from rgkd_megatron.pbkd.judges import make_judge, orient
 from rgkd_megatron.pbkd.objectives import (
     PolicyStepSizes,
@@ -40,7 +44,7 @@ from rgkd_megatron.pbkd.objectives import (
     make_policy_forward_step,
     make_rm_forward_step,
 )
-from rgkd_megatron.pbkd.prompts import PromptItem
+from rgkd_megatron.pbkd.prompts import PromptItem, load_teacher_samples
 from rgkd_megatron.pbkd.roles import PbKDModels, response_nll, reward_scores
 from rgkd_megatron.training.engine import train_step
 from rgkd_megatron.utils.logging import get_logger
@@ -48,7 +52,7 @@ from rgkd_megatron.utils.logging import get_logger
 logger = get_logger(__name__)
 
 
-class PbKDTrainer:
+class PbKDTrainer(EvaluationMixin):
     def __init__(
         self, cfg: RGKDConfig, models: PbKDModels, tokenizer: Tokenizer, train_items, heldout_items, run_dir
     ):
@@ -64,15 +68,20 @@ class PbKDTrainer:
                 entry_point=self.p.judge_entry_point,
                 label_file=self.p.judge_label_file,
                 teacher_loglik=self._teacher_loglik if models.teacher is not None else None,
+                references={i.prompt_id: i.reference for i in train_items + heldout_items if i.reference},
                 tie_tolerance=self.p.tie_tolerance,
             )
+        self.teacher_samples = self._load_teacher_samples()
+        self.game_items = [i for i in self.train_items if i.prompt_id in self.teacher_samples]
+        """Prompts the game samples (those with teacher samples to pair the student's with)."""
+        self.rm_pool: list[tuple[PromptItem, list[int]]] = []
+        """The freshest student samples: the RM's student side (the round's, then each rollout's)."""
         self.round_student_step = 0
         self.policy_steps = 0
         self.rm_steps = 0
         self.round_samples: list[tuple[PromptItem, list[int]]] = []
         self.rounds_received = 0
         """Last round whose samples and pairs the reward side holds (collect sets it when colocated)."""
-        self._teacher_self_nll: float | None = None
         self.reports_reward_gap = True
         """False for methods whose adversary has no sequence-reward head (baselines, MM-PbKD's Q)."""
         self._check_lengths()
@@ -110,6 +119,7 @@ class PbKDTrainer:
             "rounds_received": self.rounds_received,
             "round_samples": [[item.prompt_id, list(r)] for item, r in self.round_samples],
             "round_student_step": self.round_student_step,
+            "rm_pool": [[item.prompt_id, list(r)] for item, r in self.rm_pool],
             "pairs": [pair.to_json() for pair in self.store.pairs],
         }
 
@@ -118,6 +128,7 @@ class PbKDTrainer:
         self.rounds_received = int(state["rounds_received"])
         self.round_samples = self._samples_from_payload({"samples": state["round_samples"]})
         self.round_student_step = int(state["round_student_step"])
+        self.rm_pool = self._samples_from_payload({"samples": state["rm_pool"]})
         pairs = [PreferencePair.from_json(line, "checkpoint") for line in state["pairs"]]
         if self._writes_pairs():  # the JSONL may hold pairs collected after the checkpoint
             self.store.rewrite(pairs)
@@ -142,7 +153,16 @@ class PbKDTrainer:
 
     def receive_samples(self, payload: dict) -> None:
         self.round_samples = self._samples_from_payload(payload)
+        self.rm_pool = list(self.round_samples)
         self.round_student_step = int(payload["student_step"])
+
+    def remember_rollout(self, rollout: dict) -> None:
+        """Reward side: a policy rollout being scored becomes the RM's freshest student samples."""
+        by_id = {i.prompt_id: i for i in self.train_items}
+        self.rm_pool = [
+            (by_id[int(pid)], list(seq[n:]))
+            for pid, n, seq in zip(rollout["prompt_ids"], rollout["prompt_lens"], rollout["sequences"])
+        ]
 
     def receive_round(self, round_index: int, payload: dict) -> None:
         """Reward side: take the round's samples and pairs (no-op when they were made on this rank)."""
@@ -164,6 +184,28 @@ class PbKDTrainer:
                 f"{self.cfg.data.seq_length} (raise it or lower pbkd.max_new_tokens)"
             )
 
+    def _load_teacher_samples(self) -> dict[int, list[tuple[int, ...]]]:
+        """prompt_id -> teacher samples at the rollout temperature (greedy responses without a file)."""
+        if self.p.teacher_samples_path:
+            samples = load_teacher_samples(
+                self.p.teacher_samples_path, self.tok, self.train_items + self.heldout_items,
+                self.cfg.data.seq_length // 2,
+            )  # fmt: skip
+            if not any(i.prompt_id in samples for i in self.train_items):
+                raise ValueError(f"pbkd.teacher_samples_path: no sample is for a training prompt ({self.p.teacher_samples_path})")
+            return samples
+        if self.p.method in ("pbkd", "mm_pbkd"):
+            logger.warning(
+                "pbkd.teacher_samples_path is not set: the reward model's teacher side is the greedy responses "
+                "while the student side is sampled, so it can separate greedy from sampled text instead of "
+                "teacher from student (generate samples with tools/generate_responses.py --temperature 1 --num-samples N)"
+            )
+        return {i.prompt_id: [i.teacher_ids] for i in self.train_items}
+
+    def _teacher_sample(self, item: PromptItem, rng: np.random.Generator) -> tuple[int, ...]:
+        options = self.teacher_samples[item.prompt_id]
+        return options[int(rng.integers(len(options)))]
+
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.train.seed, *keys])
 
@@ -172,7 +214,7 @@ class PbKDTrainer:
 
     def _teacher_loglik(self, prompt_id: int, prompt: str, response: str) -> float:
         item = next(i for i in self.train_items + self.heldout_items if i.prompt_id == prompt_id)
-        ids = self.tok.encode(response) + [self.tok.eos_id]
+        ids = self.tok.encode(response)
         return -response_nll(
             self.models.teacher,
             self.models.teacher_groups,
@@ -196,6 +238,9 @@ class PbKDTrainer:
             vocab_size=self.models.vocab_size,
         )
 
+    def _text(self, ids) -> str:
+        return self.tok.decode([t for t in ids if t != self.tok.eos_id])
+
     def _run(self, engine, forward_step, batch: dict, rows_per_micro: int) -> dict[str, float]:
         local = dp_shard(batch, engine.groups.dp_rank, engine.groups.layout.dp)
         micro = split_rows(local, rows_per_micro)
@@ -213,19 +258,22 @@ class PbKDTrainer:
         """Policy side: one response of the current student for ``pairs_per_round`` prompts."""
         rng = self._rng(round_index, 1)
         picks = rng.choice(
-            len(self.train_items), size=min(self.p.pairs_per_round, len(self.train_items)), replace=False
+            len(self.game_items), size=min(self.p.pairs_per_round, len(self.game_items)), replace=False
         )
-        items = [self.train_items[i] for i in picks]
+        items = [self.game_items[i] for i in picks]
         out = self._sample([list(i.prompt_ids) for i in items], self._seed(round_index, 2))
         self.round_samples = list(zip(items, out.response_ids()))
+        self.rm_pool = list(self.round_samples)
         self.round_student_step = self.policy_steps
 
     def judge_round(self, round_index: int) -> list[PreferencePair]:
         """The judge's side: each sample against the teacher's response -> pairs, appended."""
         pairs = []
+        rng = self._rng(round_index, 9)
         for item, response in self.round_samples:
-            verdict = self.judge(item.prompt_id, item.prompt, item.teacher, self.tok.decode(response))
-            chosen, rejected = orient(verdict, item.teacher_ids, response)
+            teacher_ids = self._teacher_sample(item, rng)
+            verdict = self.judge(item.prompt_id, item.prompt, self._text(teacher_ids), self._text(response))
+            chosen, rejected = orient(verdict, teacher_ids, response)
             pairs.append(
                 PreferencePair(
                     prompt_id=item.prompt_id,
@@ -248,6 +296,18 @@ class PbKDTrainer:
 
     # ------------------------------------------------------------------ the max player
     def rm_step(self, round_index: int) -> dict[str, float]:
+        """One RM step (preceded, the first time, by ``rm_warmup_steps`` warm-up steps)."""
+        warmup = self.p.rm_warmup_steps if self.rm_steps == 0 else 0
+        for _ in range(warmup):
+            self._rm_update(round_index)
+        metrics = self._rm_update(round_index)
+        if warmup:
+            metrics["rm_warmup_steps"] = warmup
+        return metrics
+
+    def _rm_update(self, round_index: int) -> dict[str, float]:
+        """Student side: fresh samples (``rm_pool``); teacher side: a teacher sample of the same
+        prompt for each (pairs by prompt); plus preference pairs for the Bradley-Terry term."""
         dp, mbs = self.models.reward.groups.layout.dp, self.cfg.train.micro_batch_size
         per_kind = max(1, mbs // 4)
         count = self.p.prompts_per_step
@@ -256,25 +316,23 @@ class PbKDTrainer:
                 f"pbkd.prompts_per_step ({count}) must divide by DP x max(1, micro_batch_size // 4)"
             )
         rng = self._rng(round_index, 3, self.rm_steps)
-        experts = [self.train_items[i] for i in rng.choice(len(self.train_items), count, replace=False)]
-        samples = [self.round_samples[i] for i in rng.choice(len(self.round_samples), count, replace=True)]
+        samples = [self.rm_pool[i] for i in rng.choice(len(self.rm_pool), count, replace=len(self.rm_pool) < count)]
+        experts = [self._teacher_sample(item, rng) for item, _ in samples]
         trainable = self.store.trainable()
         if not trainable:
             raise RuntimeError("no non-tie preference pairs yet: every judged pair was a tie")
         pairs = [trainable[i] for i in rng.choice(len(trainable), count, replace=len(trainable) < count)]
         micro_count = count // per_kind
         prompts, responses = [], []
-        for m in range(micro_count):  # rows of micro-batch m: experts, samples, chosen, rejected
+        for m in range(micro_count):  # rows of micro-batch m: experts, samples (same prompts), chosen, rejected
             sl = slice(m * per_kind, (m + 1) * per_kind)
-            prompts += [list(i.prompt_ids) for i in experts[sl]]
-            responses += [list(i.teacher_ids) for i in experts[sl]]
-            prompts += [list(i.prompt_ids) for i, _ in samples[sl]]
-            responses += [r for _, r in samples[sl]]
+            prompts += [list(i.prompt_ids) for i, _ in samples[sl]] * 2
+            responses += [list(e) for e in experts[sl]] + [r for _, r in samples[sl]]
             prompts += [list(p.prompt_ids) for p in pairs[sl]] * 2
             responses += [list(p.chosen_ids) for p in pairs[sl]] + [list(p.rejected_ids) for p in pairs[sl]]
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
         sizes = RMStepSizes(per_kind, per_kind, per_kind, count, count, count)
-        step = make_rm_forward_step(sizes, self.p.bt_lambda, self.p.reward_bound)
+        step = make_rm_forward_step(sizes, self.p.bt_lambda, self.p.reward_bound, self.p.rm_magnitude_coef)
         self.rm_steps += 1
         return self._run(self.models.reward, step, batch, sizes.rows)
 
@@ -282,19 +340,26 @@ class PbKDTrainer:
     def policy_step(self, round_index: int) -> dict[str, float]:
         """rollout -> score -> policy_update on this rank (colocated)."""
         rollout = self.rollout(round_index)
-        return self.policy_update(round_index, rollout, self.score_rollout(rollout["sequences"]))
+        rewards = self.score_rollout(rollout["sequences"])
+        self.remember_rollout(rollout)
+        return self.policy_update(round_index, rollout, rewards)
 
     def rollout(self, round_index: int) -> dict:
         """Policy side: n samples for each of g prompts, with their sampling log-probs."""
         g, n = self.p.prompts_per_step, self.p.samples_per_prompt
         rng = self._rng(round_index, 4, self.policy_steps)
-        items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
+        items = [self.game_items[i] for i in rng.choice(len(self.game_items), g, replace=len(self.game_items) < g)]
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
         out = self._sample(prompts, self._seed(round_index, 5, self.policy_steps))
         responses = out.response_ids()
         sequences = [p + r for p, r in zip(prompts, responses)]
         return {"items": items, "prompts": prompts, "responses": responses, "logprobs": out.logprobs,
-                "sequences": sequences}  # fmt: skip
+                "finished": out.finished, "sequences": sequences, **self.rollout_wire_keys(items, prompts)}  # fmt: skip
+
+    def rollout_wire_keys(self, items: list[PromptItem], prompts: list[list[int]]) -> dict:
+        """What the reward side needs besides the sequences to keep the rollout as fresh RM data."""
+        n = self.p.samples_per_prompt
+        return {"prompt_ids": [i.prompt_id for i in items for _ in range(n)], "prompt_lens": [len(p) for p in prompts]}
 
     def score_rollout(self, sequences: list[list[int]]) -> torch.Tensor:
         """Reward side: the bounded rewards of the rollout's sequences [g * n] (fp32)."""
@@ -309,7 +374,7 @@ class PbKDTrainer:
         dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
         items, prompts, responses = rollout["items"], rollout["prompts"], rollout["responses"]
         sequences = rollout["sequences"]
-        advantages = group_advantages(rewards.view(g, n)).reshape(-1)
+        advantages = group_advantages(rewards.view(g, n), scale_by_std=self.p.advantage_norm == "std").reshape(-1)
         seq_len = self.cfg.data.seq_length
         batch = collate_sequences(prompts, responses, seq_len, self.tok.pad_id)
         ref = score(self.models.reference, self.groups, sequences, vocab_size=self.models.vocab_size)
@@ -337,7 +402,8 @@ class PbKDTrainer:
         teacher_tokens = (
             sum(min(len(i.teacher_ids), seq_len - len(i.prompt_ids)) for i in items) if teacher_rows else 0
         )
-        sizes = PolicyStepSizes(mbs, teacher_rows, rows_total, teacher_tokens)
+        pg_tokens = sum(min(len(r), seq_len - len(p)) for p, r in zip(prompts, responses))
+        sizes = PolicyStepSizes(mbs, teacher_rows, rows_total, pg_tokens, teacher_tokens)
         step = make_policy_forward_step(
             sizes,
             self.groups.pg_collection.tp,
@@ -348,65 +414,21 @@ class PbKDTrainer:
         )
         self.policy_steps += 1
         metrics = self._run(self.models.policy, step, batch, mbs + teacher_rows)
-        metrics["policy_sample_reward_mean"] = float(rewards.mean())
+        metrics.update(self._rollout_diagnostics(rollout, rewards))
         return metrics
 
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, items: list[PromptItem] | None = None) -> dict[str, float]:
-        """Every evaluation metric on this rank (colocated: all models here)."""
-        items = items or self.heldout_items
-        metrics, responses = self.evaluate_policy(items)
-        if self.reports_reward_gap:
-            metrics.update(self.evaluate_reward(responses, items))
-        return metrics
-
-    def evaluate_policy(
-        self, items: list[PromptItem] | None = None
-    ) -> tuple[dict[str, float], list[list[int]]]:
-        """Policy side: greedy responses on held-out prompts, ROUGE-L, length, the teacher's NLL of
-        them (when the teacher is on this rank). Returns (metrics, responses)."""
-        items = items or self.heldout_items
-        out = self._sample([list(i.prompt_ids) for i in items], seed=0, greedy=True)
-        responses = out.response_ids()
-        texts = [self.tok.decode([t for t in r if t != self.tok.eos_id]) for r in responses]
-        metrics = {"eval_rougeL_vs_teacher": rouge_l(texts, [i.teacher for i in items])}
-        refs = [(t, i.reference) for t, i in zip(texts, items) if i.reference]
-        if refs:
-            metrics["eval_rougeL_vs_reference"] = rouge_l([t for t, _ in refs], [r for _, r in refs])
-        metrics["eval_response_len"] = float(np.mean([len(r) for r in responses]))
-        if self.models.teacher is not None:
-            metrics.update(self.evaluate_teacher(responses, items))
-        return metrics, responses
-
-    def evaluate_teacher(
-        self, responses: list[list[int]], items: list[PromptItem] | None = None
-    ) -> dict[str, float]:
-        """Teacher side: its NLL of the student's held-out responses, and of its own."""
-        items = items or self.heldout_items
-        prompts = [list(i.prompt_ids) for i in items]
-        teacher, groups, vocab = self.models.teacher, self.models.teacher_groups, self.models.vocab_size
-        nonempty = [(p, r) for p, r in zip(prompts, responses) if r]
-        metrics = {
-            "eval_teacher_nll_of_student": response_nll(
-                teacher, groups, [p for p, _ in nonempty], [r for _, r in nonempty], vocab
-            )
+    def _rollout_diagnostics(self, rollout: dict, rewards: torch.Tensor) -> dict[str, float]:
+        """Reward level and saturation (share of |r| within 5% of the bound), the student's entropy
+        estimate (mean -log pi of its sampled tokens), length and EOS rate of its samples."""
+        lengths = [len(r) for r in rollout["responses"]]
+        logprob_sum = sum(float(rollout["logprobs"][i, :n].sum()) for i, n in enumerate(lengths))
+        return {
+            "policy_sample_reward_mean": float(rewards.mean()),
+            "policy_reward_saturation": reward_saturation(rewards.tolist(), self.p.reward_bound),
+            "policy_sample_entropy": -logprob_sum / max(sum(lengths), 1),
+            "policy_sample_len": float(np.mean(lengths)),
+            "policy_sample_eos_rate": float(torch.as_tensor(rollout["finished"]).float().mean()),
         }
-        if self._teacher_self_nll is None:
-            self._teacher_self_nll = response_nll(
-                teacher, groups, prompts, [list(i.teacher_ids) for i in items], vocab
-            )
-        metrics["eval_teacher_nll_of_teacher"] = self._teacher_self_nll
-        return metrics
-
-    def evaluate_reward(
-        self, responses: list[list[int]], items: list[PromptItem] | None = None
-    ) -> dict[str, float]:
-        """Reward side: mean bounded reward of the teacher's minus the student's held-out responses."""
-        items = items or self.heldout_items
-        prompts = [list(i.prompt_ids) for i in items]
-        r_student = self.score_rollout([p + r for p, r in zip(prompts, responses)])
-        r_teacher = self.score_rollout([p + list(i.teacher_ids) for p, i in zip(prompts, items)])
-        return {"eval_reward_gap": float(r_teacher.mean() - r_student.mean())}
 
 
 def _fit(rows_bt: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -436,34 +458,3 @@ def _interleave_teacher_rows(batch, items, seq_len, pad_id, micro_total, mbs):
             parts.append(teacher[key][m * per : (m + 1) * per])
         out[key] = torch.cat(parts)
     return out
-
-
-class SeqKDTrainer(PbKDTrainer):
-    """The SeqKD / SFT baseline through the same data, budget and evaluation: each policy step is a
-    cross-entropy step on teacher responses (as many rows as a PbKD policy step), no reward model."""
-
-    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reports_reward_gap = False
-
-    def policy_step(self, round_index: int) -> dict[str, float]:
-        from rgkd_megatron.training.objectives import make_sft_forward_step
-
-        rows = self.p.prompts_per_step * self.p.samples_per_prompt
-        rng = self._rng(round_index, 6, self.policy_steps)
-        items = [
-            self.train_items[i]
-            for i in rng.choice(len(self.train_items), rows, replace=len(self.train_items) < rows)
-        ]
-        batch = collate_sequences(
-            [list(i.prompt_ids) for i in items],
-            [list(i.teacher_ids) for i in items],
-            self.cfg.data.seq_length,
-            self.tok.pad_id,
-        )
-        batch["loss_mask"] = batch.pop("response_mask")
-        self.policy_steps += 1
-        step = make_sft_forward_step(self.groups.pg_collection.tp)
-        return self._run(self.models.policy, step, batch, self.cfg.train.micro_batch_size)
