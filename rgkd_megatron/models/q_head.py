@@ -29,7 +29,12 @@ def attach_q_head(model: nn.Module, bound: float) -> BilinearQHead:
     embedding = model.embedding.word_embeddings.weight
     model.output_layer = HiddenStatesOut()
     head = BilinearQHead(
-        model.config.hidden_size, embedding.shape[1], embedding.shape[0], bound=bound, ghost=True, zero_init=True
+        model.config.hidden_size,
+        embedding.shape[1],
+        embedding.shape[0],
+        bound=bound,
+        ghost=True,
+        zero_init=True,
     )
     head.action_bias.tensor_model_parallel = True
     head.action_bias.partition_dim = 0

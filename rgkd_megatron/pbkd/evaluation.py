@@ -53,7 +53,9 @@ class EvaluationMixin:
                 np.mean(rouge_l_per_item([t for t, _ in refs], [r for _, r in refs]))
             )
         metrics["eval_response_len"] = float(np.mean([len(r) for r in responses]))
-        metrics["eval_len_ratio"] = metrics["eval_response_len"] / float(np.mean([len(i.teacher_ids) for i in items]))
+        metrics["eval_len_ratio"] = metrics["eval_response_len"] / float(
+            np.mean([len(i.teacher_ids) for i in items])
+        )
         metrics["eval_eos_rate"] = float(np.mean(finished))
         metrics["eval_distinct2"] = distinct_n(texts, 2)
         metrics["eval_repetition3"] = repetition_rate(texts, 3)

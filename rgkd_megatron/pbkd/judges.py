@@ -129,7 +129,9 @@ def make_judge(
         return ScoreJudge("teacher_loglik", teacher_loglik, tie_tolerance)
     if kind == "rouge_reference":
         if not references:
-            raise ValueError("judge rouge_reference needs the prompts' 'reference' answers in pbkd.prompts_path")
+            raise ValueError(
+                "judge rouge_reference needs the prompts' 'reference' answers in pbkd.prompts_path"
+            )
         refs = dict(references)
 
         def rouge_score(prompt_id: int, _prompt: str, response: str) -> float:

@@ -86,7 +86,9 @@ def _rm_loss_func(
     return loss * sizes.total_rows, torch.tensor(sizes.rows, dtype=torch.int), metrics
 
 
-def make_rm_forward_step(sizes: RMStepSizes, lam: float, bound: float, magnitude_coef: float = 0.0) -> Callable:
+def make_rm_forward_step(
+    sizes: RMStepSizes, lam: float, bound: float, magnitude_coef: float = 0.0
+) -> Callable:
     """RM (max player) step: L = -(mean r(y_E) - mean r(y_pi)) + lambda * BT on the preference pairs
     + magnitude_coef * mean raw^2 (``losses.reward.rm_loss``)."""
 

@@ -55,7 +55,9 @@ def load_prompt_set(
             truncated = record.get("truncated", False)
             if not isinstance(truncated, bool):
                 raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
-            teacher_ids, truncated = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
+            teacher_ids, truncated = response_ids(
+                tokenizer, record["response"], truncated, max_response_tokens
+            )
             items.append(
                 PromptItem(
                     prompt_id=len(items),
@@ -85,7 +87,9 @@ def split_prompts(
     return [items[i] for i in train], [items[i] for i in heldout]
 
 
-def response_ids(tokenizer: Tokenizer, text: str, truncated: bool, max_tokens: int) -> tuple[tuple[int, ...], bool]:
+def response_ids(
+    tokenizer: Tokenizer, text: str, truncated: bool, max_tokens: int
+) -> tuple[tuple[int, ...], bool]:
     """Token ids of a response: + EOS when it ended by itself; a truncated one (or one longer than
     ``max_tokens``) is cut to ``max_tokens`` without EOS. Returns (ids, truncated)."""
     ids = tokenizer.encode(text)

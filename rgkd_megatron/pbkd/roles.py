@@ -69,14 +69,18 @@ def build_pbkd_models(
     role's build is seeded with ``role_seed(train.seed, role)`` so its initial weights do not depend
     on the placement (a reward model built alone on its window equals the colocated one).
     """
-    by_role = dict(groups) if isinstance(groups, Mapping) else dict.fromkeys((POLICY, REWARD, TEACHER), groups)
+    by_role = (
+        dict(groups) if isinstance(groups, Mapping) else dict.fromkeys((POLICY, REWARD, TEACHER), groups)
+    )
     t, seed = cfg.train, cfg.train.seed
     policy = reward = reference = teacher = None
     pg, rg, tg = by_role.get(POLICY), by_role.get(REWARD), by_role.get(TEACHER)
     if _member(pg):
         seed_model_init(role_seed(seed, POLICY), pg)
         policy = build_policy(cfg.model, role_parallel(cfg, pg), pg, vocab_size)
-        reference = build_teacher(cfg.model, role_parallel(cfg, pg), pg, vocab_size)  # frozen copy of the init
+        reference = build_teacher(
+            cfg.model, role_parallel(cfg, pg), pg, vocab_size
+        )  # frozen copy of the init
     if _member(rg):
         seed_model_init(role_seed(seed, REWARD), rg)
         reward = build_reward_model(cfg.model, role_parallel(cfg, rg), rg, vocab_size)
@@ -107,7 +111,9 @@ def build_pbkd_models(
     if reward is not None:
         if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
             restore_rng_state(reward_rng)
-            attach_q_head(reward, cfg.pbkd.q_bound or cfg.pbkd.reward_bound)  # after loading: the head has no checkpoint weights
+            attach_q_head(
+                reward, cfg.pbkd.q_bound or cfg.pbkd.reward_bound
+            )  # after loading: the head has no checkpoint weights
         reward_engine = build_engine(
             reward, rg, cfg.optimizer, role_parallel(cfg, rg), cfg.pbkd.rm_lr, cfg.pbkd.rm_lr, 0, t.train_iters,
             "constant",

@@ -234,7 +234,9 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         model_section = config_to_dict(cfg)["model"]
         write_checkpoint_sidecar(run_dir / "student", model_section, cfg.data.tokenizer)
         export_hf(run_dir / "student", model_section, cfg.data.tokenizer, run_dir / "student_hf")
-        logger.info("student: %s (megatron-core), %s (Hugging Face)", run_dir / "student", run_dir / "student_hf")
+        logger.info(
+            "student: %s (megatron-core), %s (Hugging Face)", run_dir / "student", run_dir / "student_hf"
+        )
         (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
         summary = {"method": cfg.pbkd.method, "initial": initial, "final": final}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -192,7 +192,9 @@ class PbKDTrainer(EvaluationMixin):
                 self.cfg.data.seq_length // 2,
             )  # fmt: skip
             if not any(i.prompt_id in samples for i in self.train_items):
-                raise ValueError(f"pbkd.teacher_samples_path: no sample is for a training prompt ({self.p.teacher_samples_path})")
+                raise ValueError(
+                    f"pbkd.teacher_samples_path: no sample is for a training prompt ({self.p.teacher_samples_path})"
+                )
             return samples
         if self.p.method in ("pbkd", "mm_pbkd"):
             logger.warning(
@@ -316,7 +318,9 @@ class PbKDTrainer(EvaluationMixin):
                 f"pbkd.prompts_per_step ({count}) must divide by DP x max(1, micro_batch_size // 4)"
             )
         rng = self._rng(round_index, 3, self.rm_steps)
-        samples = [self.rm_pool[i] for i in rng.choice(len(self.rm_pool), count, replace=len(self.rm_pool) < count)]
+        samples = [
+            self.rm_pool[i] for i in rng.choice(len(self.rm_pool), count, replace=len(self.rm_pool) < count)
+        ]
         experts = [self._teacher_sample(item, rng) for item, _ in samples]
         trainable = self.store.trainable()
         if not trainable:
@@ -324,7 +328,9 @@ class PbKDTrainer(EvaluationMixin):
         pairs = [trainable[i] for i in rng.choice(len(trainable), count, replace=len(trainable) < count)]
         micro_count = count // per_kind
         prompts, responses = [], []
-        for m in range(micro_count):  # rows of micro-batch m: experts, samples (same prompts), chosen, rejected
+        for m in range(
+            micro_count
+        ):  # rows of micro-batch m: experts, samples (same prompts), chosen, rejected
             sl = slice(m * per_kind, (m + 1) * per_kind)
             prompts += [list(i.prompt_ids) for i, _ in samples[sl]] * 2
             responses += [list(e) for e in experts[sl]] + [r for _, r in samples[sl]]
@@ -348,7 +354,9 @@ class PbKDTrainer(EvaluationMixin):
         """Policy side: n samples for each of g prompts, with their sampling log-probs."""
         g, n = self.p.prompts_per_step, self.p.samples_per_prompt
         rng = self._rng(round_index, 4, self.policy_steps)
-        items = [self.game_items[i] for i in rng.choice(len(self.game_items), g, replace=len(self.game_items) < g)]
+        items = [
+            self.game_items[i] for i in rng.choice(len(self.game_items), g, replace=len(self.game_items) < g)
+        ]
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
         out = self._sample(prompts, self._seed(round_index, 5, self.policy_steps))
         responses = out.response_ids()
@@ -359,7 +367,10 @@ class PbKDTrainer(EvaluationMixin):
     def rollout_wire_keys(self, items: list[PromptItem], prompts: list[list[int]]) -> dict:
         """What the reward side needs besides the sequences to keep the rollout as fresh RM data."""
         n = self.p.samples_per_prompt
-        return {"prompt_ids": [i.prompt_id for i in items for _ in range(n)], "prompt_lens": [len(p) for p in prompts]}
+        return {
+            "prompt_ids": [i.prompt_id for i in items for _ in range(n)],
+            "prompt_lens": [len(p) for p in prompts],
+        }
 
     def score_rollout(self, sequences: list[list[int]]) -> torch.Tensor:
         """Reward side: the bounded rewards of the rollout's sequences [g * n] (fp32)."""
@@ -374,7 +385,9 @@ class PbKDTrainer(EvaluationMixin):
         dp, mbs = self.groups.layout.dp, self.cfg.train.micro_batch_size
         items, prompts, responses = rollout["items"], rollout["prompts"], rollout["responses"]
         sequences = rollout["sequences"]
-        advantages = group_advantages(rewards.view(g, n), scale_by_std=self.p.advantage_norm == "std").reshape(-1)
+        advantages = group_advantages(
+            rewards.view(g, n), scale_by_std=self.p.advantage_norm == "std"
+        ).reshape(-1)
         seq_len = self.cfg.data.seq_length
         batch = collate_sequences(prompts, responses, seq_len, self.tok.pad_id)
         ref = score(self.models.reference, self.groups, sequences, vocab_size=self.models.vocab_size)

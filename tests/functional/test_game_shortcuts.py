@@ -56,7 +56,7 @@ def _fresh_pair_accuracy(rank, world_size, run_dir, teacher_extra_eos):
     trainer.game_items = list(train)
     trainer.sample_round(1)
     trainer.judge_round(1)
-    for step in range(RM_STEPS):
+    for _ in range(RM_STEPS):
         trainer.remember_rollout(trainer.rollout(1))  # fresh student samples, as the game feeds them
         trainer.policy_steps += 1  # new rollout seeds; the student is never updated (it stays the teacher)
         trainer.rm_step(1)
