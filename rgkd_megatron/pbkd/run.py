@@ -18,6 +18,7 @@ from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
 from rgkd_megatron.parallel import cpu_compat
 from rgkd_megatron.parallel.groups import RoleGroups, build_role_groups, layout_for_world
+from rgkd_megatron.pbkd.eval_reuse import evaluation_identity, reusable_initial
 from rgkd_megatron.pbkd.kd import KDTrainer
 from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
@@ -162,6 +163,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         cfg.pbkd.prompts_path, tokenizer, cfg.data.seq_length // 2, cfg.data.seq_length // 2
     )
     train_items, heldout = split_prompts(items, cfg.pbkd.heldout_fraction, cfg.pbkd.heldout_seed)
+    heldout_ids = [i.prompt_id for i in heldout]
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     models = build_pbkd_models(cfg, groups, vocab_size)
     trainer = TRAINERS[cfg.pbkd.method](cfg, models, tokenizer, train_items, heldout, run_dir)
@@ -184,7 +186,14 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         if rank == 0:
             truncate_metrics(run_dir / "metrics.jsonl", runner.iteration)
     else:
-        initial, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag))
+        reused = reusable_initial(cfg, heldout_ids) if colocated else None
+        if reused is not None:
+            initial, records, source = reused
+            if trainer.reports_reward_gap:
+                initial.update(trainer.evaluate_reward([r["student_ids"] for r in records]))
+            logger.info("initial evaluation reused from %s (same student, prompts and settings)", source)
+        else:
+            initial, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag))
         _write_heldout(run_dir / "heldout_outputs_initial.jsonl", records)
         logger.info("initial student: %s", initial)
         final = dict(initial)
@@ -238,7 +247,8 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
             "student: %s (megatron-core), %s (Hugging Face)", run_dir / "student", run_dir / "student_hf"
         )
         (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
-        summary = {"method": cfg.pbkd.method, "initial": initial, "final": final}
+        identity = evaluation_identity(cfg, heldout_ids, str(run_dir / "student"))
+        summary = {"method": cfg.pbkd.method, "initial": initial, "final": final, "eval_identity": identity}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _report(run_dir, cfg.pbkd.method, initial, final)
     return final
