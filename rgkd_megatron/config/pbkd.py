@@ -16,6 +16,9 @@ class PbKDConfig:
 
     method: Literal["pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = "pbkd"
     """pbkd (black-box min-max), mm_pbkd (white-box Q-function), seqkd, or a token-level KD baseline."""
+    label: str = ""
+    """Name of this configuration in summaries and reports (``rgkd-eval`` groups runs by it); empty =
+    the method. E.g. ``pbkd_lambda0`` for the ``bt_lambda=0`` ablation."""
     prompts_path: str = ""
     """JSONL of {prompt, response[, reference]}: prompts with the teacher's responses."""
     heldout_fraction: float = 0.2

@@ -248,9 +248,14 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         )
         (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
         identity = evaluation_identity(cfg, heldout_ids, str(run_dir / "student"))
-        summary = {"method": cfg.pbkd.method, "initial": initial, "final": final, "eval_identity": identity}
+        summary = {
+            "method": cfg.pbkd.label or cfg.pbkd.method,
+            "initial": initial,
+            "final": final,
+            "eval_identity": identity,
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        _report(run_dir, cfg.pbkd.method, initial, final)
+        _report(run_dir, cfg.pbkd.label or cfg.pbkd.method, initial, final)
     return final
 
 
@@ -263,10 +268,15 @@ def _report(run_dir: Path, method: str, initial: dict, final: dict) -> None:
     curves: dict[str, dict[str, list]] = {}
     for name in (
         "rm_loss",
+        "rm_fresh_accuracy",
         "policy_pg_loss",
         "policy_sample_reward_mean",
+        "policy_reward_saturation",
+        "policy_sample_entropy",
+        "kd_loss",
         "lm_loss",
         "eval_rougeL_vs_teacher",
+        "eval_teacher_nll_of_student",
         "eval_reward_gap",
     ):
         points = [(row["step"], row[name]) for row in history if name in row]
