@@ -13,7 +13,8 @@
 #   8. report:                 rgkd-eval -> runs/embedded/report.md (+ PNG plots, paired bootstrap)
 # The teacher runs in bf16 (as on GPUs; ~2x faster on CPUs with AVX512-BF16), students in bf16 with
 # fp32 master weights (megatron-core mixed precision). Knobs (environment): OUT (runs/embedded),
-# SEEDS ("1234"), METHODS ("seqkd pbkd"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
+# SEEDS ("1234"), METHODS ("seqkd pbkd"; names below, e.g. the comparison recipe of docs/results.md:
+# METHODS="seqkd gkd fkl rkl pbkd pbkd_alpha0 pbkd_lambda0 pbkd_t1 pbkd_t3 mm_pbkd" SEEDS="1 2 3"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
 # HEAL_ITERS (60), SAMPLE_PROMPTS (160: prompts with teacher samples), DTYPE (bf16 | fp32),
 # EXTRA (more rgkd-distill overrides for stage 7, e.g. "pbkd.iterations_per_round=6").
 set -euo pipefail
@@ -32,6 +33,19 @@ read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 TEACHER=.cache/smollm2/teacher_mcore
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" WANDB_MODE=offline
 mkdir -p "$OUT"
+method_overrides() {  # a METHODS name -> rgkd-distill overrides (same iteration budget for all)
+  case "$1" in
+    seqkd | fkl | rkl | jsd | tvd | skew_fkl | skew_rkl | pbkd | mm_pbkd) echo "pbkd.method=$1" ;;
+    gkd) echo "pbkd.method=jsd pbkd.on_policy=true pbkd.label=gkd" ;;                 # on-policy JSD, live teacher
+    pbkd_alpha0) echo "pbkd.method=pbkd pbkd.seqkd_alpha=0 pbkd.label=pbkd_alpha0" ;;  # no SeqKD anchor
+    pbkd_lambda0) echo "pbkd.method=pbkd pbkd.bt_lambda=0 pbkd.label=pbkd_lambda0" ;;  # pure discriminator (GAD-like)
+    pbkd_t1) echo "pbkd.method=pbkd pbkd.rounds=1 pbkd.iterations_per_round=8 pbkd.label=pbkd_t1" ;;  # offline
+    pbkd_t3) echo "pbkd.method=pbkd pbkd.rounds=3 pbkd.iterations_per_round=3 pbkd.label=pbkd_t3" ;;
+    *) echo "run_embedded.sh: unknown method '$1' in METHODS" >&2; return 2 ;;
+  esac
+}
+for method in $METHODS; do method_overrides "$method" >/dev/null; done  # refuse a typo before any work
+
 stage() { echo; echo "=== [embedded] $* ($(date +%T)) ==="; }
 started=$(date +%s)
 
@@ -101,7 +115,8 @@ for seed in $SEEDS; do
     run="$OUT/${method}_s${seed}"
     runs+=("$run")
     stage "7/8 distill: $method (seed $seed) from the healed student -> $run"
-    distill "$run" "model.load=$HEALED/student" "pbkd.method=$method" "train.seed=$seed" \
+    read -r -a overrides <<< "$(method_overrides "$method")"
+    distill "$run" "model.load=$HEALED/student" "${overrides[@]}" "train.seed=$seed" \
       ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
   done
 done

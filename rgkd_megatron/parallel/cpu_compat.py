@@ -274,11 +274,13 @@ def _patch_rng() -> None:
 
 # ------------------------------------------------------------------------------------------- sp_norm
 class SequenceParallelTorchNorm:
-    """torch LayerNorm/RMSNorm whose params carry ``sequence_parallel`` (like apex FusedLayerNorm)."""
+    """torch LayerNorm/RMSNorm whose params carry ``sequence_parallel`` (like apex FusedLayerNorm),
+    created in ``config.params_dtype`` like every other parameter (megatron-core's mixed-precision
+    optimizer maps only half-precision params to the model's sharded state dict when it saves)."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
         norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
-        module = norm_cls(normalized_shape=hidden_size, eps=eps)
+        module = norm_cls(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         for param in module.parameters():
             param.sequence_parallel = bool(config.sequence_parallel)
         return module

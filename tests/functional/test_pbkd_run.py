@@ -175,3 +175,20 @@ def test_cached_teacher_gives_the_live_teacher_losses(tmp_path):
     first = [next(r["kd_loss"] for r in history[name] if "kd_loss" in r) for name in ("run", "run_cached")]
     assert abs(first[0] - first[1]) < 2e-3 * abs(first[0]), first
     assert abs(live["kd_loss"] - cached["kd_loss"]) < 5e-3 * abs(live["kd_loss"])
+
+
+def test_bf16_student_trains_saves_and_exports(tmp_path):
+    """Mixed precision on CPU (bf16 params, fp32 master weights): the whole-loop checkpoint saves (the
+    CPU norm's weights are bf16 like every other parameter, which megatron-core's mixed-precision
+    optimizer requires to map its state) and the student is exported."""
+    run_dir = tmp_path / "bf16"
+    final, change = run_distributed(
+        _distill,
+        1,
+        args=(str(run_dir), ["pbkd.method=seqkd", "pbkd.rounds=1", "pbkd.iterations_per_round=2",
+                             "model.params_dtype=bf16"]),
+    )[0]  # fmt: skip
+    assert change > 1e-4, "the student did not change"
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert (run_dir / "student_hf" / "config.json").is_file()
+    assert "eval_rougeL_vs_teacher" in final
