@@ -300,14 +300,15 @@ class PbKDTrainer(EvaluationMixin):
     def rm_step(self, round_index: int) -> dict[str, float]:
         """One RM step (preceded, the first time, by ``rm_warmup_steps`` warm-up steps)."""
         warmup = self.p.rm_warmup_steps if self.rm_steps == 0 else 0
-        for _ in range(warmup):
-            self._rm_update(round_index)
-        metrics = self._rm_update(round_index)
+        for w in range(warmup):  # not plan steps: the RM version (rm_steps) counts the plan's only
+            self._rm_update(round_index, w + 1)
+        metrics = self._rm_update(round_index, 0)
+        self.rm_steps += 1
         if warmup:
             metrics["rm_warmup_steps"] = warmup
         return metrics
 
-    def _rm_update(self, round_index: int) -> dict[str, float]:
+    def _rm_update(self, round_index: int, sub_step: int) -> dict[str, float]:
         """Student side: fresh samples (``rm_pool``); teacher side: a teacher sample of the same
         prompt for each (pairs by prompt); plus preference pairs for the Bradley-Terry term."""
         dp, mbs = self.models.reward.groups.layout.dp, self.cfg.train.micro_batch_size
@@ -317,7 +318,7 @@ class PbKDTrainer(EvaluationMixin):
             raise ValueError(
                 f"pbkd.prompts_per_step ({count}) must divide by DP x max(1, micro_batch_size // 4)"
             )
-        rng = self._rng(round_index, 3, self.rm_steps)
+        rng = self._rng(round_index, 3, self.rm_steps, sub_step)
         samples = [
             self.rm_pool[i] for i in rng.choice(len(self.rm_pool), count, replace=len(self.rm_pool) < count)
         ]
@@ -339,7 +340,6 @@ class PbKDTrainer(EvaluationMixin):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
         sizes = RMStepSizes(per_kind, per_kind, per_kind, count, count, count)
         step = make_rm_forward_step(sizes, self.p.bt_lambda, self.p.reward_bound, self.p.rm_magnitude_coef)
-        self.rm_steps += 1
         return self._run(self.models.reward, step, batch, sizes.rows)
 
     # ------------------------------------------------------------------ the min player

@@ -49,7 +49,9 @@ def _distill(rank, world_size, run_dir, overrides):
 def test_online_rounds_grow_preferences_and_change_the_student(tmp_path):
     run_dir = tmp_path / "pbkd"
     final, change = run_distributed(
-        _distill, 1, args=(str(run_dir), ["pbkd.rounds=2", "pbkd.iterations_per_round=2"])
+        _distill,
+        1,
+        args=(str(run_dir), ["pbkd.rounds=2", "pbkd.iterations_per_round=2", "pbkd.rm_warmup_steps=2"]),
     )[0]
     assert change > 1e-4, "the student did not change"
     pairs = [json.loads(line) for line in open(run_dir / "preferences.jsonl")]
