@@ -122,7 +122,7 @@ for seed in $SEEDS; do
 done
 
 stage "8/8 report"
-.venv/bin/rgkd-eval --runs "${runs[@]}" --out "$OUT" \
+.venv/bin/rgkd-eval --runs "${runs[@]}" --out "$OUT" --root "$HEALED" \
   --title "Embedded default: SmolLM2-135M-Instruct -> ${STUDENT_LAYERS}-layer student (CPU)"
 echo "[embedded] report: $OUT/report.md ($(( ($(date +%s) - started) / 60 )) min)"
 echo "[embedded] students as Hugging Face checkpoints: $OUT/<run>/student_hf (e.g. $OUT/pbkd_s${SEEDS%% *}/student_hf)"

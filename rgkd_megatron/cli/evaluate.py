@@ -102,6 +102,20 @@ def _reference_rows(heldout: dict[str, list], initial: dict[str, list]) -> list[
     return rows
 
 
+def _student_rows(summaries: list[dict]) -> list[dict]:
+    """Where each run's student is (megatron-core and Hugging Face checkpoints), when present."""
+    rows = []
+    for summary in summaries:
+        run = Path(summary["run_dir"])
+        if (run / "student").is_dir():
+            hf = run / "student_hf"
+            rows.append(
+                {"method": summary["method"], "megatron-core": str(run / "student"),
+                 "Hugging Face": str(hf) if (hf / "config.json").is_file() else "-"}
+            )  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rgkd-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -116,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"method the others are compared with (paired bootstrap); default: {DEFAULT_BASELINE} "
         "when among the runs",
     )
+    parser.add_argument(
+        "--root",
+        default=None,
+        metavar="RUN_DIR",
+        help="a run whose initial student every method descends from (e.g. the healing run: the pruned "
+        "student); adds that student's row and measures every gap closed from it",
+    )
     parser.add_argument("--bootstrap-resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap RNG seed")
     args = parser.parse_args(argv)
@@ -123,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--bootstrap-resamples must be >= 1")
     try:
         summaries = load_summaries(args.runs)
+        root = load_summaries([args.root])[0] if args.root else None
         methods = list(dict.fromkeys(s["method"] for s in summaries))
         heldout: dict[str, list] = {m: [] for m in methods}
         initial: dict[str, list] = {m: [] for m in methods}
@@ -147,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         m: mean_diagnostics([run_diagnostics(records) for _, records in runs]) if runs else None
         for m, runs in heldout.items()
     }
-    rows = results_rows(summaries)
+    rows = results_rows(summaries, root)
     for row in rows:
-        row.update(diagnostic_cells(diagnostics[row["method"]]))
+        if row["method"] in diagnostics:
+            row.update(diagnostic_cells(diagnostics[row["method"]]))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                 + "\nlen: mean response length (tok: model tokens, words: whitespace words); EOS rate: "
                 "share of responses that ended with EOS; distinct-2: distinct bigrams / bigrams over "
                 "all responses; rep-3: mean per-response share of repeated trigrams.\n",
+            )
+        )
+    students = _student_rows(summaries)
+    if students:
+        sections.append(
+            (
+                "Students",
+                markdown_table(students)
+                + "\nEach run's final student as a megatron-core checkpoint and as a Hugging Face "
+                "checkpoint (`AutoModelForCausalLM.from_pretrained(path)`; tokenizer and chat template "
+                "included).\n",
             )
         )
     _write_json(

@@ -6,6 +6,10 @@ Gap closed (higher is better), per run, then averaged:
 - teacher NLL of the student's outputs: (N_initial - N_final) / (N_initial - N_teacher), N_teacher
   being the teacher's NLL of its own responses.
 
+With a root run (``rgkd-eval --root RUN``, e.g. the healing run whose initial student is the pruned
+one every method descends from), N_initial / R_initial are the root's initial student for every run,
+and the table starts with that student's row.
+
 Learning curves (``mean_curves``): per method and step, the mean over seeds of an eval metric.
 """
 
@@ -38,8 +42,9 @@ def load_summaries(run_dirs: Iterable[str | Path]) -> list[dict]:
     return summaries
 
 
-def per_run_gap_closed(summary: dict) -> dict[str, float]:
-    init, final = summary["initial"], summary["final"]
+def per_run_gap_closed(summary: dict, initial: dict | None = None) -> dict[str, float]:
+    """Gap closed by one run from ``initial`` (default: the run's own initial evaluation)."""
+    init, final = initial if initial is not None else summary["initial"], summary["final"]
     out = {}
     if "eval_rougeL_vs_teacher" in final:
         out["gap_closed_rougeL"] = gap_closed(
@@ -54,11 +59,18 @@ def per_run_gap_closed(summary: dict) -> dict[str, float]:
     return out
 
 
-def results_rows(summaries: list[dict]) -> list[dict]:
+def results_rows(summaries: list[dict], root: dict | None = None) -> list[dict]:
+    """One row per method (mean ± std over its runs); with ``root`` (a summary), a first row for the
+    root's initial student and every gap closed measured from it."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for summary in summaries:
         by_method[summary["method"]].append(summary)
     rows = []
+    start = root["initial"] if root is not None else None
+    if start is not None:
+        row = {"method": "initial student", "seeds": 1}
+        row.update({label: start[key] for key, label in COLUMNS if key in start and key != "eval_reward_gap"})
+        rows.append(row)
     for method, runs in by_method.items():
         row: dict = {"method": method, "seeds": len(runs)}
         for key, label in COLUMNS:
@@ -66,7 +78,7 @@ def results_rows(summaries: list[dict]) -> list[dict]:
             if values:
                 row[label] = mean_and_std(values) if len(values) > 1 else values[0]
         for key in ("gap_closed_rougeL", "gap_closed_teacher_nll"):
-            values = [g[key] for g in map(per_run_gap_closed, runs) if key in g]
+            values = [g[key] for g in (per_run_gap_closed(r, start) for r in runs) if key in g]
             if values:
                 row[key.replace("_", " ")] = mean_and_std(values) if len(values) > 1 else values[0]
         rows.append(row)

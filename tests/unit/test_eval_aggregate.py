@@ -67,3 +67,19 @@ def test_mean_curves_average_seeds_on_shared_steps():
     curves = mean_curves(histories, k)
     assert curves["pbkd"] == [(0, pytest.approx(0.15)), (10, pytest.approx(0.45))]
     assert curves["kd"] == [(3, 1.0), (4, 2.0)] and "none" not in curves
+
+
+def test_root_run_gives_the_starting_row_and_gaps_from_it(tmp_path):
+    heal = _run(tmp_path, "heal", "fkl", 0.05, 0.3, 7.0, 2.0, 1.0)  # pruned -> healed
+    seqkd = _run(tmp_path, "seqkd", "seqkd", 0.3, 0.35, 2.0, 1.8, 1.0)  # healed -> seqkd
+    rows = results_rows(load_summaries([heal, seqkd]), root=load_summaries([heal])[0])
+    assert rows[0]["method"] == "initial student"
+    assert rows[0]["ROUGE-L vs teacher"] == 0.05 and rows[0]["teacher NLL of student"] == 7.0
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["seqkd"]["gap closed rougeL"] == pytest.approx((0.35 - 0.05) / (1 - 0.05))
+    assert by_method["seqkd"]["gap closed teacher nll"] == pytest.approx((7.0 - 1.8) / (7.0 - 1.0))
+    own = {r["method"]: r for r in results_rows(load_summaries([seqkd]))}
+    assert own["seqkd"]["gap closed teacher nll"] == pytest.approx((2.0 - 1.8) / (2.0 - 1.0))
+    out = tmp_path / "out"
+    assert eval_main(["--runs", str(heal), str(seqkd), "--root", str(heal), "--out", str(out)]) == 0
+    assert "| initial student | 1 | 0.0500 |" in (out / "report.md").read_text()
