@@ -15,7 +15,7 @@
 # fp32 master weights (megatron-core mixed precision). Knobs (environment): OUT (runs/embedded),
 # SEEDS ("1234"), METHODS ("seqkd pbkd"; names below, e.g. the comparison recipe of docs/results.md:
 # METHODS="seqkd gkd fkl rkl pbkd pbkd_alpha0 pbkd_lambda0 pbkd_t1 pbkd_t3 mm_pbkd" SEEDS="1 2 3"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
-# HEAL_ITERS (60), SAMPLE_PROMPTS (160: prompts with teacher samples), DTYPE (bf16 | fp32),
+# HEAL_ITERS (100), SAMPLE_PROMPTS (160: prompts with teacher samples), DTYPE (bf16 | fp32),
 # EXTRA (more rgkd-distill overrides for stage 7, e.g. "pbkd.iterations_per_round=6").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ METHODS="${METHODS:-seqkd pbkd}"
 PROMPTS="${PROMPTS:-examples/data/prompts_en.jsonl}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-48}"
 STUDENT_LAYERS="${STUDENT_LAYERS:-12}"
-HEAL_ITERS="${HEAL_ITERS:-60}"
+HEAL_ITERS="${HEAL_ITERS:-100}"
 SAMPLE_PROMPTS="${SAMPLE_PROMPTS:-160}"
 DTYPE="${DTYPE:-bf16}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
@@ -106,7 +106,7 @@ distill() {  # distill RUN_DIR OVERRIDES...: one rgkd-distill run, reused when f
 stage "6/8 healing: forward KL on the teacher cache, $HEAL_ITERS steps"
 HEALED="$OUT/healed"
 distill "$HEALED" "model.load=$STUDENT" pbkd.method=fkl pbkd.rounds=1 "pbkd.iterations_per_round=$HEAL_ITERS" \
-  pbkd.prompts_per_step=8 pbkd.samples_per_prompt=1 train.lr=3.0e-4 train.min_lr=3.0e-5 train.lr_warmup_iters=4 \
+  pbkd.prompts_per_step=8 pbkd.samples_per_prompt=1 train.lr=5.0e-4 train.min_lr=5.0e-5 train.lr_warmup_iters=5 \
   "train.train_iters=$HEAL_ITERS" train.lr_decay_style=cosine
 
 runs=("$HEALED")
