@@ -27,6 +27,9 @@ COLUMNS = (
     ("eval_rougeL_vs_reference", "ROUGE-L vs reference"),
     ("eval_teacher_nll_of_student", "teacher NLL of student"),
     ("eval_reward_gap", "reward gap"),
+    ("game_rm_fresh_accuracy", "RM acc. fresh pairs"),
+    ("game_reward_saturation", "reward saturation"),
+    ("game_sample_entropy", "sample entropy"),
 )
 
 

@@ -247,6 +247,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
             "student: %s (megatron-core), %s (Hugging Face)", run_dir / "student", run_dir / "student_hf"
         )
         (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
+        final.update(_run_means(read_metrics(run_dir / "metrics.jsonl")))
         identity = evaluation_identity(cfg, heldout_ids, str(run_dir / "student"))
         summary = {
             "method": cfg.pbkd.label or cfg.pbkd.method,
@@ -257,6 +258,24 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _report(run_dir, cfg.pbkd.label or cfg.pbkd.method, initial, final)
     return final
+
+
+RUN_MEANS = {
+    "rm_fresh_accuracy": "game_rm_fresh_accuracy",
+    "policy_reward_saturation": "game_reward_saturation",
+    "policy_sample_entropy": "game_sample_entropy",
+    "policy_sample_eos_rate": "game_sample_eos_rate",
+}
+"""Per-step diagnostics of the game, averaged over the whole run for the summary (one step is noisy)."""
+
+
+def _run_means(history: list[dict]) -> dict[str, float]:
+    out = {}
+    for key, name in RUN_MEANS.items():
+        values = [row[key] for row in history if key in row]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
 
 
 def _report(run_dir: Path, method: str, initial: dict, final: dict) -> None:
