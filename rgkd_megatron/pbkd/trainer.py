@@ -128,7 +128,7 @@ class PbKDTrainer(EvaluationMixin):
         self.rounds_received = int(state["rounds_received"])
         self.round_samples = self._samples_from_payload({"samples": state["round_samples"]})
         self.round_student_step = int(state["round_student_step"])
-        self.rm_pool = self._samples_from_payload({"samples": state["rm_pool"]})
+        self.rm_pool = self._samples_from_payload({"samples": state.get("rm_pool", state["round_samples"])})
         pairs = [PreferencePair.from_json(line, "checkpoint") for line in state["pairs"]]
         if self._writes_pairs():  # the JSONL may hold pairs collected after the checkpoint
             self.store.rewrite(pairs)
