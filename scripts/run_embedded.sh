@@ -15,7 +15,8 @@
 # fp32 master weights (megatron-core mixed precision). Knobs (environment): OUT (runs/embedded),
 # SEEDS ("1234"), METHODS ("seqkd pbkd"; names below, e.g. the comparison recipe of docs/results.md:
 # METHODS="seqkd gkd fkl rkl pbkd pbkd_alpha0 pbkd_lambda0 pbkd_t1 pbkd_t3 mm_pbkd" SEEDS="1 2 3"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
-# HEAL_ITERS (100), SAMPLE_PROMPTS (160: prompts with teacher samples), DTYPE (bf16 | fp32),
+# HEAL_ITERS (100), SAMPLE_PROMPTS (96: prompts with teacher samples), GEN_BATCH (128: teacher
+# generation batch; part of the responses' identity), DTYPE (bf16 | fp32),
 # EXTRA (more rgkd-distill overrides for stage 7, e.g. "pbkd.iterations_per_round=6").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,8 @@ PROMPTS="${PROMPTS:-examples/data/prompts_en.jsonl}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-48}"
 STUDENT_LAYERS="${STUDENT_LAYERS:-12}"
 HEAL_ITERS="${HEAL_ITERS:-100}"
-SAMPLE_PROMPTS="${SAMPLE_PROMPTS:-160}"
+SAMPLE_PROMPTS="${SAMPLE_PROMPTS:-96}"
+GEN_BATCH="${GEN_BATCH:-128}"
 DTYPE="${DTYPE:-bf16}"
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 TEACHER=.cache/smollm2/teacher_mcore
@@ -59,7 +61,7 @@ fi
 
 stage "2/8 teacher responses (greedy)"
 "$PY" tools/generate_responses.py --prompts "$PROMPTS" --load "$TEACHER" --model-config "$TEACHER_CFG" \
-  --tokenizer "$TEACHER" --output "$OUT/teacher_responses.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size 64
+  --tokenizer "$TEACHER" --output "$OUT/teacher_responses.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH"
 
 stage "3/8 student: $STUDENT_LAYERS of 30 layers, chosen by the probe"
 STUDENT_DIR="$OUT/student_pruned" PROBE="$OUT/teacher_responses.jsonl" bash scripts/prepare_smollm2.sh
@@ -71,7 +73,7 @@ if [ ! -f "$OUT/sample_prompts.jsonl" ]; then
   mv "$OUT/sample_prompts.jsonl.tmp" "$OUT/sample_prompts.jsonl"
 fi
 "$PY" tools/generate_responses.py --prompts "$OUT/sample_prompts.jsonl" --load "$TEACHER" --model-config "$TEACHER_CFG" \
-  --tokenizer "$TEACHER" --output "$OUT/teacher_samples.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size 64 \
+  --tokenizer "$TEACHER" --output "$OUT/teacher_samples.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH" \
   --temperature 1.0 --num-samples 2 --seed 1
 
 stage "5/8 teacher top-k cache"
@@ -85,7 +87,7 @@ if [ -f "$OUT/cache/manifest.json" ]; then
   echo "[embedded] reusing teacher cache $OUT/cache"
 else
   "$PY" tools/build_teacher_cache.py --data-prefix "$OUT/data/responses" --teacher-config "$TEACHER_CFG" \
-    --teacher-checkpoint "$TEACHER" --tokenizer "$TEACHER" --output "$OUT/cache" --k 32 --seq-length 112
+    --teacher-checkpoint "$TEACHER" --tokenizer "$TEACHER" --output "$OUT/cache" --k 32 --seq-length 112 --micro-batch-size 16
 fi
 "$PY" tools/inspect_cache.py "$OUT/cache" | tail -n 6
 
@@ -105,7 +107,7 @@ distill() {  # distill RUN_DIR OVERRIDES...: one rgkd-distill run, reused when f
 
 stage "6/8 healing: forward KL on the teacher cache, $HEAL_ITERS steps"
 HEALED="$OUT/healed"
-distill "$HEALED" "model.load=$STUDENT" pbkd.method=fkl pbkd.rounds=1 "pbkd.iterations_per_round=$HEAL_ITERS" \
+distill "$HEALED" "model.load=$STUDENT" pbkd.method=fkl pbkd.label=healed pbkd.rounds=1 "pbkd.iterations_per_round=$HEAL_ITERS" \
   pbkd.prompts_per_step=8 pbkd.samples_per_prompt=1 train.lr=5.0e-4 train.min_lr=5.0e-5 train.lr_warmup_iters=5 \
   "train.train_iters=$HEAL_ITERS" train.lr_decay_style=cosine
 

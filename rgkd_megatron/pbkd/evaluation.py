@@ -27,7 +27,8 @@ class EvaluationMixin:
     """Needs ``self.models``, ``self.tok``, ``self.heldout_items``, ``self._sample``,
     ``self.score_rollout``, ``self.reports_reward_gap``."""
 
-    _teacher_self_nll: float | None = None
+    teacher_self_nll: float | None = None
+    """The teacher's NLL of its own held-out responses (computed once, or taken from a reused evaluation)."""
 
     def evaluate(self, items: list[PromptItem] | None = None) -> dict:
         """Every evaluation metric on this rank (colocated: all models here)."""
@@ -78,10 +79,10 @@ class EvaluationMixin:
             "eval_teacher_nll_of_student": mean_nll(per_item),
             "_teacher_nll_items": [s / n if n else None for s, n in per_item],
         }
-        if self._teacher_self_nll is None:
+        if self.teacher_self_nll is None:
             own = response_nlls(teacher, groups, prompts, [list(i.teacher_ids) for i in items], vocab)
-            self._teacher_self_nll = mean_nll(own)
-        metrics["eval_teacher_nll_of_teacher"] = self._teacher_self_nll
+            self.teacher_self_nll = mean_nll(own)
+        metrics["eval_teacher_nll_of_teacher"] = self.teacher_self_nll
         return metrics
 
     def evaluate_reward(self, responses: list[list[int]], items: list[PromptItem] | None = None) -> dict:
