@@ -14,7 +14,7 @@
 # The teacher runs in bf16 (as on GPUs; ~2x faster on CPUs with AVX512-BF16), students in bf16 with
 # fp32 master weights (megatron-core mixed precision). Knobs (environment): OUT (runs/embedded),
 # SEEDS ("1234"), METHODS ("seqkd pbkd"; names below, e.g. the comparison recipe of docs/results.md:
-# METHODS="seqkd gkd fkl rkl pbkd pbkd_alpha0 pbkd_lambda0 pbkd_t1 pbkd_t3 mm_pbkd" SEEDS="1 2 3"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
+# METHODS="seqkd gkd fkl rkl pbkd pbkd_alpha0 pbkd_lambda0 pbkd_t1 pbkd_t3 mm_pbkd" SEEDS="1234 1 2"), PROMPTS, MAX_NEW_TOKENS (48), STUDENT_LAYERS (12),
 # HEAL_ITERS (100), SAMPLE_PROMPTS (96: prompts with teacher samples), GEN_BATCH (128: teacher
 # generation batch; part of the responses' identity), DTYPE (bf16 | fp32),
 # EXTRA (more rgkd-distill overrides for stage 7, e.g. "pbkd.iterations_per_round=6").
