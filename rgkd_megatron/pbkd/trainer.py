@@ -71,6 +71,13 @@ class PbKDTrainer(EvaluationMixin):
                 references={i.prompt_id: i.reference for i in train_items + heldout_items if i.reference},
                 tie_tolerance=self.p.tie_tolerance,
             )
+        if self.p.judge == "rouge_reference":
+            missing = [i.prompt_id for i in train_items if not i.reference]
+            if missing:
+                raise ValueError(
+                    f"pbkd.judge=rouge_reference: {len(missing)} training prompts of {self.p.prompts_path} have no "
+                    f"'reference' (first: record {missing[0] + 1})"
+                )
         self.teacher_samples = self._load_teacher_samples()
         self.game_items = [i for i in self.train_items if i.prompt_id in self.teacher_samples]
         """Prompts the game samples (those with teacher samples to pair the student's with)."""
