@@ -184,7 +184,8 @@ def _load_slices(src: Path, request: dict[str, tuple[tuple[int, ...], torch.dtyp
             sharded[key] = ShardedTensor.from_rank_offsets(key, data, (0, layer, num_layers))
     # one layer at a time: the access pattern is deliberately partial
     loaded = dist_checkpointing.load(sharded, str(src), validate_access_integrity=False)
-    return {k: (v[0] if request[k][2] is not None else v) for k, v in loaded.items()}
+    # the common (non-sharded) part rides along, e.g. {"model": {}} when rank 0 held no weights
+    return {k: (v[0] if request[k][2] is not None else v) for k, v in loaded.items() if k in request}
 
 
 def convert_mcore_to_hf(
