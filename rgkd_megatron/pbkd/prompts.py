@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -32,11 +33,9 @@ class PromptItem:
     """The teacher's response was cut at a length limit (no EOS)."""
 
 
-def load_prompt_set(
-    path: str, tokenizer: Tokenizer, max_prompt_tokens: int, max_response_tokens: int
-) -> list[PromptItem]:
-    """Read and tokenize the prompt set; errors name the file, line and field."""
-    items: list[PromptItem] = []
+def _read_records(path: str) -> Iterator[tuple[str, dict, bool]]:
+    """(``file:line``, record, truncated) per non-blank line of a {prompt, response[, truncated]}
+    JSONL; errors name the file, line and field."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -49,26 +48,31 @@ def load_prompt_set(
             for key in ("prompt", "response"):
                 if not isinstance(record.get(key), str):
                     raise ValueError(f"{where}: field '{key}' must be a string")
-            prompt_ids = tokenizer.encode(tokenizer.apply_prompt_template(record["prompt"]))[
-                -max_prompt_tokens:
-            ]
             truncated = record.get("truncated", False)
             if not isinstance(truncated, bool):
                 raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
-            teacher_ids, truncated = response_ids(
-                tokenizer, record["response"], truncated, max_response_tokens
+            yield where, record, truncated
+
+
+def load_prompt_set(
+    path: str, tokenizer: Tokenizer, max_prompt_tokens: int, max_response_tokens: int
+) -> list[PromptItem]:
+    """Read and tokenize the prompt set; errors name the file, line and field."""
+    items: list[PromptItem] = []
+    for _, record, truncated in _read_records(path):
+        prompt_ids = tokenizer.encode(tokenizer.apply_prompt_template(record["prompt"]))[-max_prompt_tokens:]
+        teacher_ids, truncated = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
+        items.append(
+            PromptItem(
+                prompt_id=len(items),
+                prompt=record["prompt"],
+                prompt_ids=tuple(prompt_ids),
+                teacher=record["response"],
+                teacher_ids=tuple(teacher_ids),
+                reference=record.get("reference"),
+                truncated=truncated,
             )
-            items.append(
-                PromptItem(
-                    prompt_id=len(items),
-                    prompt=record["prompt"],
-                    prompt_ids=tuple(prompt_ids),
-                    teacher=record["response"],
-                    teacher_ids=tuple(teacher_ids),
-                    reference=record.get("reference"),
-                    truncated=truncated,
-                )
-            )
+        )
     if not items:
         raise ValueError(f"{path}: no prompts")
     return items
@@ -106,25 +110,11 @@ def load_teacher_samples(
     prompt is not in the prompt set is an error naming its line."""
     by_prompt = {i.prompt: i.prompt_id for i in items}
     samples: dict[int, list[tuple[int, ...]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
-            for key in ("prompt", "response"):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{where}: field '{key}' must be a string")
-            if record["prompt"] not in by_prompt:
-                raise ValueError(f"{where}: prompt not in pbkd.prompts_path: {record['prompt'][:60]!r}")
-            truncated = record.get("truncated", False)
-            if not isinstance(truncated, bool):
-                raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
-            ids, _ = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
-            samples.setdefault(by_prompt[record["prompt"]], []).append(ids)
+    for where, record, truncated in _read_records(path):
+        if record["prompt"] not in by_prompt:
+            raise ValueError(f"{where}: prompt not in pbkd.prompts_path: {record['prompt'][:60]!r}")
+        ids, _ = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
+        samples.setdefault(by_prompt[record["prompt"]], []).append(ids)
     if not samples:
         raise ValueError(f"{path}: no teacher samples")
     return samples
