@@ -2,7 +2,9 @@
 
 CPU (tests, the embedded default): torch must be the CPU wheel, installed first and pinned
 (`pip install torch==2.13.0`); GPU users bring their own CUDA torch (e.g. an NGC container).
-megatron-core is pinned to the version verified on CPU/gloo and on Python 3.11.
+megatron-core is a range, the releases CI tests on CPU/gloo (rgkd_megatron/parallel/mcore_version.py:
+0.16.1 is the newest with a Python 3.11 wheel, 0.19.2 the newest tested); an existing megatron-core in
+that range (an NGC/NeMo container) is kept.
 apex is not a pip dependency (the PyPI 'apex' is unrelated): GPU users build NVIDIA apex from
 source; it is detected at import time.
 """
@@ -19,7 +21,7 @@ setup(
     packages=find_packages(include=["rgkd_megatron", "rgkd_megatron.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.16.1,<=0.19.2",
         "einops>=0.7",
         "numpy>=1.24",
         "packaging",

