@@ -4,8 +4,9 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
 
     bytes_vs_dense_fp16   cache bytes per token (shards + row index) / (2 * V), a dense fp16 distribution
     reader_vs_raw         TeacherCacheReader.get over every sample in random order (default verification,
-                          blocks already verified: the steady state of training) / the same byte ranges
-                          copied out of a plain np.memmap of the shard files, same order; both after a
+                          blocks already verified: the steady state of training; decoding the q8 codes
+                          and packed ids included) / the same byte ranges (one per section) copied out
+                          of a plain np.memmap of the shard files, same order; both after a
                           warm-up pass, so the page cache is hot for both. Also reported: the first pass
                           with crc32 verification (reader_first_pass_vs_raw) and batch ``gather``.
     build_vs_forward      build_teacher_cache (teacher forward + vocab-parallel top-k/lse/tail + copy to
@@ -48,7 +49,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="samples in the synthetic dataset (build timing)")
     p.add_argument("--read-samples", type=int, default=256, help="samples in the reader-throughput cache")
     p.add_argument("--k", type=int, default=64, help="top-k")
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="log-prob storage dtype")
+    p.add_argument("--dtype", default="q8", choices=("q8", "fp16", "bf16", "fp32"), help="log-prob storage")
     p.add_argument("--micro-batch-size", type=int, default=4, help="samples per teacher forward")
     p.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows per shard")
     p.add_argument("--repeats", type=int, default=3, help="alternated forward/build runs (min reported)")
@@ -186,26 +187,22 @@ def _write_read_cache(args, work: str) -> str:
 
 
 def _time_reads(args, directory: str) -> dict:
-    from rgkd_megatron.cache.format import shard_layout, storage_dtype
+    from rgkd_megatron.cache.manifest import layout_of
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
     reader = TeacherCacheReader(directory)
     order = np.random.default_rng(1).permutation(reader.num_samples)
     m = reader.manifest
-    item = storage_dtype(m["dtype"]).itemsize
-    # raw: the same four byte ranges per sample out of plain memmaps of the shard files
+    # raw: the same byte ranges per sample (one per section) out of plain memmaps of the shard files
     raw_maps, ranges = [], []
     for e in m["shards"]:
         raw_maps.append(np.memmap(os.path.join(directory, e["name"]), dtype=np.uint8, mode="r"))
     shard_of = np.searchsorted([e["first_sample"] for e in m["shards"]], order, side="right") - 1
     for s, i in zip(shard_of, order):
         e = m["shards"][s]
-        lay = shard_layout(e["num_rows"], m["k"], m["dtype"], m["block_rows"])
+        lay = layout_of(m, e["num_rows"])
         lo, hi = reader.row_offsets[i] - e["first_row"], reader.row_offsets[i + 1] - e["first_row"]
-        k = m["k"]
-        ranges.append((s, [(lay.logprobs + lo * k * item, lay.logprobs + hi * k * item),
-                           (lay.ids + lo * k * 4, lay.ids + hi * k * 4), (lay.lse + lo * 4, lay.lse + hi * 4),
-                           (lay.tail + lo * 4, lay.tail + hi * 4)]))  # fmt: skip
+        ranges.append((s, [(sec.offset + sec.nbytes(lo), sec.offset + sec.nbytes(hi)) for sec in lay.sections]))
     payload = sum(b - a for _, rs in ranges for a, b in rs)
 
     def raw_pass() -> float:

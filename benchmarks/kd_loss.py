@@ -20,6 +20,9 @@ How memory is measured (honestly, and the same way for every variant):
       these large blocks with mmap/munmap, so RSS follows live tensor memory.
     The gradients of hidden and weight, alive after the step, are included for every variant.
 Time: median of --iters steps after --warmup steps (CUDA synchronised).
+Chunk: the sparse and fused losses take the largest token chunk whose [chunk, V] work tensors fit
+--chunk-budget-mib (``rgkd_megatron.losses.chunking``; --chunk-size overrides it); the chunk each
+variant used and the memory method are printed and are in the JSON.
 
 Usage:
     python benchmarks/kd_loss.py                        # V=49,152, 2,048 tokens, k=64, hidden 576
@@ -38,6 +41,8 @@ import subprocess
 import sys
 import time
 
+from rgkd_megatron.losses.chunking import DEFAULT_CHUNK_BUDGET_MIB
+
 VARIANTS = ("cross_entropy", "dense_fkl", "sparse_topk", "fused_topk")
 
 
@@ -51,7 +56,13 @@ def _parse_args(argv=None) -> argparse.Namespace:
         "--kind", default="fkl", help="sparse KD divergence (fkl, rkl, jsd, skew_fkl, skew_rkl, tvd)"
     )
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    p.add_argument("--chunk-size", type=int, default=1024, help="token chunk of the sparse and fused losses")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="token chunk of the sparse and fused losses (default: from the budget)"
+    )
+    p.add_argument(
+        "--chunk-budget-mib", type=float, default=DEFAULT_CHUNK_BUDGET_MIB,
+        help="memory budget of the per-chunk work tensors (rgkd_megatron/losses/chunking.py)",
+    )  # fmt: skip
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available"
     )
@@ -108,7 +119,9 @@ def _make_step(args: argparse.Namespace, T: int, V: int, D: int, k: int):
         hidden.grad = weight.grad = None
         if variant == "fused_topk":
             ids, lp, mask = inputs
-            loss, _ = fused_linear_topk_kd(hidden, weight, ids, lp, mask, args.kind, temp, args.chunk_size)
+            loss, _ = fused_linear_topk_kd(
+                hidden, weight, ids, lp, mask, args.kind, temp, args.chunk_size, chunk_budget_mib=args.chunk_budget_mib
+            )
         else:
             logits = hidden @ weight.T
             if variant == "cross_entropy":
@@ -120,7 +133,10 @@ def _make_step(args: argparse.Namespace, T: int, V: int, D: int, k: int):
                 loss = (per_tok * mask).sum() / mask.sum()
             else:
                 ids, lp, mask = inputs
-                loss, _ = topk_kd_loss(logits, ids, lp, mask, args.kind, temp, chunk_size=args.chunk_size)
+                loss, _ = topk_kd_loss(
+                    logits, ids, lp, mask, args.kind, temp, chunk_size=args.chunk_size,
+                    chunk_budget_mib=args.chunk_budget_mib,
+                )  # fmt: skip
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -151,7 +167,34 @@ def _run_child(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         step(inputs)
         times.append(time.perf_counter() - t0)
-    return {"variant": args.child, "peak_mib": peak / 2**20, "time_ms": 1e3 * statistics.median(times)}
+    return {"variant": args.child, "peak_mib": peak / 2**20, "time_ms": 1e3 * statistics.median(times),
+            "chunk": _chunk_used(args)}  # fmt: skip
+
+
+def _chunk_used(args: argparse.Namespace) -> int | None:
+    """The token chunk the variant's loss resolves (same function the loss calls), None if it has none."""
+    import torch
+
+    from rgkd_megatron.losses.chunking import resolve_chunk_size
+
+    impl = {"sparse_topk": "torch", "fused_topk": "torch_fused"}.get(args.child)
+    if impl is None:
+        return None
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    return resolve_chunk_size(args.chunk_size, args.tokens, args.vocab, dtype, impl, args.chunk_budget_mib)
+
+
+def _memory_method(device: str) -> str:
+    if device == "cuda":
+        return (
+            "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() at "
+            "the baseline: live tensors only (the caching allocator's reserved-but-free blocks are not counted)"
+        )
+    return (
+        "peak resident set size (getrusage ru_maxrss) minus the RSS at the baseline (/proc/self/statm): every "
+        "resident page of the child process (tensors, allocator slack, library scratch); not counted: hidden, "
+        "weight and code loaded before the baseline; counted: the variant's inputs, activations, grads"
+    )
 
 
 def main(argv=None) -> dict:
@@ -181,12 +224,15 @@ def main(argv=None) -> dict:
 
     dense_mem = res.get("dense_fkl", {}).get("peak_mib")
     ce_time = res.get("cross_entropy", {}).get("time_ms")
+    chunks = {v: r["chunk"] for v, r in res.items() if r.get("chunk") is not None}
     print(f"kd_loss: V={args.vocab} tokens={args.tokens} k={args.k} hidden={args.hidden} kind={args.kind} "
-          f"device={args.device} dtype={args.dtype} chunk={args.chunk_size}")  # fmt: skip
+          f"device={args.device} dtype={args.dtype} chunk budget={args.chunk_budget_mib} MiB -> chunk used {chunks}")  # fmt: skip
+    print(f"peak memory: {_memory_method(args.device)}")
     print(f"{'variant':<15}{'peak MiB':>11}{'fwd+bwd ms':>12}{'mem/dense':>11}{'time/CE':>9}")
     summary = {
         "benchmark": "kd_loss", "device": args.device, "dtype": args.dtype, "vocab": args.vocab,
-        "tokens": args.tokens, "k": args.k, "hidden": args.hidden, "kind": args.kind, "chunk_size": args.chunk_size,
+        "tokens": args.tokens, "k": args.k, "hidden": args.hidden, "kind": args.kind, "chunk_budget_mib": args.chunk_budget_mib,
+        "chunk_used": chunks, "memory_measure": _memory_method(args.device),
         "peak_mib": {}, "time_ms": {}, "mem_vs_dense": {}, "time_vs_ce": {},
     }  # fmt: skip
     for v, r in res.items():

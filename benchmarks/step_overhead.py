@@ -36,6 +36,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
+def add_adamw_args(p: argparse.ArgumentParser) -> None:
+    """The AdamW settings both sides of a comparison share (betas and eps: OptimizerConfig defaults)."""
+    p.add_argument("--lr", type=float, default=1e-4, help="constant learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay (2-D params)")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip; 0 = off")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -53,9 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-microbatches", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per implementation")
     p.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
-    p.add_argument("--lr", type=float, default=1e-4, help="constant learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay (2-D params)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip; 0 = off")
+    add_adamw_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch default")
     p.add_argument("--seed", type=int, default=1234, help="weights and data seed")
     p.add_argument(
@@ -66,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _init_world() -> None:
+def init_single_process_world() -> None:
+    """A gloo world of size 1 on a free local port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -75,16 +81,18 @@ def _init_world() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def _batches(args, vocab: int, n_steps: int) -> list[list[dict]]:
+def sft_batches(
+    seed: int, micro_batch_size: int, seq_length: int, num_microbatches: int, vocab: int, n_steps: int
+) -> list[list[dict]]:
     """Per step, ``num_microbatches`` SFT micro-batches; the first quarter of each row is 'prompt'."""
-    g = torch.Generator().manual_seed(args.seed + 1)
-    b, s = args.micro_batch_size, args.seq_length
+    g = torch.Generator().manual_seed(seed + 1)
+    b, s = micro_batch_size, seq_length
     mask = torch.ones(b, s)
     mask[:, : s // 4] = 0.0
     out = []
     for _ in range(n_steps):
         step = []
-        for _ in range(args.num_microbatches):
+        for _ in range(num_microbatches):
             tokens = torch.randint(0, vocab, (b, s + 1), generator=g)
             step.append(
                 {
@@ -105,7 +113,7 @@ def main(argv=None) -> dict:
     from rgkd_megatron.parallel import cpu_compat
 
     cpu_compat.apply()
-    _init_world()
+    init_single_process_world()
 
     from plain_llama import PlainConfig, PlainLlama, adamw_param_groups, load_from_mcore, plain_train_step
 
@@ -148,7 +156,9 @@ def main(argv=None) -> dict:
     }
 
     total = args.warmup_steps + args.steps
-    batches = _batches(args, args.vocab_size, total)
+    batches = sft_batches(
+        args.seed, args.micro_batch_size, args.seq_length, args.num_microbatches, args.vocab_size, total
+    )
     plain_ctx = contextlib.nullcontext if args.plain_under_cpu_compat else torch._C.DisableTorchFunction
 
     def mcore_step(mbs):

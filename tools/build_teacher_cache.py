@@ -1,8 +1,10 @@
 """Precompute the teacher's top-k log-probabilities over a tokenized dataset into a sharded cache.
 
 Runs the teacher (megatron-core GPTModel, inference) under any TP x PP layout, data-parallel over the
-remaining ranks, and stores per token its top-k log-probs (sorted, fp16/bf16/fp32), their int32 ids,
-the log-sum-exp and the tail mass (``rgkd_megatron/cache``). Rerunning the same command after a kill
+remaining ranks, and stores per token its top-k log-probs (sorted; 8-bit codes against the row's
+maximum by default, or fp16/bf16/fp32), their ids packed to the bits the vocabulary needs, the
+log-sum-exp and the tail mass (``rgkd_megatron/cache``). An existing build in ``--output`` with other
+settings is refused before the teacher is loaded. Rerunning the same command after a kill
 resumes and produces byte-identical shards; on a complete cache it does nothing.
 
 Usage::
@@ -14,7 +16,8 @@ Usage::
     python tools/build_teacher_cache.py ... --random-init-seed 1                # tests: random weights
 
 The teacher's architecture is the ``model`` section of ``--teacher-config`` (an rgkd recipe YAML;
-dotted ``model.*`` overrides may follow). The launcher (torchrun / srun / mpirun / single process) is
+dotted ``model.*`` overrides may follow); fields it does not set come from ``--teacher-checkpoint``
+(a megatron checkpoint's ``model_config.yaml`` or a Hugging Face folder's ``config.json``). The launcher (torchrun / srun / mpirun / single process) is
 detected as for ``rgkd-train``.
 """
 
@@ -25,6 +28,7 @@ import os
 import sys
 
 from rgkd_megatron.cache.builder import BuildOptions
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
 
 _DEFAULTS = BuildOptions()
 
@@ -42,11 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenized dataset prefix (PREFIX.bin/.idx/.json from tools/preprocess_data.py)",
     )
     io.add_argument(
-        "--teacher-config", required=True, help="rgkd recipe YAML whose 'model' section describes the teacher"
+        "--teacher-config",
+        help="rgkd recipe YAML whose 'model' section describes the teacher (default: the architecture of "
+        "--teacher-checkpoint, from its config.json or model_config.yaml)",
     )
     weights = io.add_mutually_exclusive_group(required=True)
     weights.add_argument(
-        "--teacher-checkpoint", help="teacher weights: a megatron dist_checkpointing directory (any TP/PP)"
+        "--teacher-checkpoint",
+        help="teacher weights: a megatron dist_checkpointing directory (any TP/PP) or a Hugging Face folder",
     )
     weights.add_argument(
         "--random-init-seed",
@@ -85,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--dtype",
-        choices=("fp16", "bf16", "fp32"),
+        choices=("q8", "fp16", "bf16", "fp32"),
         default=_DEFAULTS.dtype,
-        help="storage dtype of the log-probs",
+        help="storage of the log-probs: q8 = 8-bit codes against the row's maximum (~199 bytes/token at k=64)",
     )
     what.add_argument(
         "--seq-length",
@@ -172,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _teacher_config(args):
     from rgkd_megatron.config import load_config, validate_config
 
-    cfg = load_config(args.teacher_config, args.overrides, validate=False)
+    from_checkpoint = [f"model.load={args.teacher_checkpoint}"] if args.teacher_checkpoint else []
+    cfg = load_config(args.teacher_config, [*args.overrides, *from_checkpoint], validate=False)
     if args.tp is not None:
         cfg.parallel.tensor_model_parallel_size = args.tp
     if args.pp is not None:
@@ -214,7 +222,8 @@ def run(args: argparse.Namespace) -> dict | None:
     import torch.distributed as dist
 
     from rgkd_megatron.cache.builder import build_identity, build_teacher_cache
-    from rgkd_megatron.cache.manifest import plan_shards, teacher_fingerprint
+    from rgkd_megatron.cache.manifest import layout_of, plan_shards, teacher_fingerprint
+    from rgkd_megatron.cache.writer import check_existing
     from rgkd_megatron.config import config_to_dict
     from rgkd_megatron.data.indexed_dataset import IndexedDataset
     from rgkd_megatron.models.builders import padded_vocab_size, resolve_params_dtype
@@ -244,21 +253,18 @@ def run(args: argparse.Namespace) -> dict | None:
         "model": model_dict,
         "params_dtype": params_dtype,
     }
+    # the identity needs nothing of the loaded teacher: check an existing build before loading it
+    identity, offsets = build_identity(options, teacher, dataset, shared_vocab, RoleLayout(tp=tp, pp=pp), device)
+    if not args.overwrite:
+        check_existing(args.output, identity)
     if args.dry_run:
-        identity, offsets = build_identity(
-            options, teacher, dataset, shared_vocab, RoleLayout(tp=tp, pp=pp), device
-        )
         plan = plan_shards(offsets[1:] - offsets[:-1], options.rows_per_shard)
-        from rgkd_megatron.cache.format import shard_layout
-
-        size = sum(
-            shard_layout(s["num_rows"], options.k, options.dtype, options.block_rows).size for s in plan
-        )
+        size = sum(layout_of(identity, s["num_rows"]).size for s in plan)
         print(f"plan: {len(plan)} shards, {identity['num_rows']} rows (tokens), {size / 2**30:.3f} GiB, "
               f"{size / max(1, identity['num_rows']):.1f} bytes/token; teacher {teacher['fingerprint'][:16]}...")  # fmt: skip
         return None
 
-    from rgkd_megatron.checkpoint.dist_ckpt import load_model_weights
+    from rgkd_megatron.convert.hf_load import load_weights
     from rgkd_megatron.models.builders import build_teacher
     from rgkd_megatron.parallel.launch import init_distributed
     from rgkd_megatron.training.setup import init_role
@@ -271,7 +277,7 @@ def run(args: argparse.Namespace) -> dict | None:
     groups = init_role(layout, seed=args.random_init_seed if args.random_init_seed is not None else 0)
     model = build_teacher(cfg.model, cfg.parallel, groups, model_vocab)
     if args.teacher_checkpoint:
-        load_model_weights(args.teacher_checkpoint, model)
+        load_weights(args.teacher_checkpoint, model, "--teacher-checkpoint")
     teacher["padded_vocab_size"] = padded_vocab_size(model_vocab, cfg.model.make_vocab_size_divisible_by, tp)
     identity, offsets = build_identity(options, teacher, dataset, shared_vocab, layout, device)
     return build_teacher_cache(
@@ -279,8 +285,9 @@ def run(args: argparse.Namespace) -> dict | None:
     )
 
 
+@cli_main("build_teacher_cache")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = add_debug_flag(build_parser()).parse_args(argv)
     try:
         manifest = run(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -24,6 +24,8 @@ import argparse
 import json
 import sys
 
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -83,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokenizer",
-        help="--to hf: directory whose tokenizer / generation-config files are copied (default: SRC)",
+        help="--to hf: directory whose tokenizer / generation-config files are copied (default: SRC, else "
+        "the data.tokenizer of the training run SRC belongs to: SRC/../../config.yaml)",
+    )
+    p.add_argument(
+        "--role",
+        help="--to hf: the model to convert from a multi-role loop checkpoint (rgkd-distill's "
+        "RUN/checkpoints/iter_*: keys policy.*, reward.*), e.g. policy; one role at a time",
     )
     p.add_argument(
         "--max-shard-size",
@@ -99,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_HF_ONLY = ("hf_config", "model_config", "vocab_size", "tokenizer")
+_HF_ONLY = ("hf_config", "model_config", "vocab_size", "tokenizer", "role")
 
 
+@cli_main("convert_checkpoint")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     from rgkd_megatron.convert.common import ConversionError
     from rgkd_megatron.utils.logging import setup_logging
 
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_config=args.model_config,
                 vocab_size=args.vocab_size,
                 tokenizer=args.tokenizer,
+                role=args.role,
                 dtype=args.dtype,
                 max_shard_size=args.max_shard_size,
                 dry_run=args.dry_run,

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 
 from rgkd_megatron.config import RGKDConfig
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -78,10 +79,11 @@ def render() -> str:
     return "\n".join(lines)
 
 
+@cli_main("gen_config_doc")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md is stale")
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     text = render()
     if args.check:
         if not OUT.is_file() or OUT.read_text() != text:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rgkd_megatron.generation.responses import GenerationSettings
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
 
 _DEFAULTS = GenerationSettings()
 
@@ -57,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--load",
         default=None,
-        help="teacher weights: a megatron dist_checkpointing directory (if omitted: the 'load' field of --model-config)",
+        help="teacher weights: a megatron dist_checkpointing directory or a Hugging Face folder (config.json + safetensors); if omitted: the 'load' field of --model-config",
     )
     io.add_argument(
         "--model-config",
         default=None,
-        help="YAML with a 'model' section describing the teacher (if omitted: LOAD/model_config.yaml)",
+        help="YAML with a 'model' section describing the teacher (if omitted: the architecture of --load, from its config.json or model_config.yaml)",
     )
     io.add_argument(
         "--tokenizer",
@@ -160,33 +161,41 @@ def model_config(args: argparse.Namespace) -> tuple[Any, str]:
     import yaml
 
     from rgkd_megatron.config import config_from_dict, validate_config
+    from rgkd_megatron.config.architecture import resolve_architecture
+    from rgkd_megatron.convert.detect import checkpoint_model_fields
 
     if args.model_config is None and args.load is None:
-        raise ValueError("--model-config: required (or --load DIR with a model_config.yaml inside)")
-    path = Path(args.model_config) if args.model_config else Path(args.load) / "model_config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"--model-config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--model-config {path}: invalid YAML ({exc})") from exc
-    section = raw.get("model", raw) if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
-        raise ValueError(f"--model-config {path}: expected a mapping with a 'model' section")
+        raise ValueError("--model-config: required (or --load DIR: a Hugging Face folder or a megatron checkpoint)")
+    section: dict = {}
+    if args.model_config:
+        path = Path(args.model_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--model-config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--model-config {path}: invalid YAML ({exc})") from exc
+        section = raw.get("model", raw) if isinstance(raw, dict) else None
+        if not isinstance(section, dict):
+            raise ValueError(f"--model-config {path}: expected a mapping with a 'model' section")
+    where = f"--model-config {args.model_config}" if args.model_config else f"--load {args.load}"
     try:
         cfg = config_from_dict({"model": section})
+        load = args.load or cfg.model.load
+        if not load:
+            raise ValueError(f"--load: required ({args.model_config} names no model.load)")
+        if not Path(load).is_dir():
+            raise FileNotFoundError(f"--load {load}: checkpoint directory does not exist")
+        if not args.model_config and checkpoint_model_fields(load, "--load") is None:
+            raise ValueError("--model-config: required, the checkpoint has no model_config.yaml")
+        cfg.model = resolve_architecture(cfg.model, load, "--load", explicit=set(section))
         cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = args.tp, args.pp
         cfg.data.seq_length = cfg.model.max_position_embeddings
         validate_config(cfg)
+    except FileNotFoundError:
+        raise
     except ValueError as exc:
-        raise ValueError(f"--model-config {path}: {exc}") from exc
-    load = args.load or cfg.model.load
-    if not load:
-        raise ValueError(f"--load: required ({path} names no model.load)")
-    if not Path(load).is_dir():
-        raise FileNotFoundError(f"--load {load}: checkpoint directory does not exist")
-    if not (Path(load) / "metadata.json").is_file():
-        raise ValueError(f"--load {load}: not a megatron dist_checkpointing directory (no metadata.json)")
+        raise ValueError(f"{where}: {exc}") from exc
     return cfg, load
 
 
@@ -243,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from rgkd_megatron.checkpoint.dist_ckpt import load_model_weights
+    from rgkd_megatron.convert.hf_load import load_weights
     from rgkd_megatron.generation.responses import generate_responses
     from rgkd_megatron.models.builders import build_teacher
     from rgkd_megatron.parallel.groups import layout_for_world
@@ -260,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         groups = init_role(layout, seed=args.seed)
         model = build_teacher(cfg.model, cfg.parallel, groups, model_vocab)
         try:
-            load_model_weights(load, model)
+            load_weights(load, model, "--load")
         except (Exception, CheckpointException) as exc:  # several kinds on a shape/key mismatch
             reason = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             raise ValueError(
@@ -277,8 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             dist.destroy_process_group()
 
 
+@cli_main("generate_responses")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = add_debug_flag(build_parser()).parse_args(argv)
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError) as exc:

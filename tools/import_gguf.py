@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -40,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("import_gguf")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = add_debug_flag(build_parser()).parse_args(argv)
     from rgkd_megatron.convert.common import ConversionError
     from rgkd_megatron.utils.logging import setup_logging
 

@@ -1,7 +1,9 @@
 """Inspect a teacher top-k cache: verify its checksums, report its size and how much mass the top-k covers.
 
-Prints the manifest summary (teacher, tokenizer, vocabulary, k, temperature, dtype, samples, rows,
-shards), the storage cost (bytes per token, vs a dense fp16 distribution of the same vocabulary),
+Prints the manifest summary (teacher, tokenizer, vocabulary, k, temperature, dtype, format version,
+samples, rows, shards), the storage cost (bytes per token, vs a dense fp16 distribution of the same
+vocabulary), for q8 caches the quantisation error bound of the stored log-probs (largest and mean
+per-row bound ``max(s / 2, |m - fp16(m)|)`` over the histogram rows, ``cache/format.py``),
 the verification result (sha256 of every shard and of the row index, crc32 of every block, headers
 and sizes), and a histogram of the per-token top-k probability mass ``sum_i exp(logprob_i)``.
 
@@ -18,6 +20,8 @@ import json
 import sys
 
 import numpy as np
+
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _topk_mass(logprobs: np.ndarray, dtype: str) -> np.ndarray:
+    """Per-row sum of exp(log-prob) of decoded rows (bf16 arrives as raw bits)."""
     if dtype == "bf16":  # raw bits -> fp32
         logprobs = (logprobs.astype(np.uint32) << 16).view(np.float32)
     return np.exp(logprobs.astype(np.float32)).sum(-1)
@@ -52,6 +57,7 @@ def _topk_mass(logprobs: np.ndarray, dtype: str) -> np.ndarray:
 
 def inspect(directory: str, verify: bool = True, bins: int = 10, max_rows: int = 1_000_000) -> dict:
     """Statistics of a cache (raises CacheCorruptionError / ValueError on a bad cache when verifying)."""
+    from rgkd_megatron.cache.format import q8_error_bound
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
     reader = TeacherCacheReader(directory, verify="blocks" if verify else "none")
@@ -59,13 +65,16 @@ def inspect(directory: str, verify: bool = True, bins: int = 10, max_rows: int =
         reader.verify_checksums(mark_verified=False)
     m = reader.manifest
     stride = max(1, -(-reader.num_rows // max(1, max_rows)))
-    masses, tails = [], []
+    masses, tails, bounds = [], [], []
     for s in range(reader.num_shards):
-        logprobs, _, _, tail = reader.shard_columns(s)  # crc32 of every block checked here
         first = m["shards"][s]["first_row"]
-        rows = np.arange((-first) % stride, logprobs.shape[0], stride)
-        masses.append(_topk_mass(logprobs[rows], m["dtype"]))
-        tails.append(np.asarray(tail[rows], dtype=np.float32))
+        rows = np.arange((-first) % stride, m["shards"][s]["num_rows"], stride)
+        logprobs, _, _, tail = reader.shard_columns(s, rows)  # crc32 of every block checked here
+        masses.append(_topk_mass(logprobs, m["dtype"]))
+        tails.append(np.asarray(tail, dtype=np.float32))
+        if m["dtype"] == "q8":
+            bounds.append(q8_error_bound(reader.shard_sections(s)["qparams"][rows]))
+    bound = np.concatenate(bounds) if bounds else np.zeros(0, np.float32)
     mass = np.concatenate(masses) if masses else np.zeros(0, np.float32)
     tail = np.concatenate(tails) if tails else np.zeros(0, np.float32)
     counts, edges = np.histogram(np.clip(mass.astype(np.float64), 0.0, 1.0), bins=bins, range=(0.0, 1.0))
@@ -82,6 +91,8 @@ def inspect(directory: str, verify: bool = True, bins: int = 10, max_rows: int =
         "k": m["k"],
         "temperature": m["temperature"],
         "dtype": m["dtype"],
+        "format_version": reader.format_version,
+        "ids_dtype": m.get("ids_dtype"),
         "seq_length": m["seq_length"],
         "samples": reader.num_samples,
         "rows": reader.num_rows,
@@ -91,6 +102,8 @@ def inspect(directory: str, verify: bool = True, bins: int = 10, max_rows: int =
         "dense_fp16_bytes_per_token": 2 * m["vocab_size"],
         "fraction_of_dense_fp16": total_bytes / rows / (2 * m["vocab_size"]),
         "histogram_rows": int(mass.size),
+        "q8_error_bound_max": float(bound.max()) if bound.size else None,
+        "q8_error_bound_mean": float(bound.mean()) if bound.size else None,
         "topk_mass_mean": float(mass.mean()) if mass.size else float("nan"),
         "tail_mass_mean": float(tail.mean()) if tail.size else float("nan"),
         "max_abs_mass_plus_tail_minus_1": float(np.abs(mass + tail - 1).max()) if mass.size else 0.0,
@@ -105,6 +118,8 @@ def _report(stats: dict) -> str:
         f"tokenizer    {stats['tokenizer_fingerprint'][:16]}...   dataset {stats['dataset_fingerprint'][:16]}...",
         f"vocab        {stats['vocab_size']}   k {stats['k']}   T {stats['temperature']}   dtype {stats['dtype']}   "
         f"seq_length {stats['seq_length']}",
+        f"format       version {stats['format_version']}   ids {stats['ids_dtype']}   "
+        + _bound_line(stats),
         f"samples      {stats['samples']}   tokens {stats['rows']}   shards {stats['shards']}   "
         f"{stats['bytes'] / 2**20:.2f} MiB",
         f"bytes/token  {stats['bytes_per_token']:.1f}  (dense fp16: {stats['dense_fp16_bytes_per_token']}, "
@@ -122,8 +137,18 @@ def _report(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _bound_line(stats: dict) -> str:
+    if stats["q8_error_bound_max"] is None:
+        return f"log-probs stored as {stats['dtype']} (rounding of that type, no quantisation)"
+    return (
+        f"q8 log-prob error <= {stats['q8_error_bound_max']:.4f} nats (row bound; mean "
+        f"{stats['q8_error_bound_mean']:.4f})"
+    )
+
+
+@cli_main("inspect_cache")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = add_debug_flag(build_parser()).parse_args(argv)
     if args.bins < 1 or args.max_rows < 1:
         print("inspect_cache: error: --bins and --max-rows must be >= 1", file=sys.stderr)
         return 2

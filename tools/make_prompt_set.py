@@ -30,6 +30,8 @@ import random
 import sys
 from collections import Counter
 
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+
 # the fact tables sit next to this script; make them importable when it is loaded by path (tests)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prompt_tables import (  # noqa: E402
@@ -442,6 +444,7 @@ def make_records(seed: int = 2024) -> list[dict[str, str]]:
     return [{"prompt": p, "reference": r} for p, r in pairs]
 
 
+@cli_main("make_prompt_set")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -450,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed", type=int, default=2024, help="seed of the draws and the shuffle (default 2024)"
     )
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     records = make_records(args.seed)
     tmp = f"{args.output}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

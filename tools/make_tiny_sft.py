@@ -17,6 +17,8 @@ import json
 import random
 from typing import Callable
 
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+
 WORDS = (
     "apple banana cherry garden planet rocket window silver orange pencil river mountain forest "
     "yellow purple guitar castle dragon winter summer bottle candle pocket rabbit tiger spider "
@@ -196,11 +198,12 @@ def make_records(seed: int = 1234) -> list[dict[str, str]]:
     return records
 
 
+@cli_main("make_tiny_sft")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="path of the JSONL file to write (overwritten)")
     parser.add_argument("--seed", type=int, default=1234, help="random seed of the generator (default 1234)")
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     records = make_records(args.seed)
     with open(args.output, "w", encoding="utf-8") as f:
         for r in records:

@@ -1,6 +1,15 @@
-"""Tokenize a prompt/response JSONL file into an indexed dataset (``{prefix}.bin/.idx/.json``).
+"""Tokenize a prompt/response JSONL file into an indexed dataset (``{prefix}.bin/.idx/.json`` +
+``{prefix}.prompt_lengths.npy``).
 
-Each non-blank line is a JSON object with a string prompt and a string response. The prompt is
+The ``.bin``/``.idx`` pair is megatron-core's own indexed dataset format (one document per sample:
+prompt + response tokens), so Megatron-LM reads it with ``--data-path PREFIX``; the prompt/response
+split is in ``PREFIX.prompt_lengths.npy`` and our metadata in ``PREFIX.json``
+(``rgkd_megatron.data.indexed_dataset``).
+
+Each non-blank line is a JSON object with a string prompt and a string response, or a chat record
+``{"messages": [{"role": ..., "content": ...}, ...]}`` (as Hugging Face datasets export chats): its
+last message, the assistant's, is the response and the conversation before it, rendered with the
+tokenizer's chat template (``add_generation_prompt``), the prompt. A plain prompt is
 wrapped by the tokenizer's prompt template (``Tokenizer.apply_prompt_template``; ``--no-template``
 keeps it raw), prompt and response are tokenized separately with no special tokens, and the sample
 is ``prompt_ids + response_ids + [eos]`` with the prompt length recorded, so the loss covers the
@@ -27,13 +36,19 @@ import argparse
 from typing import Optional
 
 from rgkd_megatron.data.preprocess import preprocess_jsonl
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Tokenize prompt/response JSONL into an indexed dataset ({prefix}.bin, .idx, .json).",
+        description="Tokenize prompt/response (or chat) JSONL into a megatron-core indexed dataset "
+        "(PREFIX.bin, .idx) + the prompt lengths (PREFIX.prompt_lengths.npy) + metadata (PREFIX.json).",
     )
-    p.add_argument("--input", required=True, help="JSONL file, one {prompt, response} object per line")
+    p.add_argument(
+        "--input",
+        required=True,
+        help='JSONL file, one {prompt, response} or {"messages": [{role, content}, ...]} object per line',
+    )
     p.add_argument(
         "--tokenizer",
         required=True,
@@ -42,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-prefix",
         required=True,
-        help="output path without extension; writes PREFIX.bin, PREFIX.idx and PREFIX.json (dirs are created)",
+        help="output path without extension; writes PREFIX.bin, PREFIX.idx (megatron-core format), "
+        "PREFIX.prompt_lengths.npy and PREFIX.json (dirs are created)",
     )
     p.add_argument(
         "--prompt-key", default="prompt", help="JSON field holding the prompt text (default: prompt)"
@@ -91,9 +107,10 @@ def run(args: argparse.Namespace) -> dict:
     )
 
 
+@cli_main("preprocess_data")
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point; raises SystemExit with a message on any input or output error."""
-    args = build_parser().parse_args(argv)
+    args = add_debug_flag(build_parser()).parse_args(argv)
     try:
         meta = run(args)
     except (ValueError, OSError) as e:
@@ -103,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(
             f"wrote {meta['num_samples']} samples, {meta['num_tokens']} tokens ({meta['dtype']}) to "
-            f"{args.output_prefix}.{{bin,idx,json}}; fingerprint {meta['fingerprint']}"
+            f"{args.output_prefix}.{{bin,idx,prompt_lengths.npy,json}}; fingerprint {meta['fingerprint']}"
         )
     return 0
 

@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+
 
 def _layer_list(text: str) -> list[int]:
     try:
@@ -139,9 +141,10 @@ def _add_probe_metadata(dst: str, meta: dict, record: dict) -> dict:
     return meta
 
 
+@cli_main("prune_teacher")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
     if args.probe is None and args.probe_only:
         parser.error("--probe-only needs --probe")
     if args.probe is not None and args.num_layers is None:

@@ -22,6 +22,9 @@ import json
 import os
 from typing import Iterator, Sequence
 
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.jsonl import iter_jsonl
+
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -31,23 +34,15 @@ def iter_texts(paths: Sequence[str], jsonl_keys: Sequence[str]) -> Iterator[str]
         if not os.path.isfile(path):
             raise SystemExit(f"error: input file {path} not found")
         is_jsonl = path.endswith((".jsonl", ".json"))
+        if is_jsonl:
+            for _, _, record in iter_jsonl(path):
+                yield from (record[k] for k in jsonl_keys if isinstance(record.get(k), str))
+            continue
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if not is_jsonl:
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path}:{lineno}: invalid JSON: {e}") from e
-                if not isinstance(record, dict):
-                    raise SystemExit(f"error: {path}:{lineno}: expected a JSON object")
-                for key in jsonl_keys:
-                    value = record.get(key)
-                    if isinstance(value, str):
-                        yield value
+            try:
+                yield from (line.rstrip("\n") for line in f if line.strip())
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not valid UTF-8 ({exc.reason}); expected UTF-8 text") from None
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 512, min_frequency: int = 2):
@@ -68,6 +63,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512, min_frequency: 
     return tok
 
 
+@cli_main("train_tokenizer")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train a byte-level BPE tokenizer (HF tokenizers) and write tokenizer.json + "
@@ -102,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing tokenizer.json in --output-dir"
     )
-    args = parser.parse_args(argv)
+    args = add_debug_flag(parser).parse_args(argv)
 
     if args.vocab_size < 257 + 1:
         raise SystemExit(

@@ -1,4 +1,4 @@
-"""Teacher top-k cache (DESIGN.md section 5): per token, the teacher's top-k log-probs, ids, log-sum-exp
+"""Teacher top-k cache (docs/design.md, the teacher top-k cache): per token, the teacher's top-k log-probs, ids, log-sum-exp
 and tail mass, sharded, keyed by (dataset, sample id, token offset), built once and read many times.
 
 - ``format``: the binary shard format (header, column sections, per-block crc32), atomic shard writes.

@@ -58,8 +58,9 @@ class BuildOptions:
     """Top-k ids kept per token."""
     temperature: float = 1.0
     """Log-probs are of softmax(logits / temperature)."""
-    dtype: str = "fp16"
-    """Storage dtype of the log-probs: fp16, bf16 or fp32."""
+    dtype: str = "q8"
+    """Storage of the log-probs: q8 (8-bit codes against the row's maximum, ~199 bytes/token at k=64;
+    ``cache/format.py``), fp16, bf16 or fp32."""
     seq_length: int = 2048
     """Samples are truncated to seq_length + 1 tokens (seq_length rows at most)."""
     micro_batch_size: int = 4
@@ -87,8 +88,8 @@ class BuildOptions:
             or self.temperature <= 0
         ):
             raise ValueError(f"temperature: expected a finite value > 0, got {self.temperature!r}")
-        if self.dtype not in ("fp16", "bf16", "fp32"):
-            raise ValueError(f"dtype: expected fp16, bf16 or fp32, got {self.dtype!r}")
+        if self.dtype not in ("q8", "fp16", "bf16", "fp32"):
+            raise ValueError(f"dtype: expected q8, fp16, bf16 or fp32, got {self.dtype!r}")
         if self.max_shards is not None and self.max_shards < 1:
             raise ValueError(f"max_shards: expected a positive int or None, got {self.max_shards!r}")
 

@@ -24,12 +24,16 @@ Files of a cache directory::
 Manifest (JSON object): ``format``, ``version``, ``teacher`` {fingerprint, source, checkpoint,
 random_init_seed, model, padded_vocab_size, params_dtype}, ``tokenizer_fingerprint``, ``vocab_size``
 (the real, shared tokenizer vocabulary: ids are below it and the teacher's softmax covers exactly
-it, its padding columns excluded), ``k``, ``temperature``, ``dtype``, ``ids_dtype``, ``dataset``
+it, its padding columns excluded), ``k``, ``temperature``, ``dtype`` (fp16 / bf16 / fp32, or q8
+in version 2), ``ids_dtype`` (``int32`` in version 1, ``packedB`` with B = id_bits in version 2), ``dataset``
 {fingerprint, num_samples, num_tokens, path}, ``seq_length``, ``rows_per_shard``, ``block_rows``,
 ``num_rows``, ``row_index`` {name, size, sha256}, ``shards`` [{name, first_sample, num_samples,
 first_row, num_rows, size, sha256}], ``build`` {micro_batch_size, num_microbatches, pad_multiple,
 tp, pp, dp, device, versions}. ``build.dp`` is informational; every other build field changes the
 teacher's arithmetic, so a resumed build must use the same values (``resume_mismatch``).
+``version`` is the shard format (``format.py``): 2 is written, 1 and 2 are read. On load, the
+manifest's k / dtype / block_rows / version are checked against the first shard's header, so an
+edited manifest is reported by field, not as a size mismatch.
 
 Compatibility (``check_compatible``): a student reading the cache must have the same tokenizer
 fingerprint, the same real vocabulary size (its own padded output size may differ, e.g. 151,936 vs
@@ -47,13 +51,25 @@ from typing import Any
 
 import numpy as np
 
-from rgkd_megatron.cache.format import fsync_dir, shard_layout, storage_dtype
+from rgkd_megatron.cache.format import (
+    FORMAT_VERSION,
+    SUPPORTED_VERSIONS,
+    ShardLayout,
+    fsync_dir,
+    id_bits_for,
+    read_header,
+    shard_layout,
+    storage_dtype,
+)
 
 __all__ = [
     "FORMAT_NAME",
     "CacheMismatchError",
     "check_compatible",
     "checkpoint_fingerprint",
+    "get_field",
+    "id_bits_of",
+    "layout_of",
     "load_manifest",
     "new_identity",
     "plan_shards",
@@ -66,7 +82,6 @@ __all__ = [
 ]
 
 FORMAT_NAME = "rgkd_teacher_topk_cache"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BUILD_STATE = "build.json"
 ROW_INDEX = "rows.npy"
@@ -128,12 +143,16 @@ def new_identity(
     rows_per_shard: int,
     block_rows: int,
     build: dict[str, Any],
+    version: int = FORMAT_VERSION,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """(the manifest without ``shards``, row offsets int64 [N + 1]) of a cache over samples of ``lengths``.
 
-    ``dataset`` holds at least ``fingerprint``; ``build`` the writer settings (see the module docstring).
+    ``dataset`` holds at least ``fingerprint``; ``build`` the writer settings (see the module docstring);
+    ``version`` the shard format (``format.py``; 1 only to write caches for older readers / tests).
     """
     storage_dtype(dtype)
+    if version not in SUPPORTED_VERSIONS or (version == 1 and dtype == "q8"):
+        raise ValueError(f"version: expected one of {SUPPORTED_VERSIONS} (q8 needs 2), got {version}")
     if not 1 <= k <= vocab_size:
         raise ValueError(f"k: expected 1 <= k <= vocab_size ({vocab_size}), got {k}")
     if rows_per_shard < 1 or block_rows < 1:
@@ -142,14 +161,14 @@ def new_identity(
     index = row_index_bytes(offsets)
     identity = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": int(version),
         "teacher": teacher,
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "vocab_size": int(vocab_size),
         "k": int(k),
         "temperature": float(temperature),
         "dtype": dtype,
-        "ids_dtype": "int32",
+        "ids_dtype": "int32" if version == 1 else f"packed{id_bits_for(vocab_size)}",
         "dataset": {**dataset, "num_samples": len(offsets) - 1},
         "seq_length": int(seq_length),
         "rows_per_shard": int(rows_per_shard),
@@ -237,7 +256,8 @@ def write_json_atomic(path: str, obj: Any) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def _get(obj: dict, dotted: str) -> Any:
+def get_field(obj: dict, dotted: str) -> Any:
+    """The value at a dotted path (``build.tp``) of a manifest / identity, None where absent."""
     for part in dotted.split("."):
         obj = obj.get(part) if isinstance(obj, dict) else None
     return obj
@@ -246,7 +266,7 @@ def _get(obj: dict, dotted: str) -> Any:
 def resume_mismatch(existing: dict, requested: dict) -> str | None:
     """The first identity field (dotted) where a build in progress differs from the request, or None."""
     for field in IDENTITY_FIELDS:
-        if _get(existing, field) != _get(requested, field):
+        if get_field(existing, field) != get_field(requested, field):
             return field
     return None
 
@@ -267,17 +287,57 @@ def load_manifest(directory: str) -> dict[str, Any]:
         raise ValueError(f"cannot parse {path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: field 'format' is not {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: field 'version' is {manifest.get('version')!r}, expected {FORMAT_VERSION}")
+    if manifest.get("version") not in SUPPORTED_VERSIONS:
+        raise ValueError(
+            f"{path}: field 'version' is {manifest.get('version')!r}, expected one of {SUPPORTED_VERSIONS}"
+        )
     for field, kind in (("k", int), ("vocab_size", int), ("num_rows", int), ("block_rows", int),
                         ("seq_length", int), ("temperature", (int, float)), ("dtype", str),
                         ("tokenizer_fingerprint", str), ("shards", list), ("row_index", dict),
                         ("dataset", dict), ("teacher", dict)):  # fmt: skip
         if not isinstance(manifest.get(field), kind) or isinstance(manifest.get(field), bool):
             raise ValueError(f"{path}: field '{field}' missing or of the wrong type")
-    storage_dtype(manifest["dtype"])
+    try:
+        layout_of(manifest, 0)
+    except ValueError as e:
+        raise ValueError(f"{path}: fields 'dtype' / 'version' do not describe a shard format: {e}") from e
+    _check_against_first_shard(manifest, directory, path)
     _check_shard_list(manifest, path)
     return manifest
+
+
+def id_bits_of(manifest: dict[str, Any]) -> int:
+    """Bits per stored id of the cache a manifest (or identity) describes (version 1: int32)."""
+    return 32 if manifest.get("version", FORMAT_VERSION) == 1 else id_bits_for(manifest["vocab_size"])
+
+
+def layout_of(manifest: dict[str, Any], num_rows: int) -> ShardLayout:
+    """The shard layout of ``num_rows`` rows of the cache a manifest (or identity) describes."""
+    version = manifest.get("version", FORMAT_VERSION)
+    return shard_layout(
+        num_rows, manifest["k"], manifest["dtype"], manifest["block_rows"], version, id_bits_of(manifest)
+    )
+
+
+def _check_against_first_shard(manifest: dict, directory: str, path: str) -> None:
+    """An edited manifest: its k / dtype / block_rows / version against the first shard's header."""
+    shards = manifest["shards"]
+    if not shards or not isinstance(shards[0], dict) or not isinstance(shards[0].get("name"), str):
+        return
+    shard_path = os.path.join(directory, os.path.basename(shards[0]["name"]))
+    if not os.path.isfile(shard_path):
+        return  # reported by the reader, naming the missing shard
+    try:
+        header = read_header(shard_path)
+    except ValueError:
+        return  # a damaged shard: reported by the reader's own checks
+    for field, got in (("k", header.k), ("dtype", header.dtype), ("block_rows", header.block_rows),
+                       ("version", header.version)):  # fmt: skip
+        if manifest.get(field) != got:
+            raise ValueError(
+                f"{path}: field '{field}' is {manifest.get(field)!r}, but the shards were written with "
+                f"{field} = {got!r} (shard {shard_path}): the manifest was edited or belongs to another cache"
+            )
 
 
 def _check_shard_list(manifest: dict, path: str) -> None:
@@ -288,7 +348,7 @@ def _check_shard_list(manifest: dict, path: str) -> None:
             raise ValueError(f"{path}: field 'shards[{i}]' lacks one of {keys}")
         if shard["first_sample"] != next_sample or shard["first_row"] != next_row:
             raise ValueError(f"{path}: field 'shards[{i}]' does not continue the previous shard")
-        expected = shard_layout(shard["num_rows"], manifest["k"], manifest["dtype"], manifest["block_rows"])
+        expected = layout_of(manifest, shard["num_rows"])
         if shard["size"] != expected.size:
             raise ValueError(
                 f"{path}: field 'shards[{i}].size' = {shard['size']}, the format needs {expected.size}"
@@ -346,8 +406,8 @@ def check_compatible(
         ("teacher.fingerprint", teacher_fingerprint, "another teacher"),
     )
     for field, student, why in checks:
-        if student is not None and _get(manifest, field) != student:
-            raise mismatch(field, _get(manifest, field), student, why)
+        if student is not None and get_field(manifest, field) != student:
+            raise mismatch(field, get_field(manifest, field), student, why)
     if temperature is not None and abs(float(manifest["temperature"]) - float(temperature)) > 1e-12:
         raise mismatch(
             "temperature", manifest["temperature"], temperature, "log-probs are stored at the cache's T"

@@ -41,12 +41,18 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.format import decode_logprobs, read_header, shard_layout, storage_dtype
-from rgkd_megatron.cache.manifest import check_compatible, load_manifest
+from rgkd_megatron.cache.format import (
+    ShardHeader,
+    decode_logprobs,
+    decode_rows,
+    read_header,
+    storage_dtype,
+)
+from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
 
-_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
 
 
 class CacheCorruptionError(ValueError):
@@ -54,7 +60,8 @@ class CacheCorruptionError(ValueError):
 
 
 class TopKRows(NamedTuple):
-    """Cache rows: logprobs [n, k] (cache dtype), ids [n, k] int32, lse [n] fp32, tail [n] fp32."""
+    """Cache rows: logprobs [n, k] (cache dtype; q8 decoded to fp32), ids [n, k] int32, lse [n] fp32,
+    tail [n] fp32."""
 
     logprobs: torch.Tensor
     ids: torch.Tensor
@@ -65,13 +72,15 @@ class TopKRows(NamedTuple):
 class _Shard:
     def __init__(self, path: str, entry: dict, manifest: dict):
         self.path, self.entry = path, entry
-        self.layout = shard_layout(
-            entry["num_rows"], manifest["k"], manifest["dtype"], manifest["block_rows"]
-        )
+        self.layout = layout_of(manifest, entry["num_rows"])
         self.block_rows = manifest["block_rows"]
         self.verified = np.zeros(-(-entry["num_rows"] // self.block_rows), dtype=bool)
-        self.columns: tuple[np.ndarray, ...] | None = None
+        self.sections: dict[str, np.ndarray] | None = None  # raw section arrays, file order
         self.crcs: np.ndarray | None = None
+
+    @property
+    def columns(self) -> tuple[np.ndarray, ...] | None:
+        return None if self.sections is None else tuple(self.sections.values())
 
 
 class TeacherCacheReader:
@@ -108,6 +117,8 @@ class TeacherCacheReader:
             temperature=temperature, teacher_fingerprint=teacher_fingerprint,
             where=f"teacher cache {self.directory}",
         )  # fmt: skip
+        m = self.manifest
+        self._format = ShardHeader(m["k"], m["dtype"], m["block_rows"], 0, 0, 0, 0, m["version"], id_bits_of(m))
         self.row_offsets = self._load_row_index()
         self._shards = [
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
@@ -128,6 +139,7 @@ class TeacherCacheReader:
     seq_length = property(lambda self: self.manifest["seq_length"])
     num_samples = property(lambda self: len(self.row_offsets) - 1)
     num_rows = property(lambda self: self.manifest["num_rows"])
+    format_version = property(lambda self: self.manifest["version"], doc="shard format version (format.py)")
     dtype = property(lambda self: _TORCH_DTYPES[self.manifest["dtype"]], doc="torch dtype of the log-probs")
 
     def num_rows_of(self, sample_id: int) -> int:
@@ -187,20 +199,13 @@ class TeacherCacheReader:
         header = read_header(shard.path)
         e, m = shard.entry, self.manifest
         got = (header.k, header.dtype, header.block_rows, header.num_rows, header.first_row, header.first_sample,
-               header.num_samples)  # fmt: skip
-        want = (
-            m["k"],
-            m["dtype"],
-            m["block_rows"],
-            e["num_rows"],
-            e["first_row"],
-            e["first_sample"],
-            e["num_samples"],
-        )
+               header.num_samples, header.version, header.id_bits)  # fmt: skip
+        want = (m["k"], m["dtype"], m["block_rows"], e["num_rows"], e["first_row"], e["first_sample"],
+                e["num_samples"], self._format.version, self._format.id_bits)  # fmt: skip
         if got != want:
             raise CacheCorruptionError(
-                f"shard {shard.path}: header {got} does not match the manifest {want} "
-                "(k, dtype, block_rows, rows, first row, first sample, samples): corrupted or from another cache"
+                f"shard {shard.path}: header {got} does not match the manifest {want} (k, dtype, block_rows, "
+                "rows, first row, first sample, samples, version, id bits): corrupted or from another cache"
             )
 
     def verify_checksums(self, progress=None, mark_verified: bool = True) -> None:
@@ -236,20 +241,16 @@ class TeacherCacheReader:
             with self._lock:
                 if shard.columns is None:
                     mm = np.memmap(shard.path, dtype=np.uint8, mode="r")
-                    r, k, lay = shard.entry["num_rows"], self.k, shard.layout
-                    lp_dtype = storage_dtype(self.manifest["dtype"])
+                    r, lay = shard.entry["num_rows"], shard.layout
 
                     def col(offset: int, dtype, shape):
                         count = int(np.prod(shape))
                         return np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
 
                     shard.crcs = col(lay.crc, np.dtype("<u4"), (shard.verified.size,))
-                    shard.columns = (
-                        col(lay.logprobs, lp_dtype, (r, k)),
-                        col(lay.ids, np.dtype("<i4"), (r, k)),
-                        col(lay.lse, np.dtype("<f4"), (r,)),
-                        col(lay.tail, np.dtype("<f4"), (r,)),
-                    )
+                    shard.sections = {
+                        sec.name: col(sec.offset, sec.dtype, (r, *sec.row_shape)) for sec in lay.sections
+                    }
         return shard.columns
 
     def _verify_blocks(self, shard: _Shard, lo: int, hi: int) -> None:
@@ -299,20 +300,27 @@ class TeacherCacheReader:
     def num_shards(self) -> int:
         return len(self._shards)
 
-    def shard_columns(self, index: int) -> tuple[np.ndarray, ...]:
-        """Read-only memmap views (logprobs, ids, lse, tail) of a whole shard, its blocks verified
-        unless verify="none"; logprobs in the storage dtype (bf16 as uint16 bits)."""
+    def shard_columns(self, index: int, rows: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, ...]:
+        """(logprobs, ids, lse, tail) of ``rows`` of a whole shard (numpy, decoded as ``get_numpy``), its
+        blocks verified unless verify="none"."""
         shard = self._shards[index]
         self._open(shard)
         if self.verify != "none":
             self._verify_blocks(shard, 0, shard.entry["num_rows"])
-        return shard.columns
+        return decode_rows({n: a[rows] for n, a in shard.sections.items()}, self._format)
+
+    def shard_sections(self, index: int) -> dict[str, np.ndarray]:
+        """Read-only memmap views of a shard's raw sections by name (``format.py``), not verified."""
+        shard = self._shards[index]
+        self._open(shard)
+        return dict(shard.sections)
 
     def get_numpy(self, sample_id: int, start: int = 0, end: int | None = None) -> tuple[np.ndarray, ...]:
-        """Rows [start, end) of a sample as numpy copies (logprobs in the storage dtype: bf16 as uint16)."""
+        """Rows [start, end) of a sample as numpy copies (logprobs in the storage dtype: bf16 as uint16,
+        q8 decoded to fp32; ids int32; lse / tail fp32)."""
         i, start, end = self._range(sample_id, start, end)
         shard, lo, hi = self._shard_rows(i, start, end)
-        return tuple(np.array(col[lo:hi]) for col in shard.columns)
+        return decode_rows({n: a[lo:hi] for n, a in shard.sections.items()}, self._format)
 
     def get(self, sample_id: int, start: int = 0, end: int | None = None) -> TopKRows:
         """Rows [start, end) of a sample (default: all) as torch tensors; row t predicts token t + 1."""
@@ -358,8 +366,9 @@ class TeacherCacheReader:
                 i, start = int(sid[row, lo]), int(pos[row, lo])
                 i, start, end = self._range(i, start, start + hi - lo)
                 shard, a, z = self._shard_rows(i, start, end)
-                for dst, col in zip(out, shard.columns):
-                    dst[row, lo:hi] = col[a:z]
+                decoded = decode_rows({n: sec[a:z] for n, sec in shard.sections.items()}, self._format)
+                for dst, col in zip(out, decoded):
+                    dst[row, lo:hi] = col
         return {
             "logprobs": self._logprobs_tensor(out[0]),
             "ids": torch.from_numpy(out[1]),

@@ -30,12 +30,15 @@ import signal
 
 import numpy as np
 
-from rgkd_megatron.cache.format import ShardArrays, ShardHeader, shard_layout, write_shard
+from rgkd_megatron.cache.format import ShardArrays, ShardHeader, write_shard
 from rgkd_megatron.cache.manifest import (
     BUILD_STATE,
     MANIFEST,
     ROW_INDEX,
     CacheMismatchError,
+    get_field,
+    id_bits_of,
+    layout_of,
     load_manifest,
     plan_shards,
     resume_mismatch,
@@ -45,11 +48,39 @@ from rgkd_megatron.cache.manifest import (
 )
 from rgkd_megatron.utils.logging import get_logger
 
-__all__ = ["FAULT_ENV", "CacheWriter"]
+__all__ = ["FAULT_ENV", "CacheWriter", "check_existing"]
 
 logger = get_logger(__name__)
 FAULT_ENV = "RGKD_CACHE_FAULT_AFTER_SHARDS"
 _OURS = re.compile(r"^(shard_\d{6}\.(bin|json)|manifest\.json|build\.json|rows\.npy)(\.tmp\.\d+)?$")
+
+
+def check_existing(directory: str, identity: dict) -> str | None:
+    """What ``directory`` holds for a build of ``identity``: "complete" (a finished cache of this
+    identity), "resume" (a build in progress of it) or None (nothing of ours). Raises
+    CacheMismatchError naming the file, the first differing field, the value there and the requested
+    one. Read-only: the build tool calls it before loading the teacher."""
+    for name, what, state in ((MANIFEST, "a complete cache", "complete"), (BUILD_STATE, "a build in progress", "resume")):  # fmt: skip
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        if name == MANIFEST:
+            existing = load_manifest(directory)
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    existing = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot parse {path}: {e} (delete it or pass --overwrite)") from e
+        field = resume_mismatch(existing, identity)
+        if field is not None:
+            raise CacheMismatchError(
+                f"{path}: {what} with field '{field}' = {get_field(existing, field)!r}, but this build has "
+                f"{get_field(identity, field)!r}: rerun with the original settings to resume/reuse it, pass "
+                "--overwrite to replace it, or choose another --output"
+            )
+        return state
+    return None
 
 
 class CacheWriter:
@@ -76,14 +107,11 @@ class CacheWriter:
         s, ident = self.plan[index], self.identity
         return ShardHeader(
             ident["k"], ident["dtype"], ident["block_rows"], s["num_rows"], s["first_row"], s["first_sample"],
-            s["num_samples"],
+            s["num_samples"], ident["version"], id_bits_of(ident),
         )  # fmt: skip
 
     def expected_size(self, index: int) -> int:
-        ident = self.identity
-        return shard_layout(
-            self.plan[index]["num_rows"], ident["k"], ident["dtype"], ident["block_rows"]
-        ).size
+        return layout_of(self.identity, self.plan[index]["num_rows"]).size
 
     # ------------------------------------------------------------------------------------- rank 0
     def prepare(self, overwrite: bool = False) -> list[int] | None:
@@ -92,19 +120,10 @@ class CacheWriter:
         os.makedirs(self.directory, exist_ok=True)
         if overwrite:
             self._remove_ours(keep_complete=False)
-        if os.path.exists(self.path(MANIFEST)):
-            field = resume_mismatch(load_manifest(self.directory), self.identity)
-            if field is not None:
-                raise CacheMismatchError(self._mismatch_message(field, "a complete cache"))
+        if check_existing(self.directory, self.identity) == "complete":
             self._remove_ours(keep_complete=True)
             return None
         state_path = self.path(BUILD_STATE)
-        if os.path.exists(state_path):
-            with open(state_path, encoding="utf-8") as f:
-                existing = json.load(f)
-            field = resume_mismatch(existing, self.identity)
-            if field is not None:
-                raise CacheMismatchError(self._mismatch_message(field, "a build in progress"))
         self._remove_temp_files()
         index = row_index_bytes(self.row_offsets)
         with open(self.path(ROW_INDEX) + f".tmp.{os.getpid()}", "wb") as f:
@@ -114,12 +133,6 @@ class CacheWriter:
         os.replace(self.path(ROW_INDEX) + f".tmp.{os.getpid()}", self.path(ROW_INDEX))
         write_json_atomic(state_path, self.identity)
         return self.pending()
-
-    def _mismatch_message(self, field: str, what: str) -> str:
-        return (
-            f"output directory {self.directory} holds {what} with a different field '{field}': rerun with the "
-            "original settings to resume/reuse it, pass --overwrite to replace it, or choose another --output"
-        )
 
     def pending(self) -> list[int]:
         """Shards not committed yet (a shard counts once its file exists with the planned size)."""

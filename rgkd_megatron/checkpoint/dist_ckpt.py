@@ -5,11 +5,14 @@ Layout on disk (``root`` = the run's checkpoint directory)::
     root/iter_0000010/          dist_checkpointing dir: model + optimizer shards, common state
     root/iter_0000010/rgkd.json  completion marker: iteration, layout, world size (written last)
     root/iter_0000010/rng/rank_00003.pt   per-rank RNG states
+    root/iter_0000010/manifest.json  size and CRC-32 of every file above (written last)
     root/latest                  text file naming the newest complete iteration (atomic replace)
 
 Atomicity: everything is written into ``iter_XXXXXXX.tmp`` and renamed once every rank has
 finished; a crash mid-save leaves only a ``.tmp`` directory, which is never loaded and is cleared
-by the next save. ``find_latest_checkpoint`` trusts a directory only when its marker exists.
+by the next save. A directory counts as complete only with its marker; resume picks the newest
+complete one that matches its manifest and applies retention (``checkpoint.discovery``). Writing,
+free space and a full disk: ``checkpoint.writer``.
 
 Resharding: model weights and the optimizer (``fully_reshardable`` format for the distributed
 optimizer) reload at any TP/PP/DP; RNG states are restored only when the layout is unchanged.
@@ -17,21 +20,38 @@ optimizer) reload at any TP/PP/DP; RNG states are restored only when the layout 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
+from rgkd_megatron.checkpoint.discovery import (
+    MARKER,
+    Retention,
+    apply_retention,
+    find_latest_checkpoint,
+    iteration_dir,
+    verify_on_rank0,
+)
+from rgkd_megatron.checkpoint.manifest import CheckpointError, write_manifest
 from rgkd_megatron.checkpoint.rng import capture_rng_state, restore_rng_state
+from rgkd_megatron.checkpoint.writer import disk_errors, save_sharded
 from rgkd_megatron.utils.logging import get_logger
 
+__all__ = ["MARKER", "find_latest_checkpoint", "iteration_dir", "load_checkpoint", "save_checkpoint"]
 logger = get_logger(__name__)
-MARKER = "rgkd.json"
+SAVE_FAULT_ENV = "RGKD_FAULT_IN_SAVE"
+"""Testing hook: ``"<iteration>:<rank>"`` SIGKILLs that rank after it wrote its part of that
+iteration's checkpoint, before the checkpoint is complete (crash-during-save tests)."""
 _METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
@@ -39,22 +59,38 @@ _METADATA = {
 }
 
 
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
+def fault_in_save(iteration: int) -> None:
+    spec = os.environ.get(SAVE_FAULT_ENV, "")
+    if spec and spec.split(":") == [str(iteration), str(dist.get_rank())]:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint under ``root`` (``latest`` file first, then a scan), or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    latest = root / "latest"
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if (candidate / MARKER).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("iter_*") if p.suffix != ".tmp" and (p / MARKER).is_file())
-    return complete[-1] if complete else None
+@contextlib.contextmanager
+def read_errors(path: str | os.PathLike) -> Iterator[None]:
+    """A checkpoint megatron-core cannot read (e.g. a damaged one without a manifest) becomes a
+    ``CheckpointError`` naming it instead of a deep torch traceback."""
+    try:
+        yield
+    except (CheckpointError, MemoryError):
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({_root_cause(exc)})") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the error, unwrapping DCP's per-rank ``CheckpointException``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))[0]
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def rank_file(tmp: Path, subdir: str) -> Path:
+    """This rank's file in ``tmp/subdir`` (created on demand: the directory must be empty when
+    megatron-core starts writing, or it reports an "old incomplete / corrupted checkpoint")."""
+    (tmp / subdir).mkdir(exist_ok=True)
+    return tmp / subdir / f"rank_{dist.get_rank():05d}.pt"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -82,9 +118,9 @@ def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "") -> dict:
     return model.sharded_state_dict(prefix=prefix, metadata=metadata)
 
 
-def begin_save(root: str | os.PathLike, iteration: int, subdir: str = "rng") -> tuple[Path, Path]:
-    """Collective: (final, tmp) directories of iteration's checkpoint; rank 0 creates a clean
-    ``iter_N.tmp`` (with ``subdir``), removing what a crashed save left there."""
+def begin_save(root: str | os.PathLike, iteration: int) -> tuple[Path, Path]:
+    """Collective: (final, tmp) directories of iteration's checkpoint; rank 0 creates an empty
+    ``iter_N.tmp``, removing what a crashed save left there."""
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -92,28 +128,38 @@ def begin_save(root: str | os.PathLike, iteration: int, subdir: str = "rng") -> 
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / subdir).mkdir(parents=True)
+        tmp.mkdir()
     dist.barrier()
     return final, tmp
 
 
-def commit_save(final: Path, tmp: Path, marker: dict) -> None:
-    """Collective: once every rank wrote its part, rank 0 writes the completion marker, renames
-    ``tmp`` to ``final`` and points ``latest`` at it (atomic replace)."""
+def commit_save(final: Path, tmp: Path, marker: dict, retention: Retention | None = None) -> None:
+    """Collective: once every rank wrote its part, rank 0 writes the completion marker and the
+    manifest, renames ``tmp`` to ``final``, points ``latest`` at it (atomic replace) and deletes
+    what ``retention`` does not keep."""
     dist.barrier()
     if dist.get_rank() == 0:
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        with disk_errors(tmp):
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+            write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_text_atomic(final.parent / "latest", final.name)
+        if retention is not None:
+            apply_retention(final, retention)
     dist.barrier()
 
 
-def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    iteration: int,
+    engine: Any,
+    extra: dict | None = None,
+    retention: Retention | None = None,
+) -> Path:
     """Collectively save model, optimizer, LR schedule, ``extra`` (e.g. data cursor) and RNG."""
     final, tmp = begin_save(root, iteration)
-    rank = dist.get_rank()
     model = engine.unwrapped()
     model_sd = model_sharded_state_dict(model)
     state = {
@@ -125,14 +171,16 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, engine: Any, extra:
         "iteration": iteration,
         "extra": extra or {},
     }
-    dist_checkpointing.save(state, str(tmp))
-    torch.save(capture_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    save_sharded(state, tmp)
+    with disk_errors(tmp):
+        torch.save(capture_rng_state(), rank_file(tmp, "rng"))
+    fault_in_save(iteration)
     marker = {
         "iteration": iteration,
         "layout": _layout_of(engine),
         "distributed_optimizer": _uses_distributed_optimizer(engine),
     }
-    commit_save(final, tmp, marker)
+    commit_save(final, tmp, marker, retention)
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -159,15 +207,17 @@ def load_checkpoint(path: str | os.PathLike, engine: Any, load_optimizer: bool =
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             model_sharded_state_dict(model), is_loading=True, metadata=dict(_METADATA)
         )
-    loaded = dist_checkpointing.load(state, str(path))
+    with read_errors(path):
+        loaded = dist_checkpointing.load(state, str(path))
     model.load_state_dict(loaded["model"])
     if load_optimizer:
         engine.optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(engine.optimizer)
         engine.scheduler.load_state_dict(loaded["scheduler"])
     if meta["layout"] == _layout_of(engine):
-        rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-        restore_rng_state(torch.load(rng_file, weights_only=True))
+        with read_errors(path):
+            rng = torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=True)
+        restore_rng_state(rng)
     else:
         logger.warning(
             "checkpoint layout %s differs from the current %s: RNG states not restored",
@@ -203,19 +253,34 @@ def _unshare_adam_steps(optimizer: Any) -> None:
 
 
 def save_model_weights(path: str | os.PathLike, model: torch.nn.Module | None) -> None:
-    """Weights only (e.g. an initialisation shared by several layouts, or a converted checkpoint).
-    Collective: a rank without the model passes None."""
+    """Weights only (e.g. an initialisation shared by several layouts, or a converted checkpoint),
+    with a manifest. Collective: a rank without the model passes None. Written into ``path.tmp``
+    and renamed over ``path`` when complete."""
     path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save({"model": model_sharded_state_dict(model) if model is not None else {}}, str(path))
+    save_sharded({"model": model_sharded_state_dict(model) if model is not None else {}}, tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with disk_errors(tmp):
+            write_manifest(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
     dist.barrier()
 
 
 def load_model_weights(path: str | os.PathLike, model: torch.nn.Module | None) -> None:
     """Collective over the world: a rank that holds no such model passes None and takes part."""
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model) if model else {}}, str(path))
+    verify_on_rank0(path)
+    with read_errors(path):
+        loaded = dist_checkpointing.load(
+            {"model": model_sharded_state_dict(model) if model else {}}, str(path)
+        )
     if model is not None:
         model.load_state_dict(loaded["model"])
 
@@ -228,7 +293,9 @@ def load_backbone_weights(
     rank without the model passes None."""
     sd = model_sharded_state_dict(model) if model is not None else {}
     sharded = {k: v for k, v in sd.items() if not k.startswith(skip_prefix)}
-    loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    verify_on_rank0(path)
+    with read_errors(path):
+        loaded = dist_checkpointing.load({"model": sharded}, str(path))
     if model is None:
         return
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)

@@ -8,7 +8,8 @@ Layout (``root`` = the run's ``checkpoints/``)::
     root/iter_0000004/common_policy.pt  a role's non-sharded state (optimizer param groups, LR
                                         schedule), written by the role's first rank
     root/iter_0000004/rank/rank_00003.pt  per rank: RNG states + the loop state it passed in
-    root/iter_0000004/rgkd.json         completion marker (written last)
+    root/iter_0000004/rgkd.json         completion marker
+    root/iter_0000004/manifest.json     size and CRC-32 of every file (written last)
     root/latest                         newest complete iteration
 
 Why not ``dist_ckpt.save_checkpoint`` per role: megatron-core's ``dist_checkpointing`` is
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,28 +34,26 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values, merge
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
+from rgkd_megatron.checkpoint.discovery import Retention
 from rgkd_megatron.checkpoint.dist_ckpt import (
     _METADATA,
     MARKER,
+    SAVE_FAULT_ENV,
     _init_optimizer_state,
     _unshare_adam_steps,
     begin_save,
     commit_save,
+    fault_in_save,
     model_sharded_state_dict,
+    rank_file,
+    read_errors,
 )
 from rgkd_megatron.checkpoint.rng import capture_rng_state, restore_rng_state
+from rgkd_megatron.checkpoint.writer import disk_errors, save_sharded
 from rgkd_megatron.utils.logging import get_logger
 
+__all__ = ["SAVE_FAULT_ENV", "load_roles_checkpoint", "save_roles_checkpoint"]
 logger = get_logger(__name__)
-SAVE_FAULT_ENV = "RGKD_FAULT_IN_SAVE"
-"""Testing hook: ``"<iteration>:<rank>"`` SIGKILLs that rank after it wrote its part of that
-iteration's checkpoint, before the checkpoint is complete (crash-during-save tests)."""
-
-
-def _fault_in_save(iteration: int) -> None:
-    spec = os.environ.get(SAVE_FAULT_ENV, "")
-    if spec and spec.split(":") == [str(iteration), str(dist.get_rank())]:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _is_sharded(x: Any) -> bool:
@@ -104,22 +102,25 @@ def save_roles_checkpoint(
     engines: Mapping[str, Any],
     rank_state: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None,
+    retention: Retention | None = None,
 ) -> Path:
     """Collectively (every rank of the world) save the roles this rank holds (``engines``: role ->
     Engine, possibly empty) and ``rank_state`` (tensors and JSON-able values only)."""
-    final, tmp = begin_save(root, iteration, subdir="rank")
-    rank = dist.get_rank()
+    final, tmp = begin_save(root, iteration)
     sharded: dict[str, Any] = {}
+    commons: dict[str, dict] = {}
     for role, engine in engines.items():
         sharded[role], common, _ = _role_state(role, engine, is_loading=False)
         if _is_leader(engine):
-            torch.save(
-                {"common": common, "scheduler": engine.scheduler.state_dict()}, tmp / f"common_{role}.pt"
-            )
-    dist_checkpointing.save(sharded, str(tmp))
-    torch.save({"rng": capture_rng_state(), "state": dict(rank_state)}, tmp / "rank" / f"rank_{rank:05d}.pt")
-    _fault_in_save(iteration)
-    commit_save(final, tmp, {"iteration": iteration, "world_size": dist.get_world_size(), **dict(meta or {})})
+            commons[role] = {"common": common, "scheduler": engine.scheduler.state_dict()}
+    save_sharded(sharded, tmp)  # into an empty directory: our own files follow
+    with disk_errors(tmp):
+        for role, common in commons.items():
+            torch.save(common, tmp / f"common_{role}.pt")
+        torch.save({"rng": capture_rng_state(), "state": dict(rank_state)}, rank_file(tmp, "rank"))
+    fault_in_save(iteration)
+    marker = {"iteration": iteration, "world_size": dist.get_world_size(), **dict(meta or {})}
+    commit_save(final, tmp, marker, retention)
     logger.info("saved loop checkpoint %s", final)
     return final
 
@@ -142,9 +143,11 @@ def load_roles_checkpoint(path: str | os.PathLike, engines: Mapping[str, Any]) -
         common_file = path / f"common_{role}.pt"
         if not common_file.is_file():
             raise FileNotFoundError(f"{common_file}: missing (the checkpoint has no {role} role)")
-        commons[role] = torch.load(common_file, weights_only=True)
+        with read_errors(path):
+            commons[role] = torch.load(common_file, weights_only=True)
         sharded[role], _, local[role] = _role_state(role, engine, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    with read_errors(path):
+        loaded = dist_checkpointing.load(sharded, str(path))
     for role, engine in engines.items():
         state = merge(merge(commons[role]["common"], local[role]), loaded[role])
         prefix = f"{role}."
@@ -153,6 +156,7 @@ def load_roles_checkpoint(path: str | os.PathLike, engines: Mapping[str, Any]) -
         engine.optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(engine.optimizer)
         engine.scheduler.load_state_dict(commons[role]["scheduler"])
-    own = torch.load(path / "rank" / f"rank_{dist.get_rank():05d}.pt", weights_only=True)
+    with read_errors(path):
+        own = torch.load(path / "rank" / f"rank_{dist.get_rank():05d}.pt", weights_only=True)
     restore_rng_state(own["rng"])
     return own["state"]

@@ -15,35 +15,24 @@ import argparse
 import sys
 
 from rgkd_megatron.config import load_config
-from rgkd_megatron.utils.logging import get_logger, setup_logging
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.logging import get_logger
 
 
+@cli_main("rgkd-distill")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rgkd-distill", description=__doc__.split("\n\n")[0])
+    parser = add_debug_flag(
+        argparse.ArgumentParser(prog="rgkd-distill", description=__doc__.split("\n\n")[0])
+    )
     parser.add_argument("--config", help="YAML recipe (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pbkd.rounds=3 pbkd.bt_lambda=2")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rgkd-distill: config error: {exc}", file=sys.stderr)
-        return 2
-    import torch.distributed as dist
-
-    from rgkd_megatron.parallel.launch import init_distributed
+    cfg = load_config(args.config, args.overrides)
+    from rgkd_megatron.api import run_launched
     from rgkd_megatron.pbkd.run import run_distillation
 
-    env = init_distributed(backend=cfg.parallel.backend)
-    setup_logging(cfg.logging.log_level, rank=env.rank)
+    final = run_launched(cfg, run_distillation, "rgkd_megatron.cli.distill")
     logger = get_logger("rgkd_megatron.cli.distill")
-    try:
-        final = run_distillation(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     logger.info("done: %s", {k: round(v, 4) for k, v in final.items() if isinstance(v, float)})
     return 0
 

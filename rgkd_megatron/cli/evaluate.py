@@ -38,6 +38,7 @@ from rgkd_megatron.eval.heldout import (
     run_diagnostics,
 )
 from rgkd_megatron.eval.report import markdown_table, write_report
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
 from rgkd_megatron.utils.metrics import read_metrics
 
 CURVE_METRICS = ("eval_rougeL_vs_teacher", "eval_teacher_nll_of_student", "eval_reward_gap")
@@ -116,8 +117,9 @@ def _student_rows(summaries: list[dict]) -> list[dict]:
     return rows
 
 
+@cli_main("rgkd-eval")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rgkd-eval", description=__doc__.split("\n\n")[0])
+    parser = add_debug_flag(argparse.ArgumentParser(prog="rgkd-eval", description=__doc__.split("\n\n")[0]))
     parser.add_argument(
         "--runs", nargs="+", required=True, help="run directories of finished rgkd-distill runs"
     )

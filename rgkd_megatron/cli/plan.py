@@ -39,11 +39,12 @@ from rgkd_megatron.schedule.cost_model import (
 )
 from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER, check_placement, placed_windows
 from rgkd_megatron.schedule.plan import PlanSpec, build_plan, check_plan
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.jsonl import read_json
 
 
 def _read_measured(path: str) -> dict[str, float]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path)
     if isinstance(data, dict) and "phase_times" in data:
         data = data["phase_times"]
     if not isinstance(data, dict):
@@ -177,8 +178,9 @@ def render_text(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli_main("rgkd-plan")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rgkd-plan", description=__doc__.split("\n\n")[0])
+    parser = add_debug_flag(argparse.ArgumentParser(prog="rgkd-plan", description=__doc__.split("\n\n")[0]))
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in cluster scenario")
     source.add_argument("--config", help="YAML recipe: its placement, schedule, pbkd and model sections")

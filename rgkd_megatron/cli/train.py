@@ -16,7 +16,8 @@ import argparse
 import sys
 
 from rgkd_megatron.config import load_config
-from rgkd_megatron.utils.logging import get_logger, setup_logging
+from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.logging import get_logger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,16 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the resolved config, then exit"
     )
-    return parser
+    return add_debug_flag(parser)
 
 
+@cli_main("rgkd-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rgkd-train: config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         import yaml
 
@@ -48,24 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
 
-    import torch.distributed as dist
-
-    from rgkd_megatron.parallel.launch import init_distributed
+    from rgkd_megatron.api import run_launched
     from rgkd_megatron.training.loop import run_training
 
-    env = init_distributed(backend=cfg.parallel.backend)
-    setup_logging(cfg.logging.log_level, rank=env.rank)
-    logger = get_logger("rgkd_megatron.cli.train")
-    logger.info("launch: %s rank %d/%d", env.source, env.rank, env.world_size)
-    try:
-        final = run_training(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    logger.info("done: %s", {k: round(v, 5) for k, v in final.items()})
+    final = run_launched(cfg, run_training, "rgkd_megatron.cli.train")
+    get_logger("rgkd_megatron.cli.train").info("done: %s", {k: round(v, 5) for k, v in final.items()})
     return 0
 
 

@@ -35,10 +35,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from rgkd_megatron.config.architecture import resolve_checkpoint_architectures
 from rgkd_megatron.config.pbkd import validate_pbkd
 from rgkd_megatron.config.schema import RGKDConfig
 from rgkd_megatron.schedule.placement import validate_placement
 from rgkd_megatron.schedule.plan import validate_schedule
+from rgkd_megatron.utils.jsonl import read_utf8
 
 __all__ = [
     "apply_overrides",
@@ -225,15 +227,16 @@ def apply_overrides(cfg: RGKDConfig, overrides: Sequence[str]) -> RGKDConfig:
 
 
 def load_config(path: str | None, overrides: Sequence[str] = (), *, validate: bool = True) -> RGKDConfig:
-    """Defaults, then the YAML recipe at ``path`` (None = defaults only), then ``overrides``.
+    """Defaults, then the YAML recipe at ``path`` (None = defaults only), then ``overrides``, then
+    the architecture of the ``model.load`` checkpoint for the model fields neither set (a field both
+    set differently is an error naming the field and the two values).
 
     With ``validate`` (default) runs ``validate_config(cfg)`` without a world size; call it again
     with the world size once the launcher knows it. Raises ValueError naming the bad field.
     """
     data: Any = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_utf8(path)
         try:
             data = _yaml_load(text)
         except yaml.YAMLError as exc:
@@ -245,9 +248,21 @@ def load_config(path: str | None, overrides: Sequence[str] = (), *, validate: bo
     else:
         cfg = RGKDConfig()
     cfg = apply_overrides(cfg, overrides)
+    cfg = resolve_checkpoint_architectures(cfg, _model_fields_set(data, overrides))
     if validate:
         validate_config(cfg)
     return cfg
+
+
+def _model_fields_set(data: Any, overrides: Sequence[str]) -> set[str]:
+    """The ``model`` field names the recipe or an override sets (the rest may come from model.load)."""
+    section = data.get("model") if isinstance(data, Mapping) else None
+    named = set(section) if isinstance(section, Mapping) else set()
+    for text in overrides:
+        path = text.partition("=")[0].strip()
+        if path.startswith("model."):
+            named.add(path.removeprefix("model."))
+    return named
 
 
 def save_resolved_config(cfg: RGKDConfig, run_dir: str) -> str:
@@ -309,7 +324,7 @@ _BOUNDS = [
     *((f"model.{n}", 0, False) for n in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
         "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
-        "rotary_scaling_factor", "norm_epsilon", "init_method_std",
+        "rotary_scaling_factor", "norm_epsilon", "init_method_std", "kd_chunk_budget_mib",
     )),
     ("parallel.tensor_model_parallel_size", 0, False),
     ("parallel.pipeline_model_parallel_size", 0, False),
@@ -320,7 +335,10 @@ _BOUNDS = [
     ("optimizer.clip_grad", 0, True),
     ("data.seq_length", 0, False),
     *((f"train.{n}", 0, False) for n in ("train_iters", "micro_batch_size", "global_batch_size", "lr")),
-    *((f"train.{n}", 0, True) for n in ("min_lr", "lr_warmup_iters", "save_interval", "eval_interval")),
+    *((f"train.{n}", 0, True) for n in (
+        "min_lr", "lr_warmup_iters", "save_interval", "eval_interval", "keep_last_checkpoints",
+        "keep_checkpoint_every",
+    )),
     ("train.log_interval", 0, False),
 ]  # fmt: skip
 

@@ -1,18 +1,20 @@
 """Config of the distillation method (the ``pbkd`` section): PbKD, MM-PbKD and the KD baselines.
 
-Every constant of DESIGN.md section 4 is a field here. Validation of this section lives in
+Every constant of docs/design.md (the algorithm) is a field here. Validation of this section lives in
 ``validate_pbkd`` (called by ``validate_config``), so the generic loader stays small.
 """
 
 from dataclasses import dataclass
 from typing import Literal
 
+from rgkd_megatron.pbkd.judge_plugins import check_judge_name
+
 METHODS = ("pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 
 
 @dataclass
 class PbKDConfig:
-    """Reward-guided distillation (DESIGN.md s.4) and its baselines."""
+    """Reward-guided distillation (docs/design.md, the algorithm) and its baselines."""
 
     method: Literal["pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = "pbkd"
     """pbkd (black-box min-max), mm_pbkd (white-box Q-function), seqkd, or a token-level KD baseline."""
@@ -74,7 +76,9 @@ class PbKDConfig:
     (the confidence set never binds); rouge_reference (ROUGE-L against the prompt's reference) and
     the others can prefer the student."""
     judge_entry_point: str | None = None
-    """'package.module:function' (prompt, response) -> score, for judge=entry_point."""
+    """For judge=entry_point: the name of a judge (prompt, response) -> score that an installed package
+    registered in the ``rgkd_megatron.judges`` entry-point group (docs/guide.md, 'User judges'); a
+    'module:function' string is refused: a config never names code to import."""
     judge_label_file: str | None = None
     """JSONL {prompt_id, preferred: teacher|student|tie}, for judge=label_file."""
     tie_tolerance: float = 0.0
@@ -89,16 +93,19 @@ class PbKDConfig:
     """Skew KL mixture weight (DistiLLM)."""
     kd_temperature: float = 1.0
     """Temperature of token-level KD (must match the cache's)."""
-    kd_topk: int = 64
-    """k: teacher ids kept per token for token-level KD (the rest is one tail bucket)."""
+    kd_topk: int | None = None
+    """k: teacher ids kept per token for token-level KD (the rest is one tail bucket). Null = the
+    teacher cache's k with ``cache_path``, else 64; a value that differs from the cache's k is refused."""
     on_policy: bool = False
     """Token-level KD on student samples with a live teacher (GKD) instead of teacher responses."""
     cache_path: str | None = None
     """Teacher top-k cache (white-box methods, off-policy)."""
     teacher_load: str | None = None
-    """Teacher checkpoint (megatron dist ckpt dir) for live scoring."""
+    """Teacher checkpoint for live scoring: a megatron dist ckpt dir or a Hugging Face folder
+    (config.json + safetensors)."""
     teacher_model_config: str | None = None
-    """YAML with the teacher's model section (written next to converted checkpoints)."""
+    """YAML with the teacher's model section (written next to converted checkpoints); null = the
+    architecture of pbkd.teacher_load (its config.json or model_config.yaml)."""
     max_new_tokens: int = 48
     """Generation length limit for student samples and evaluation."""
     temperature: float = 1.0
@@ -113,8 +120,13 @@ _POSITIVE = ("rounds", "pairs_per_round", "iterations_per_round", "samples_per_p
              "reward_bound", "rm_lr", "max_new_tokens", "temperature", "kd_temperature")  # fmt: skip
 _NON_NEGATIVE = ("k_r", "k_p", "bt_lambda", "kl_beta", "seqkd_alpha", "tie_tolerance", "top_k",
                  "rm_warmup_steps", "rm_magnitude_coef", "heldout_seed")  # fmt: skip
-_POSITIVE += ("kd_topk",)
+DEFAULT_KD_TOPK = 64
 _UNIT = ("heldout_fraction", "gamma", "beta_mm", "top_p")
+
+
+def live_kd_topk(cfg: PbKDConfig) -> int:
+    """k of token-level KD against a live teacher (``pbkd.kd_topk``, default 64)."""
+    return DEFAULT_KD_TOPK if cfg.kd_topk is None else cfg.kd_topk
 
 
 def validate_pbkd(cfg: PbKDConfig) -> list[str]:
@@ -141,6 +153,8 @@ def validate_pbkd(cfg: PbKDConfig) -> list[str]:
             f"policy at temperature 1 (got temperature={cfg.temperature}, top_p={cfg.top_p}, top_k={cfg.top_k}); "
             "the importance correction for other sampling settings is not implemented"
         )
+    if cfg.kd_topk is not None and cfg.kd_topk <= 0:
+        errors.append(f"pbkd.kd_topk: expected null or a value > 0, got {cfg.kd_topk}")
     if cfg.q_bound is not None and cfg.q_bound <= 0:
         errors.append(f"pbkd.q_bound: expected null or a value > 0, got {cfg.q_bound}")
     if cfg.ppo_clip is not None and cfg.ppo_clip <= 0:
@@ -151,6 +165,10 @@ def validate_pbkd(cfg: PbKDConfig) -> list[str]:
         errors.append(f"pbkd.kd_alpha: expected a value in [0, 1), got {cfg.kd_alpha}")
     if cfg.judge == "entry_point" and not cfg.judge_entry_point:
         errors.append("pbkd.judge_entry_point: required when pbkd.judge is entry_point")
+    elif cfg.judge == "entry_point":
+        problem = check_judge_name(cfg.judge_entry_point)
+        if problem:
+            errors.append(problem)
     if cfg.judge == "label_file" and not cfg.judge_label_file:
         errors.append("pbkd.judge_label_file: required when pbkd.judge is label_file")
     return errors

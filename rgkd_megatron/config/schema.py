@@ -67,8 +67,14 @@ class ModelConfig:
     kd_kernel: Literal["auto", "torch", "triton"] = "auto"
     """Sparse top-k KD loss kernels: triton (needs triton + CUDA), torch (reference, runs
     everywhere), auto = triton on CUDA when importable, torch otherwise."""
+    kd_chunk_budget_mib: float = 256.0
+    """Memory budget (MiB) of the sparse KD losses' per-chunk [chunk, vocab] work tensors: the token
+    chunk is the largest whose work tensors fit it (rgkd_megatron/losses/chunking.py)."""
     load: str | None = None
-    """Path of a checkpoint to initialise the weights from; None = random initialisation."""
+    """Checkpoint to initialise the weights from: a megatron checkpoint or a Hugging Face folder
+    (config.json + safetensors), detected by its files; None = random initialisation. The
+    architecture fields the recipe does not set are read from it (config.json, or the
+    model_config.yaml beside a megatron checkpoint); a field set to another value is an error."""
 
 
 @dataclass
@@ -154,6 +160,11 @@ class TrainConfig:
     """Save a checkpoint every this many steps (rgkd-distill: iterations, of the whole loop: every
     role's model and optimizer, the plan cursor, preference pairs, RNG); 0 = only at the end. A run
     resumes from ``<logging.run_dir>/checkpoints/latest`` automatically."""
+    keep_last_checkpoints: int = 2
+    """Keep this many newest checkpoints and delete older ones once a newer one is complete and
+    verified (the one a run resumed from is never deleted); 0 = keep every checkpoint."""
+    keep_checkpoint_every: int = 0
+    """Also keep every checkpoint whose iteration is a multiple of this; 0 = none besides the last."""
     eval_interval: int = 0
     """Evaluate on valid_path every this many steps; 0 = never during training."""
 
@@ -172,6 +183,9 @@ class LoggingConfig:
     """wandb mode; offline writes under run_dir and syncs later."""
     tensorboard: bool = False
     """Write TensorBoard event files under run_dir."""
+    export_hf: bool = True
+    """At the end, also write the student as a Hugging Face checkpoint (``<run_dir>/student_hf``:
+    config, tokenizer, chat template, safetensors) beside the megatron one (``<run_dir>/student``)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

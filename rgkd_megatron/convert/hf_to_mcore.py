@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from rgkd_megatron.checkpoint.manifest import write_manifest
 from rgkd_megatron.convert.common import (
     ConversionError,
     atomic_output_dir,
@@ -242,5 +243,6 @@ def convert_hf_to_mcore(
             "seconds": round(seconds, 2),
         }
         (tmp / "rgkd_convert.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_manifest(tmp)  # model.load and --to hf verify the files against it
     logger.info("hf->mcore: wrote %s in %.1f s", dst, seconds)
     return {**plan, "seconds": seconds, "dst": str(dst)}

@@ -18,18 +18,11 @@ import os
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
-from torch.distributed.checkpoint.api import CheckpointException
+from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from rgkd_megatron.checkpoint.writer import InProcessTorchDistSaveStrategy, disk_errors
 from rgkd_megatron.utils.progress import ProgressBar
 
 __all__ = ["Resolver", "save_lazily"]
@@ -69,36 +62,27 @@ class _LazyPlanner(MCoreSavePlanner):
         return tensor.contiguous()
 
 
-class _LazyTorchDistSaveStrategy(SaveShardedStrategy):
+class _LazyTorchDistSaveStrategy(InProcessTorchDistSaveStrategy):
     """The ``torch_dist`` format, written synchronously by the serial (lazy) DCP file writer."""
 
     def __init__(self, resolve: Resolver, desc: str) -> None:
-        default = get_default_save_sharded_strategy()
-        super().__init__(default.backend, default.version)
+        super().__init__()
         self._resolve = resolve
         self._desc = desc
+        self._planner: _LazyPlanner | None = None
 
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
-
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
-        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
-        pyt_state = mcore_to_pyt_state_dict(state, False)
-        writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
-        planner = _LazyPlanner(
+    def make_planner(self) -> _LazyPlanner:
+        self._planner = _LazyPlanner(
             self._resolve, self._desc, dedup_replicated_tensors=False, flatten_state_dict=False
         )
+        return self._planner
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
         try:
-            dcp.save(pyt_state, storage_writer=writer, planner=planner)
-        except CheckpointException as exc:  # DCP wraps errors per rank: re-raise ours, unwrapped
-            failures = list(exc.failures.values())
-            if len(failures) == 1 and isinstance(failures[0][0], Exception):
-                raise failures[0][0] from None
-            raise
+            super().save(sharded_state_dict, checkpoint_dir)
         finally:
-            if planner.bar is not None:
-                planner.bar.close()
+            if self._planner is not None and self._planner.bar is not None:
+                self._planner.bar.close()
 
 
 def save_lazily(
@@ -106,6 +90,7 @@ def save_lazily(
 ) -> None:
     """Save ``sharded_state_dict`` (meta tensors) with data from ``resolve``, one chunk at a time.
     Needs a (single-process) torch.distributed group."""
-    dist_checkpointing.save(
-        sharded_state_dict, str(checkpoint_dir), sharded_strategy=_LazyTorchDistSaveStrategy(resolve, desc)
-    )
+    with disk_errors(checkpoint_dir):
+        dist_checkpointing.save(
+            sharded_state_dict, str(checkpoint_dir), sharded_strategy=_LazyTorchDistSaveStrategy(resolve, desc)
+        )

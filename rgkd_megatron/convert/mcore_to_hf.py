@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from rgkd_megatron.checkpoint.manifest import verify_checkpoint
 from rgkd_megatron.convert.common import (
     ConversionError,
     atomic_output_dir,
@@ -50,6 +51,7 @@ from rgkd_megatron.convert.hf_mapping import (
     validate_layout,
 )
 from rgkd_megatron.convert.plan import conversion_plan
+from rgkd_megatron.utils.jsonl import read_json
 from rgkd_megatron.utils.logging import get_logger
 from rgkd_megatron.utils.progress import ProgressBar
 
@@ -99,9 +101,9 @@ def _model_section(path: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
+        data = read_json(path)
+    except ValueError as exc:  # names the file and line
+        raise ConversionError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
@@ -136,6 +138,10 @@ def find_hf_config(
         fields = _model_section(found)
         if vocab_size is not None:
             fields["vocab_size"] = vocab_size
+        elif fields.get("vocab_size") is None and (tokenizer_dir := _run_tokenizer(src)) != src:
+            from rgkd_megatron.data.tokenizer import load_tokenizer
+
+            fields["vocab_size"] = load_tokenizer(str(tokenizer_dir)).vocab_size  # as the run resolved it
         cfg, origin = hf_config_from_model_fields(fields, dtype=None), str(found)
     if vocab_size is not None:
         cfg["vocab_size"] = vocab_size
@@ -170,20 +176,61 @@ def _check_checkpoint(
     return padded
 
 
-def _load_slices(src: Path, request: dict[str, tuple[tuple[int, ...], torch.dtype, int | None, int]]):
-    """{key: (shape, dtype, layer or None, num_layers)} -> {key: tensor} via dist_checkpointing.load."""
+def role_tensors(meta: dict[str, Any], role: str | None, src: Path) -> tuple[dict[str, Any], str]:
+    """(the metadata of one role's model with its key prefix dropped, that prefix). A multi-role
+    loop checkpoint (keys ``policy.decoder...``, ``reward.decoder...``) needs ``role``."""
+    roles = sorted(
+        {k.split(".", 1)[0] for k in meta if "." in k and k.split(".", 1)[1].startswith(_MODEL_PREFIXES)}
+        - {p.rstrip(".") for p in _MODEL_PREFIXES}
+    )
+    if role is None:
+        if roles and not any(k.startswith(_MODEL_PREFIXES) for k in meta):
+            raise ConversionError(
+                f"--src {src}: a multi-role loop checkpoint (roles: {', '.join(roles)}): pass --role ROLE"
+            )
+        return meta, ""
+    if role not in roles:
+        raise ConversionError(f"--role {role}: no such role in {src} (roles: {', '.join(roles) or 'none'})")
+    prefix = f"{role}."
+    return {k[len(prefix) :]: v for k, v in meta.items() if k.startswith(prefix)}, prefix
+
+
+def _run_tokenizer(src: Path) -> Path:
+    """SRC when it holds tokenizer files, else the ``data.tokenizer`` of the training run's resolved
+    config (``SRC/../../config.yaml``) when there is one, else SRC."""
+    if any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return src
+    run_config = src.parent.parent / "config.yaml"
+    try:
+        tokenizer = (yaml.safe_load(run_config.read_text()) or {}).get("data", {}).get("tokenizer")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return src
+    if not tokenizer:
+        return src
+    path = Path(tokenizer)
+    return path if path.is_dir() else path.parent
+
+
+def _load_slices(
+    src: Path, request: dict[str, tuple[tuple[int, ...], torch.dtype, int | None, int]], prefix: str = ""
+):
+    """{key: (shape, dtype, layer or None, num_layers)} -> {key: tensor} via dist_checkpointing.load
+    (the checkpoint's keys are ``prefix + key``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     sharded = {}
     for key, (shape, dtype, layer, num_layers) in request.items():
         if layer is None:
-            sharded[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype))
+            sharded[key] = ShardedTensor.from_rank_offsets(prefix + key, torch.empty(shape, dtype=dtype))
         else:
             data = torch.empty((1, *shape), dtype=dtype)
-            sharded[key] = ShardedTensor.from_rank_offsets(key, data, (0, layer, num_layers))
+            sharded[key] = ShardedTensor.from_rank_offsets(prefix + key, data, (0, layer, num_layers))
+    from rgkd_megatron.checkpoint.dist_ckpt import read_errors
+
     # one layer at a time: the access pattern is deliberately partial
-    loaded = dist_checkpointing.load(sharded, str(src), validate_access_integrity=False)
+    with read_errors(src):
+        loaded = dist_checkpointing.load(sharded, str(src), validate_access_integrity=False)
     # the common (non-sharded) part rides along, e.g. {"model": {}} when rank 0 held no weights
     return {k: (v[0] if request[k][2] is not None else v) for k, v in loaded.items() if k in request}
 
@@ -201,11 +248,15 @@ def convert_mcore_to_hf(
     ignore_sliding_window: bool = False,
     tp: int = 1,
     pp: int = 1,
+    role: str | None = None,
 ) -> dict[str, Any]:
     """Convert; returns the plan (per-rank sizes for ``tp``/``pp``, the layout it would be trained
-    at) plus, when written, ``seconds``, ``files`` and ``dst``."""
+    at) plus, when written, ``seconds``, ``files`` and ``dst``. ``role``: the model to convert from
+    a multi-role loop checkpoint (``rgkd-distill``'s ``checkpoints/iter_*``), e.g. ``policy``."""
     src = Path(src)
-    meta = read_checkpoint_metadata(src)
+    if src.is_dir():
+        verify_checkpoint(src)  # names a truncated or missing file before torch trips over it
+    meta, prefix = role_tensors(read_checkpoint_metadata(src), role, src)
     cfg, origin = find_hf_config(src, hf_config, model_config, vocab_size)
     arch = parse_hf_config(cfg, ignore_sliding_window=ignore_sliding_window)
     validate_layout(arch, tp, pp)
@@ -219,7 +270,7 @@ def convert_mcore_to_hf(
     if dry_run:
         return plan
     dst = check_destination(dst).resolve()
-    tokenizer_dir = Path(tokenizer) if tokenizer else src
+    tokenizer_dir = Path(tokenizer) if tokenizer else _run_tokenizer(src)
     if tokenizer and not tokenizer_dir.is_dir():
         raise ConversionError(f"--tokenizer {tokenizer}: not a directory")
     start = time.perf_counter()
@@ -234,7 +285,7 @@ def convert_mcore_to_hf(
 
         with ProgressBar(total=arch.num_layers + 1, desc="mcore->hf", unit="layer") as bar:
             first, last = globals_[:1], globals_[1:]  # embedding first, final norm/output last (HF order)
-            loaded = _load_slices(src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in first})
+            loaded = _load_slices(src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in first}, prefix)
             for r in first:
                 emit(r, loaded[r.key], None)
             for i in range(arch.num_layers):
@@ -242,11 +293,11 @@ def convert_mcore_to_hf(
                     r.key: (mcore_shape(r, arch, padded), meta[r.key][1], i, arch.num_layers)
                     for r in layer_rules
                 }
-                loaded = _load_slices(src, request)
+                loaded = _load_slices(src, request, prefix)
                 for r in layer_rules:
                     emit(r, loaded[r.key], i)
                 bar.update(1)
-            loaded = _load_slices(src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in last})
+            loaded = _load_slices(src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in last}, prefix)
             for r in last:
                 emit(r, loaded[r.key], None)
             bar.update(1)

@@ -36,7 +36,14 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MicroBatchSampler", "collate_packed", "collate_padded", "make_sft_sample"]
+__all__ = [
+    "MicroBatchSampler",
+    "check_samples_fit",
+    "collate_packed",
+    "collate_padded",
+    "make_sft_sample",
+    "trained_positions",
+]
 
 Sample = tuple[Sequence[int], int]
 
@@ -64,6 +71,29 @@ def _pairs(sample: Sample, seq_length: int) -> tuple[np.ndarray, np.ndarray, np.
     n = max(toks.size - 1, 0)
     mask = (np.arange(1, n + 1) >= int(prompt_len)).astype(np.float32)
     return toks[:n], toks[1 : n + 1], mask
+
+
+def trained_positions(lengths: np.ndarray, prompt_lengths: np.ndarray, seq_length: int) -> np.ndarray:
+    """Loss positions of each sample once truncated to ``seq_length`` positions (0: the prompt
+    fills the row and the sample trains nothing), from its token and prompt lengths."""
+    positions = np.minimum(np.asarray(lengths) - 1, seq_length)
+    return np.maximum(positions - np.maximum(np.asarray(prompt_lengths), 1) + 1, 0)
+
+
+def check_samples_fit(
+    lengths: np.ndarray, prompt_lengths: np.ndarray, seq_length: int, source: str
+) -> tuple[int, int]:
+    """``(cut, untrained)``: samples longer than ``seq_length + 1`` tokens (truncated) and samples
+    left without a loss position. ValueError naming ``source``, the longest and shortest prompt and
+    the limit when no sample trains anything (the run would log a loss of 0 at every step)."""
+    trained = trained_positions(lengths, prompt_lengths, seq_length)
+    if len(trained) and not trained.any():
+        raise ValueError(
+            f"data.seq_length: no sample of {source} fits: prompts are {int(np.min(prompt_lengths))} to "
+            f"{int(np.max(prompt_lengths))} tokens, data.seq_length is {seq_length}, so no response token "
+            "is ever trained; raise data.seq_length or shorten the prompts"
+        )
+    return int((np.asarray(lengths) > seq_length + 1).sum()), int((trained == 0).sum())
 
 
 def _check_args(seq_length: int, pad_id: int) -> None:

@@ -1,15 +1,22 @@
-"""Memory-mapped tokenized dataset: ``{prefix}.bin`` + ``{prefix}.idx`` + ``{prefix}.json``.
+"""Tokenized dataset: megatron-core's indexed dataset (``{prefix}.bin`` + ``{prefix}.idx``) plus the
+prompt/response split (``{prefix}.prompt_lengths.npy``) and our metadata (``{prefix}.json``).
 
-Format (version 1):
-- ``{prefix}.bin``: every sample's token ids back to back, little-endian ``uint16`` when
-  ``vocab_size < 65536``, else ``uint32``.
-- ``{prefix}.idx``: a ``.npy`` int64 array of shape ``[num_samples, 3]``; row i is
-  ``(start, end, prompt_len)``: sample i is ``bin[start:end]`` and its first ``prompt_len`` tokens are
-  the prompt (no loss), the rest the response (loss), EOS included.
+Format (version 2, written):
+- ``{prefix}.bin`` / ``{prefix}.idx``: exactly what ``megatron.core.datasets.indexed_dataset.
+  IndexedDatasetBuilder`` writes: one document of one sequence per sample (prompt + response tokens,
+  EOS included), ``uint16`` tokens when the vocabulary has fewer than 65500 ids, else ``int32``
+  (megatron's ``DType.optimal_dtype``). ``IndexedDataset(prefix)`` of megatron-core, and so
+  Megatron-LM's ``GPTDataset`` (``--data-path PREFIX``), read them as a corpus of whole samples.
+- ``{prefix}.prompt_lengths.npy``: an int64 ``.npy`` array, one entry per sample: its first
+  ``prompt_len`` tokens are the prompt (no loss), the rest the response (loss). Megatron-LM ignores it.
 - ``{prefix}.json``: metadata: ``format``, ``version``, ``dtype``, ``num_samples``, ``num_tokens``,
   ``vocab_size``, ``tokenizer_fingerprint``, ``source_fingerprint``, ``fingerprint`` (sha256 over the
-  bin bytes followed by the idx bytes: the dataset identity that keys the teacher cache) and ``files``
-  (name, size and sha256 of bin and idx), plus any ``extra`` the writer was given.
+  bin, idx and prompt-lengths bytes: the dataset identity that keys the teacher cache) and ``files``
+  (name, size and sha256 of each), plus any ``extra`` the writer was given.
+
+Version 1 (an ``.npy`` ``.idx`` of ``(start, end, prompt_len)`` rows, ``uint16``/``uint32`` tokens; no
+prompt-lengths file) is still read, so existing datasets and the teacher caches keyed by their
+fingerprints stay valid; ``tools/preprocess_data.py`` writes version 2.
 
 Crash safety: each file is written to a temporary name, fsynced and renamed with ``os.replace``; an
 existing ``{prefix}.json`` is removed first and the new one is renamed last. A dataset opens only
@@ -30,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -39,8 +47,9 @@ from rgkd_megatron.data.tokenizer import file_sha256
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "IndexedDataset", "dataset_paths", "write_indexed_dataset"]
 
 FORMAT_NAME = "rgkd_indexed_dataset"
-FORMAT_VERSION = 1
-_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4"), "int32": np.dtype("<i4")}
 _REQUIRED_FIELDS = (
     "version",
     "dtype",
@@ -55,13 +64,20 @@ _REQUIRED_FIELDS = (
 
 
 def dataset_paths(prefix: str) -> dict[str, str]:
-    """The three file paths of a dataset prefix: keys ``bin``, ``idx``, ``json``."""
+    """The file paths of a dataset prefix: keys ``bin``, ``idx``, ``prompt`` (version 2), ``json``."""
     prefix = os.fspath(prefix)
-    return {"bin": prefix + ".bin", "idx": prefix + ".idx", "json": prefix + ".json"}
+    return {
+        "bin": prefix + ".bin",
+        "idx": prefix + ".idx",
+        "prompt": prefix + ".prompt_lengths.npy",
+        "json": prefix + ".json",
+    }
 
 
 def _dtype_for_vocab(vocab_size: int) -> str:
-    return "uint16" if vocab_size < 65536 else "uint32"
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return np.dtype(DType.optimal_dtype(vocab_size)).name
 
 
 def write_indexed_dataset(
@@ -79,8 +95,8 @@ def write_indexed_dataset(
     (from these checks or from the iterable itself) removes the temporary files and leaves any previous
     dataset at ``out_prefix`` unopenable rather than mixed.
     """
-    if not isinstance(vocab_size, int) or vocab_size <= 0 or vocab_size > 2**32:
-        raise ValueError(f"vocab_size must be a positive int <= 2**32, got {vocab_size!r}")
+    if not isinstance(vocab_size, int) or vocab_size <= 0 or vocab_size > 2**31:
+        raise ValueError(f"vocab_size must be a positive int <= 2**31, got {vocab_size!r}")
     paths = dataset_paths(out_prefix)
     out_dir = os.path.dirname(os.path.abspath(paths["bin"]))
     os.makedirs(out_dir, exist_ok=True)
@@ -88,61 +104,53 @@ def write_indexed_dataset(
     dtype = _DTYPES[dtype_name]
     tmp = {k: f"{p}.tmp.{os.getpid()}" for k, p in paths.items()}
 
-    bin_sha, idx_sha, dataset_sha = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    rows: list[tuple[int, int, int]] = []
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prompt_lens: list[int] = []
     num_tokens = 0
+    builder = None
     try:
-        with open(tmp["bin"], "wb") as fbin:
-            for i, (token_ids, prompt_len) in enumerate(samples):
-                arr = np.asarray(token_ids, dtype=np.int64)
-                if arr.ndim != 1 or arr.size == 0:
-                    raise ValueError(
-                        f"sample {i}: token ids must be a non-empty 1-D sequence, got shape {arr.shape}"
-                    )
-                lo, hi = int(arr.min()), int(arr.max())
-                if lo < 0 or hi >= vocab_size:
-                    raise ValueError(f"sample {i}: token id {lo if lo < 0 else hi} outside [0, {vocab_size})")
-                prompt_len = int(prompt_len)
-                if not 0 <= prompt_len <= arr.size:
-                    raise ValueError(f"sample {i}: prompt_len {prompt_len} outside [0, {arr.size}]")
-                data = arr.astype(dtype).tobytes()
-                fbin.write(data)
-                bin_sha.update(data)
-                dataset_sha.update(data)
-                rows.append((num_tokens, num_tokens + arr.size, prompt_len))
-                num_tokens += arr.size
-            _fsync(fbin)
-        if not rows:
+        builder = IndexedDatasetBuilder(tmp["bin"], dtype=dtype.type)
+        for i, (token_ids, prompt_len) in enumerate(samples):
+            arr = np.asarray(token_ids, dtype=np.int64)
+            if arr.ndim != 1 or arr.size == 0:
+                raise ValueError(f"sample {i}: token ids must be a non-empty 1-D sequence, got shape {arr.shape}")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= vocab_size:
+                raise ValueError(f"sample {i}: token id {lo if lo < 0 else hi} outside [0, {vocab_size})")
+            prompt_len = int(prompt_len)
+            if not 0 <= prompt_len <= arr.size:
+                raise ValueError(f"sample {i}: prompt_len {prompt_len} outside [0, {arr.size}]")
+            builder.add_document(arr, [arr.size])
+            prompt_lens.append(prompt_len)
+            num_tokens += arr.size
+        builder.finalize(tmp["idx"])
+        if not prompt_lens:
             raise ValueError(f"no samples to write to {out_prefix}")
-        index = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-        with open(tmp["idx"], "wb") as fidx:
-            np.save(fidx, index, allow_pickle=False)
-            _fsync(fidx)
-        with open(tmp["idx"], "rb") as fidx:
-            idx_bytes = fidx.read()
-        idx_sha.update(idx_bytes)
-        dataset_sha.update(idx_bytes)
+        with open(tmp["prompt"], "wb") as fprompt:
+            np.save(fprompt, np.asarray(prompt_lens, dtype=np.int64), allow_pickle=False)
+            _fsync(fprompt)
+        for key in ("bin", "idx"):
+            with open(tmp[key], "rb+") as f:
+                _fsync(f)
+        shas = {key: file_sha256(tmp[key]) for key in ("bin", "idx", "prompt")}
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "dtype": dtype_name,
-            "num_samples": len(rows),
+            "num_samples": len(prompt_lens),
             "num_tokens": num_tokens,
             "vocab_size": vocab_size,
             "tokenizer_fingerprint": tokenizer_fingerprint,
             "source_fingerprint": source_fingerprint,
-            "fingerprint": dataset_sha.hexdigest(),
+            "fingerprint": _files_sha256([tmp["bin"], tmp["idx"], tmp["prompt"]]),
             "files": {
-                "bin": {
-                    "name": os.path.basename(paths["bin"]),
-                    "size": num_tokens * dtype.itemsize,
-                    "sha256": bin_sha.hexdigest(),
-                },
-                "idx": {
-                    "name": os.path.basename(paths["idx"]),
-                    "size": len(idx_bytes),
-                    "sha256": idx_sha.hexdigest(),
-                },
+                key: {
+                    "name": os.path.basename(paths[key]),
+                    "size": os.path.getsize(tmp[key]),
+                    "sha256": shas[key],
+                }
+                for key in ("bin", "idx", "prompt")
             },
             "extra": dict(extra_meta or {}),
         }
@@ -153,15 +161,26 @@ def write_indexed_dataset(
         # The old json goes first and the new one comes last: in between nothing opens.
         if os.path.exists(paths["json"]):
             os.remove(paths["json"])
-        os.replace(tmp["bin"], paths["bin"])
-        os.replace(tmp["idx"], paths["idx"])
-        os.replace(tmp["json"], paths["json"])
+        for key in ("bin", "idx", "prompt", "json"):
+            os.replace(tmp[key], paths[key])
         _fsync_dir(out_dir)
     finally:
+        if builder is not None:
+            builder.data_file.close()
         for p in tmp.values():
             if os.path.exists(p):
                 os.remove(p)
     return meta
+
+
+def _files_sha256(paths: Sequence[str], chunk_bytes: int = 1 << 20) -> str:
+    """sha256 over the files' bytes, one after the other."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync(f) -> None:
@@ -286,16 +305,17 @@ class IndexedDataset:
         for field in _REQUIRED_FIELDS:
             if field not in meta:
                 raise ValueError(f"{path}: missing field '{field}'")
-        if meta["version"] != FORMAT_VERSION:
+        if meta["version"] not in _READABLE_VERSIONS:
             raise ValueError(
-                f"{path}: field 'version' is {meta['version']!r}; this reader supports version {FORMAT_VERSION}"
+                f"{path}: field 'version' is {meta['version']!r}; this reader supports versions "
+                f"{_READABLE_VERSIONS} (re-run tools/preprocess_data.py to rewrite the dataset)"
             )
         if meta["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: field 'dtype' is {meta['dtype']!r}, expected one of {sorted(_DTYPES)}")
         for field in ("num_samples", "num_tokens", "vocab_size"):
             if not isinstance(meta[field], int) or meta[field] < 0:
                 raise ValueError(f"{path}: field '{field}' must be a non-negative int, got {meta[field]!r}")
-        for key in ("bin", "idx"):
+        for key in self._file_keys(meta):
             entry = meta["files"].get(key) if isinstance(meta["files"], dict) else None
             if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
                 raise ValueError(f"{path}: field 'files.{key}' must hold 'size' and 'sha256'")
@@ -309,8 +329,12 @@ class IndexedDataset:
             )
         return path
 
+    @staticmethod
+    def _file_keys(meta: dict[str, Any]) -> tuple[str, ...]:
+        return ("bin", "idx") if meta["version"] == 1 else ("bin", "idx", "prompt")
+
     def _verify_checksums(self) -> None:
-        for key in ("bin", "idx"):
+        for key in self._file_keys(self.meta):
             path = self._require_file(key)
             expected = self.meta["files"][key]["sha256"]
             actual = file_sha256(path)
@@ -321,6 +345,44 @@ class IndexedDataset:
                 )
 
     def _read_index(self) -> np.ndarray:
+        index = self._read_npy_index() if self.meta["version"] == 1 else self._read_megatron_index()
+        self._check_index(index)
+        return index
+
+    def _read_megatron_index(self) -> np.ndarray:
+        """(start, end, prompt_len) rows from megatron-core's .idx (its own reader) + prompt lengths."""
+        from megatron.core.datasets.indexed_dataset import _IndexReader
+
+        path = self._require_file("idx")
+        try:
+            reader = _IndexReader(path, multimodal=False)
+        except (AssertionError, OSError, ValueError, struct.error) as e:
+            raise ValueError(f"cannot read megatron-core index {path}: {e}") from e
+        if np.dtype(reader.dtype) != self.dtype:
+            raise ValueError(
+                f"{path}: token dtype {np.dtype(reader.dtype).name} differs from field 'dtype' = "
+                f"{self.meta['dtype']!r} in {self.paths['json']}"
+            )
+        n = self.meta["num_samples"]
+        if reader.sequence_count != n or not np.array_equal(reader.document_indices, np.arange(n + 1)):
+            raise ValueError(
+                f"{path}: expected {n} documents of one sequence each (field 'num_samples' of "
+                f"{self.paths['json']}), got {reader.sequence_count} sequences in "
+                f"{len(reader.document_indices) - 1} documents"
+            )
+        prompt_path = self._require_file("prompt")
+        try:
+            prompt = np.load(prompt_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read prompt lengths {prompt_path}: {e}") from e
+        if prompt.dtype != np.int64 or prompt.shape != (n,):
+            raise ValueError(f"{prompt_path}: dtype {prompt.dtype} shape {prompt.shape}, expected int64 ({n},)")
+        starts = reader.sequence_pointers // self.dtype.itemsize
+        index = np.stack([starts, starts + reader.sequence_lengths.astype(np.int64), prompt], axis=1)
+        del reader
+        return index.astype(np.int64).reshape(-1, 3)
+
+    def _read_npy_index(self) -> np.ndarray:
         path = self._require_file("idx")
         try:
             index = np.load(path, allow_pickle=False)
@@ -332,6 +394,10 @@ class IndexedDataset:
                 f"{path}: index has dtype {index.dtype} shape {index.shape}, expected int64 ({n}, 3) "
                 f"from field 'num_samples' of {self.paths['json']}"
             )
+        return index
+
+    def _check_index(self, index: np.ndarray) -> None:
+        path, n = self.paths["idx"], self.meta["num_samples"]
         starts, ends, prompt = index[:, 0], index[:, 1], index[:, 2]
         contiguous = n == 0 or (starts[0] == 0 and np.array_equal(starts[1:], ends[:-1]))
         if not contiguous or np.any(ends < starts) or np.any(prompt < 0) or np.any(prompt > ends - starts):
@@ -342,7 +408,6 @@ class IndexedDataset:
                 f"{path}: last offset {last} differs from field 'num_tokens' = {self.meta['num_tokens']} "
                 f"in {self.paths['json']}"
             )
-        return index
 
     def _check_bin_size(self) -> None:
         path = self._require_file("bin")

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from rgkd_megatron.utils.jsonl import iter_jsonl
+
 
 @dataclass(frozen=True)
 class Provenance:
@@ -51,6 +53,14 @@ class PreferencePair:
     def from_json(line: str, where: str) -> PreferencePair:
         try:
             raw = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{where}: not a preference pair ({exc})") from exc
+        return PreferencePair.from_dict(raw, where)
+
+    @staticmethod
+    def from_dict(raw: dict, where: str) -> PreferencePair:
+        try:
+            raw = dict(raw)
             raw["provenance"] = Provenance(**raw["provenance"])
             for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
                 raw[key] = tuple(int(t) for t in raw[key])
@@ -66,10 +76,8 @@ class PreferenceStore:
         self.path = Path(path)
         self.pairs: list[PreferencePair] = []
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        self.pairs.append(PreferencePair.from_json(line, f"{self.path}:{lineno}"))
+            for _, where, raw in iter_jsonl(self.path):
+                self.pairs.append(PreferencePair.from_dict(raw, where))
 
     def __len__(self) -> int:
         return len(self.pairs)

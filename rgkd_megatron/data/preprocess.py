@@ -14,53 +14,81 @@ import json
 import multiprocessing
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from tqdm import tqdm
 
 from rgkd_megatron.data.batching import make_sft_sample
-from rgkd_megatron.data.indexed_dataset import dataset_paths, write_indexed_dataset
-from rgkd_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from rgkd_megatron.data.indexed_dataset import IndexedDataset, dataset_paths, write_indexed_dataset
+from rgkd_megatron.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
+from rgkd_megatron.utils.jsonl import iter_jsonl
+from rgkd_megatron.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 
-def iter_records(path: str, prompt_key: str, response_key: str) -> Iterator[tuple[int, str, str, bool]]:
+def truncated_flag(record: dict, where: str) -> bool:
+    """The optional boolean ``truncated`` field of a {prompt, response} record (False when absent)."""
+    truncated = record.get("truncated", False)
+    if not isinstance(truncated, bool):
+        raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
+    return truncated
+
+
+Prompt = Union[str, list[dict[str, str]]]
+"""A prompt text, or the messages of a chat record before its last (assistant) message."""
+
+
+def chat_record(record: dict, where: str) -> tuple[list[dict[str, str]], str]:
+    """``{"messages": [{"role", "content"}, ...]}`` (as Hugging Face datasets export chats) ->
+    (the conversation before the last message, the last message's content: the response, which
+    must be the assistant's); ValueError naming the file, line and field."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ValueError(f"{where}: field 'messages' must be a list of at least 2 messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: field 'messages[{i}]' must be an object with 'role' and 'content'")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f"{where}: field 'messages[{i}].{key}' must be a string")
+    if messages[-1]["role"] != "assistant":
+        last = len(messages) - 1
+        raise ValueError(f"{where}: field 'messages[{last}].role' must be 'assistant' (the response)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]["content"]
+
+
+def iter_records(path: str, prompt_key: str, response_key: str) -> Iterator[tuple[int, Prompt, str, bool]]:
     """``(line_number, prompt, response, truncated)`` per non-blank line; ValueError naming file, line
     and field. ``truncated`` (optional boolean field, written by ``tools/generate_responses.py``) marks
-    a response cut at the generation limit: it is tokenized without EOS."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            values = []
-            for key in (prompt_key, response_key):
-                if key not in record:
-                    raise ValueError(f"{path}: line {lineno}: missing field '{key}'")
-                if not isinstance(record[key], str):
-                    raise ValueError(
-                        f"{path}: line {lineno}: field '{key}' must be a string, got {type(record[key]).__name__}"
-                    )
-                values.append(record[key])
-            truncated = record.get("truncated", False)
-            if not isinstance(truncated, bool):
-                raise ValueError(
-                    f"{path}: line {lineno}: field 'truncated' must be true or false, got {truncated!r}"
-                )
-            yield lineno, values[0], values[1], truncated
+    a response cut at the generation limit: it is tokenized without EOS. A chat record
+    (``messages``, see ``chat_record``) gives its conversation as the prompt."""
+    for lineno, where, record in iter_jsonl(path):
+        if "messages" in record and prompt_key not in record:
+            prompt, response = chat_record(record, where)
+            yield lineno, prompt, response, truncated_flag(record, where)
+            continue
+        values = []
+        for key in (prompt_key, response_key):
+            if key not in record:
+                raise ValueError(f"{where}: missing field '{key}'")
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
+            values.append(record[key])
+        yield lineno, values[0], values[1], truncated_flag(record, where)
 
 
 def encode_record(
-    tokenizer: Tokenizer, prompt: str, response: str, use_template: bool, truncated: bool = False
+    tokenizer: Tokenizer, prompt: Prompt, response: str, use_template: bool, truncated: bool = False
 ) -> tuple[list[int], int]:
-    """One SFT sample ``(prompt_ids + response_ids [+ eos], len(prompt_ids))`` (no EOS if truncated)."""
-    text = tokenizer.apply_prompt_template(prompt) if use_template else prompt
+    """One SFT sample ``(prompt_ids + response_ids [+ eos], len(prompt_ids))`` (no EOS if truncated).
+    A conversation (chat record) is rendered with the tokenizer's chat template."""
+    if isinstance(prompt, list):
+        if not use_template:
+            raise ValueError("a chat record ('messages') is rendered with the chat template: drop --no-template")
+        text = tokenizer.render_conversation(prompt)
+    else:
+        text = tokenizer.apply_prompt_template(prompt) if use_template else prompt
     return make_sft_sample(tokenizer.encode(text), tokenizer.encode(response), tokenizer.eos_id, truncated)
 
 
@@ -73,7 +101,7 @@ def _init_worker(tokenizer_path: str, prompt_template: Optional[str], use_templa
     _WORKER["use_template"] = use_template
 
 
-def _encode_in_worker(item: tuple[int, str, str, bool]) -> tuple[list[int], int]:
+def _encode_in_worker(item: tuple[int, Prompt, str, bool]) -> tuple[list[int], int]:
     _, prompt, response, truncated = item
     return encode_record(_WORKER["tokenizer"], prompt, response, _WORKER["use_template"], truncated)
 
@@ -180,3 +208,25 @@ def preprocess_jsonl(
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+def tokenized_copy_is_current(prefix: str, jsonl: str, tokenizer_path: str) -> bool:
+    """Whether the indexed dataset at ``prefix`` was tokenized from the current bytes of ``jsonl``
+    with the tokenizer at ``tokenizer_path`` (False when there is none)."""
+    if not os.path.exists(dataset_paths(prefix)["json"]):
+        return False
+    dataset = IndexedDataset(prefix)
+    same_tokenizer = dataset.tokenizer_fingerprint == load_tokenizer(tokenizer_path).fingerprint
+    return same_tokenizer and dataset.meta.get("extra", {}).get("input_sha256") == file_sha256(jsonl)
+
+
+def tokenize_once(jsonl: str, tokenizer_path: str, prefix: str) -> None:
+    """Tokenize ``jsonl`` into ``prefix`` unless the copy there is current; a stale copy (the JSONL
+    or the tokenizer changed since) is replaced, with a log line naming it."""
+    if tokenized_copy_is_current(prefix, jsonl, tokenizer_path):
+        logger.info("reusing tokenized %s", prefix)
+        return
+    if os.path.exists(dataset_paths(prefix)["json"]):
+        logger.warning("%s is stale (%s or the tokenizer changed since): tokenizing again", prefix, jsonl)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    preprocess_jsonl(jsonl, tokenizer_path, prefix, overwrite=True)

@@ -87,10 +87,22 @@ class Tokenizer:
 
     def apply_prompt_template(self, prompt: str) -> str:
         """Wrap a user prompt the way the model sees it at training and generation time."""
+        return self.render_conversation([{"role": "user", "content": prompt}])
+
+    def render_conversation(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a conversation (``[{"role", "content"}, ...]``, before the reply): the
+        chat template with ``add_generation_prompt``; a ``str.format`` prompt template takes one user
+        message only (ValueError otherwise)."""
         if self.chat_template is not None:
-            return _render_chat_template(self.chat_template, prompt, self._special_token_strings, self.path)
+            return _render_chat_template(self.chat_template, messages, self._special_token_strings, self.path)
         assert self.prompt_template is not None
-        return self.prompt_template.format(prompt=prompt)
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            roles = [m["role"] for m in messages]
+            raise ValueError(
+                f"tokenizer {self.path} has a prompt_template (one user message), not a chat template: "
+                f"cannot render a conversation with roles {roles}"
+            )
+        return self.prompt_template.format(prompt=messages[0]["content"])
 
     chat_template: Optional[str] = None
     _special_token_strings: dict[str, str]
@@ -303,7 +315,9 @@ def _check_prompt_template(template: Any, where: str) -> None:
         raise ValueError(f"{where}: prompt_template {template!r} does not contain '{{prompt}}'")
 
 
-def _render_chat_template(template: str, prompt: str, special_tokens: dict[str, str], path: str) -> str:
+def _render_chat_template(
+    template: str, messages: list[dict[str, str]], special_tokens: dict[str, str], path: str
+) -> str:
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -320,7 +334,7 @@ def _render_chat_template(template: str, prompt: str, special_tokens: dict[str, 
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(
-            messages=[{"role": "user", "content": prompt}],
+            messages=messages,
             add_generation_prompt=True,
             **special_tokens,
         )

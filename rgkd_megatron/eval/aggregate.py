@@ -15,12 +15,12 @@ Learning curves (``mean_curves``): per method and step, the mean over seeds of a
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from rgkd_megatron.eval.scores import gap_closed, mean_and_std
+from rgkd_megatron.utils.jsonl import read_json
 
 COLUMNS = (
     ("eval_rougeL_vs_teacher", "ROUGE-L vs teacher"),
@@ -39,7 +39,9 @@ def load_summaries(run_dirs: Iterable[str | Path]) -> list[dict]:
         path = Path(run_dir) / "summary.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (did the run finish?)")
-        summary = json.loads(path.read_text())
+        summary = read_json(path)
+        if not isinstance(summary, dict) or "method" not in summary:
+            raise ValueError(f"{path}: expected a run summary (a JSON object with 'method'), got {str(summary)[:80]}")
         summary["run_dir"] = str(run_dir)
         summaries.append(summary)
     return summaries

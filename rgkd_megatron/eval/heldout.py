@@ -25,13 +25,13 @@ mean(method - baseline) (``rgkd_megatron.eval.bootstrap``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from rgkd_megatron.eval.bootstrap import paired_bootstrap_ci, seed_averaged_pairs
 from rgkd_megatron.eval.diagnostics import distinct_n, repetition_rate
 from rgkd_megatron.eval.scores import rouge_l_per_item
+from rgkd_megatron.utils.jsonl import iter_jsonl
 
 HELDOUT_FILE = "heldout_outputs.jsonl"
 HELDOUT_INITIAL_FILE = "heldout_outputs_initial.jsonl"
@@ -62,16 +62,10 @@ def load_heldout(run_dir: str | Path, initial: bool = False) -> list[dict] | Non
     if not path.is_file():
         return None
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i}: malformed JSON line: {exc}") from None
+    for _, where, record in iter_jsonl(path):
         missing = [k for k in REQUIRED_FIELDS if k not in record]
         if missing:
-            raise ValueError(f"{path}:{i}: record lacks {missing}")
+            raise ValueError(f"{where}: record lacks {missing}")
         records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")

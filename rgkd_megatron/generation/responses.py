@@ -61,6 +61,7 @@ from rgkd_megatron.data.tokenizer import Tokenizer, file_sha256
 from rgkd_megatron.generation.generate import generate
 from rgkd_megatron.generation.sampling import check_sampling_args
 from rgkd_megatron.parallel.groups import RoleGroups
+from rgkd_megatron.utils.jsonl import iter_jsonl
 from rgkd_megatron.utils.logging import get_logger
 from rgkd_megatron.utils.progress import ProgressBar
 
@@ -115,26 +116,16 @@ def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path} does not exist")
     records: list[PromptRecord] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "prompt" not in obj:
-                raise ValueError(f"{where}: missing field 'prompt'")
-            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-                raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got {obj['prompt']!r}")
-            reference = obj.get("reference")
-            if reference is not None and not isinstance(reference, str):
-                raise ValueError(f"{where}: field 'reference' must be a string or null, got {reference!r}")
-            extra = {k: v for k, v in obj.items() if k not in OUTPUT_FIELDS}
-            records.append(PromptRecord(lineno, obj["prompt"], reference, extra))
+    for lineno, where, obj in iter_jsonl(path):
+        if "prompt" not in obj:
+            raise ValueError(f"{where}: missing field 'prompt'")
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got {obj['prompt']!r}")
+        reference = obj.get("reference")
+        if reference is not None and not isinstance(reference, str):
+            raise ValueError(f"{where}: field 'reference' must be a string or null, got {reference!r}")
+        extra = {k: v for k, v in obj.items() if k not in OUTPUT_FIELDS}
+        records.append(PromptRecord(lineno, obj["prompt"], reference, extra))
     if not records:
         raise ValueError(f"{path}: no records")
     return records

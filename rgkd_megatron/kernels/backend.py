@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from rgkd_megatron.losses.chunking import DEFAULT_CHUNK_BUDGET_MIB
 from rgkd_megatron.losses.fused_linear_kd import fused_linear_topk_kd as _fused_torch
-from rgkd_megatron.losses.topk_kd import DEFAULT_CHUNK_SIZE
 from rgkd_megatron.losses.topk_kd import topk_kd_loss as _loss_torch
 from rgkd_megatron.losses.topk_kd import topk_kd_per_token as _per_token_torch
 
@@ -75,11 +75,11 @@ def _backend_for(requested: str, t: torch.Tensor, k: int) -> str:
 
 def topk_kd_loss(
     logits_tv: torch.Tensor, topk_ids_tk, topk_logprobs_tk, loss_mask_t, kind: str = "fkl",
-    temperature: float = 1.0, tp_group=None, *, backend: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
-    **kwargs: Any,
+    temperature: float = 1.0, tp_group=None, *, backend: str = "auto", chunk_size: int | None = None,
+    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB, **kwargs: Any,
 ):  # fmt: skip
-    """:func:`rgkd_megatron.losses.topk_kd.topk_kd_loss` on the chosen backend (``chunk_size`` is a
-    torch-path knob; the Triton kernels stream each row and ignore it)."""
+    """:func:`rgkd_megatron.losses.topk_kd.topk_kd_loss` on the chosen backend (``chunk_size`` and
+    ``chunk_budget_mib`` are torch-path knobs; the Triton kernels stream each row and ignore them)."""
     if _backend_for(backend, logits_tv, topk_ids_tk.shape[-1]) == "triton":
         from rgkd_megatron.kernels.topk_kd_triton import topk_kd_loss_triton
 
@@ -88,29 +88,33 @@ def topk_kd_loss(
         )
     return _loss_torch(
         logits_tv, topk_ids_tk, topk_logprobs_tk, loss_mask_t, kind, temperature, tp_group,
-        chunk_size=chunk_size, **kwargs,
+        chunk_size=chunk_size, chunk_budget_mib=chunk_budget_mib, **kwargs,
     )  # fmt: skip
 
 
 def topk_kd_per_token(
     logits_tv: torch.Tensor, topk_ids_tk, topk_logprobs_tk, *, backend: str = "auto",
-    chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any,
+    chunk_size: int | None = None, chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB, **kwargs: Any,
 ):  # fmt: skip
     """:func:`rgkd_megatron.losses.topk_kd.topk_kd_per_token` on the chosen backend."""
     if _backend_for(backend, logits_tv, topk_ids_tk.shape[-1]) == "triton":
         from rgkd_megatron.kernels.topk_kd_triton import topk_kd_per_token_triton
 
         return topk_kd_per_token_triton(logits_tv, topk_ids_tk, topk_logprobs_tk, **kwargs)
-    return _per_token_torch(logits_tv, topk_ids_tk, topk_logprobs_tk, chunk_size=chunk_size, **kwargs)
+    return _per_token_torch(
+        logits_tv, topk_ids_tk, topk_logprobs_tk, chunk_size=chunk_size, chunk_budget_mib=chunk_budget_mib,
+        **kwargs,
+    )  # fmt: skip
 
 
 def fused_linear_topk_kd(
     hidden_td: torch.Tensor, weight_vd: torch.Tensor, topk_ids_tk, topk_logprobs_tk, loss_mask_t,
-    kind: str = "fkl", temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE, tp_group=None, *,
+    kind: str = "fkl", temperature: float = 1.0, chunk_size: int | None = None, tp_group=None, *,
     backend: str = "auto", **kwargs: Any,
 ):  # fmt: skip
     """:func:`rgkd_megatron.losses.fused_linear_kd.fused_linear_topk_kd` on the chosen backend
-    (``grad_weight_accum`` / ``block_v`` are accepted by the triton backend only)."""
+    (``grad_weight_accum`` / ``block_v`` are accepted by the triton backend only; ``chunk_size`` None =
+    from the ``chunk_budget_mib`` keyword, each backend at its own bytes per logit)."""
     if _backend_for(backend, hidden_td, topk_ids_tk.shape[-1]) == "triton":
         from rgkd_megatron.kernels.fused_linear_topk_triton import fused_linear_topk_kd_triton
 

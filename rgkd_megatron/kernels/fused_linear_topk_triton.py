@@ -39,8 +39,8 @@ from rgkd_megatron.kernels.topk_kd_triton import (
     launch_grad,
     launch_lse_topk,
 )
+from rgkd_megatron.losses.chunking import DEFAULT_CHUNK_BUDGET_MIB, resolve_chunk_size
 from rgkd_megatron.losses.topk_kd import (
-    DEFAULT_CHUNK_SIZE,
     _all_reduce_lse,
     _check_options,
     _check_teacher,
@@ -151,7 +151,7 @@ def fused_linear_topk_kd_triton(
     loss_mask_t: torch.Tensor,
     kind: str = "fkl",
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
     *,
     teacher_tail_t: torch.Tensor | None = None,
@@ -162,11 +162,13 @@ def fused_linear_topk_kd_triton(
     all_reduce_grad_hidden: bool = True,
     grad_weight_accum: str = "fp32",
     block_v: int | None = None,
+    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Triton twin of :func:`rgkd_megatron.losses.fused_linear_kd.fused_linear_topk_kd`.
 
     Args: as the torch function, plus ``grad_weight_accum`` ("fp32" | "param", module docstring)
-    and ``block_v`` (kernel column block, a power of two; None = automatic).
+    and ``block_v`` (kernel column block, a power of two; None = automatic). ``chunk_size`` None =
+    from ``chunk_budget_mib`` at V_local x itemsize bytes per token (``losses/chunking.py``).
     Returns: (loss, metrics), differentiable wrt hidden and weight; metrics as ``topk_kd_loss``.
     """
     _check_options(kind, temperature, beta, alpha, chunk_size)
@@ -183,6 +185,9 @@ def fused_linear_topk_kd_triton(
     check_k(k, "fused_linear_topk_kd (triton)")
     start, n_real, vocab_size = _shard_bounds(weight_vd.shape[0], tp_group, vocab_size)
     with_tail = _has_tail(k, vocab_size)
+    chunk_size = resolve_chunk_size(
+        chunk_size, lead.numel(), n_real, hidden_td.dtype, "triton_fused", chunk_budget_mib
+    )
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden_td.requires_grad, grad_on and weight_vd.requires_grad
     mask_t, weight_t, count = _token_weights(loss_mask_t, torch.float32, normalizer)

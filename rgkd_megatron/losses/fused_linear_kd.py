@@ -26,8 +26,11 @@ Design
 * The reduction (sum_t mask_t l_t / sum_t mask_t, or / normalizer) is fixed in the forward, so only
   the scalar loss is differentiable; ``metrics["kd/per_token_loss"]`` is detached.
 * Memory: one [chunk, V_local] fp32 work buffer reused by every chunk (raw logits, then
-  exp(x/T - max), then grad_logits in place), plus grad_hidden and an fp32 grad_weight.
-* Triton: not used; the chunk loop is plain torch ops (a fused kernel is a possible later step).
+  exp(x/T - max), then grad_logits in place; for bf16/fp16 inputs also the chunk's low-precision
+  logits and grad_logits), plus grad_hidden and an fp32 grad_weight. The chunk comes from a memory
+  budget for those per-chunk tensors (``chunking.py``) unless ``chunk_size`` is given.
+* This chunk loop is plain torch ops (the CPU path and the reference); on GPU the fused Triton
+  kernel ``kernels/fused_linear_topk_triton.py`` computes the same loss (``kernels/backend.py`` picks).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from rgkd_megatron.losses.chunking import DEFAULT_CHUNK_BUDGET_MIB, resolve_chunk_size
 from rgkd_megatron.losses.topk_kd import (
-    DEFAULT_CHUNK_SIZE,
     _all_reduce_lse,
     _check_options,
     _check_teacher,
@@ -127,8 +130,8 @@ class _FusedLinearTopKKD(torch.autograd.Function):
             if need_w:
                 if acc_dtype == dtype:
                     grad_w_vd[:n_real].addmm_(g_cv.T, h_cd)
-                else:
-                    grad_w_vd[:n_real] += (g_cv.T @ h_cd).to(acc_dtype)
+                else:  # add_ casts elementwise: no [V, d] temporary in the accumulator's dtype
+                    grad_w_vd[:n_real].add_(g_cv.T @ h_cd)
             del g_cv
 
         if need_h and reduce_h and tp > 1:
@@ -157,7 +160,7 @@ def fused_linear_topk_kd(
     loss_mask_t: torch.Tensor,
     kind: str = "fkl",
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
     *,
     teacher_tail_t: torch.Tensor | None = None,
@@ -166,6 +169,7 @@ def fused_linear_topk_kd(
     vocab_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
     all_reduce_grad_hidden: bool = True,
+    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sparse top-k KD loss of ``logits = hidden @ weight.T`` without materialising the logits.
 
@@ -178,7 +182,9 @@ def fused_linear_topk_kd(
         weight_vd: [V_local, d] this rank's vocab shard of the output weight (same dtype).
         topk_ids_tk / topk_logprobs_tk: [*, k] teacher top-k ids (int32/int64) and log-probs at T.
         loss_mask_t: [*] bool or float token weights.
-        chunk_size: tokens per chunk; at most [chunk_size, V_local] logits exist at a time.
+        chunk_size: tokens per chunk; at most [chunk_size, V_local] logits exist at a time. None = the
+        largest chunk whose work tensors fit ``chunk_budget_mib`` (``rgkd_megatron.losses.chunking``:
+        V_local x (4 bytes, + 2 x itemsize for bf16/fp16 inputs) per token).
         tp_group: vocab-parallel group (None = TP 1). teacher_tail_t, beta, alpha, vocab_size,
         normalizer: as in ``topk_kd_loss``. all_reduce_grad_hidden: sum grad_hidden over tp_group.
     Returns:
@@ -195,6 +201,9 @@ def fused_linear_topk_kd(
     k = topk_ids_tk.shape[-1]
     start, n_real, vocab_size = _shard_bounds(weight_vd.shape[0], tp_group, vocab_size)
     with_tail = _has_tail(k, vocab_size)
+    chunk_size = resolve_chunk_size(
+        chunk_size, lead.numel(), n_real, hidden_td.dtype, "torch_fused", chunk_budget_mib
+    )
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden_td.requires_grad, grad_on and weight_vd.requires_grad
     mask_t, weight_t, count = _token_weights(loss_mask_t, _compute_dtype(hidden_td.dtype), normalizer)

@@ -10,8 +10,8 @@ for that row, the hidden state that feeds the Q head there. ``mask_bs`` marks th
 and must be one contiguous 0/1 block per row (prompt 0s, response 1s up to and including EOS,
 padding 0s): "the next state" of position s is position s + 1 when it is masked, else terminal.
 
-Math (DESIGN.md section 4)
---------------------------
+Math (docs/design.md, the algorithm)
+------------------------------------
 * Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a)   (:class:`BilinearQHead`; only the ids asked for
   are evaluated, never a V-wide head).
 * Buckets: the teacher top-k ids at s plus one tail bucket. Q of the tail bucket is estimated by the

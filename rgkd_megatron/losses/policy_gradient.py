@@ -7,7 +7,7 @@ response tokens that are actions (1) vs prompt / padding (0).
 
 Design
 ------
-* Objective (DESIGN.md section 4): maximise E_{y~pi}[r(x, y)] - beta KL(pi || pi_ref) (+ alpha SeqKD
+* Objective (docs/design.md, the algorithm): maximise E_{y~pi}[r(x, y)] - beta KL(pi || pi_ref) (+ alpha SeqKD
   anchor). Every loss here is MINIMISED.
 * Reduction. ``loss = sum_{b,s} mask * l / normalizer`` with ``normalizer`` = the number of sequences
   b by default (the REINFORCE estimator is a mean over sampled sequences: sequence-level rewards are

@@ -5,7 +5,7 @@ pairs. Every input is a 1-D tensor of sequence scores, one per response.
 
 Design
 ------
-* Bounded reward (DESIGN.md section 4): r = B * tanh(raw / B), so |r| <= B and the adversary cannot
+* Bounded reward (docs/design.md, the algorithm): r = B * tanh(raw / B), so |r| <= B and the adversary cannot
   blow up the gap; ``bound=None`` keeps r = raw. Near raw = 0 the map is the identity.
 * Objective minimised over the reward parameters phi::
 

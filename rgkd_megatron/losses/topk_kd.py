@@ -7,7 +7,7 @@ tail is empty).
 Design
 ------
 * Buckets. The teacher cache stores, per token, the top-k ids (sorted by descending probability) and
-  their log-probs at temperature T (section 5 of DESIGN.md). Teacher p and student q are both reduced
+  their log-probs at temperature T (docs/design.md, the teacher top-k cache). Teacher p and student q are both reduced
   to the k teacher ids plus one "tail" bucket holding all remaining mass::
 
       p_b = [p(id_1), ..., p(id_k), 1 - sum_i p(id_i)]      (or the cached tail mass, if given)
@@ -66,15 +66,16 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from rgkd_megatron.losses.chunking import DEFAULT_CHUNK_BUDGET_MIB, resolve_chunk_size
+
 KD_KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-DEFAULT_CHUNK_SIZE = 1024
 
 
 # --------------------------------------------------------------------------------------------------
 # argument checks and small helpers (shared with fused_linear_kd.py)
 
 
-def _check_options(kind: str, temperature: float, beta: float, alpha: float, chunk_size: int) -> None:
+def _check_options(kind: str, temperature: float, beta: float, alpha: float, chunk_size: int | None) -> None:
     if kind not in KD_KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KD_KINDS}")
     if not temperature > 0:
@@ -83,8 +84,8 @@ def _check_options(kind: str, temperature: float, beta: float, alpha: float, chu
         raise ValueError(f"beta={beta}: JSD(beta) needs 0 < beta < 1 (use fkl / rkl for the limits)")
     if kind in ("skew_fkl", "skew_rkl") and not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha={alpha}: skew KL needs 0 <= alpha < 1")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (or None: chosen from the memory budget)")
 
 
 def _check_teacher(lead: torch.Size, topk_ids_tk, topk_logprobs_tk, loss_mask_t, teacher_tail_t) -> None:
@@ -224,25 +225,30 @@ def vocab_parallel_topk_logits(
     temperature: float = 1.0,
     tp_group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
+    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student log-sum-exp and top-k logits of ``logits / T`` over the whole vocab, TP-aware.
 
     Args:
         logits_tv: [*, V_local] student logits (this rank's vocab shard), any float dtype.
         topk_ids_tk: [*, k] global vocab ids (int32/int64).
+        chunk_size: tokens per work-buffer chunk; None = from ``chunk_budget_mib`` (``chunking.py``).
     Returns:
         (lse_t [*], topk_logits_tk [*, k]) in fp32 (fp64 for fp64 logits), identical on all TP ranks;
         ``topk_logits - lse[..., None]`` are the student log-probs of the ids. Differentiable wrt
         the logits (local backward, see the module docstring).
     """
-    if not temperature > 0 or chunk_size < 1:
+    if not temperature > 0 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"temperature={temperature} must be > 0 and chunk_size={chunk_size} >= 1")
     lead, v_local = logits_tv.shape[:-1], logits_tv.shape[-1]
     if topk_ids_tk.shape[:-1] != lead:
         raise ValueError(f"topk_ids leading dims {tuple(topk_ids_tk.shape[:-1])} != logits {tuple(lead)}")
     start, n_real, _ = _shard_bounds(v_local, tp_group, vocab_size)
     k = topk_ids_tk.shape[-1]
+    chunk_size = resolve_chunk_size(
+        chunk_size, lead.numel(), n_real, logits_tv.dtype, "torch", chunk_budget_mib
+    )
     lse_t, topk_tk = _VocabParallelTopKLogits.apply(
         logits_tv.reshape(-1, v_local), topk_ids_tk.reshape(-1, k), 1.0 / temperature, start, n_real, tp_group,
         chunk_size,
@@ -349,14 +355,14 @@ def _metrics(loss, per_token_t, mask_t, count, t_mass_t, s_mass_t, lead) -> dict
 
 def _per_token(
     logits_tv, topk_ids_tk, topk_logprobs_tk, teacher_tail_t, kind, temperature, tp_group, beta, alpha,
-    vocab_size, chunk_size,
+    vocab_size, chunk_size, chunk_budget_mib,
 ):  # fmt: skip
     lead, k = logits_tv.shape[:-1], topk_ids_tk.shape[-1]
     _, _, vocab_size = _shard_bounds(logits_tv.shape[-1], tp_group, vocab_size)
     with_tail = _has_tail(k, vocab_size)
     lse_t, topk_tk = vocab_parallel_topk_logits(
         logits_tv, topk_ids_tk, temperature=temperature, tp_group=tp_group, vocab_size=vocab_size,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, chunk_budget_mib=chunk_budget_mib,
     )  # fmt: skip
     tail_t = None if teacher_tail_t is None else teacher_tail_t.reshape(-1)
     log_p_tb, log_q_tb = bucket_log_probs(
@@ -378,7 +384,8 @@ def topk_kd_per_token(
     beta: float = 0.5,
     alpha: float = 0.1,
     vocab_size: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
+    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB,
 ) -> torch.Tensor:
     """Differentiable per-token divergence l_t = D(p_b, q_b) on the top-k + tail buckets.
 
@@ -390,6 +397,8 @@ def topk_kd_per_token(
         kind / beta / alpha: the divergence (module docstring); temperature: divides the logits.
         tp_group: the tensor-parallel group the vocab is sharded over (None = not sharded).
         vocab_size: real vocab size when the logits carry padding columns (default: V_local * tp).
+        chunk_size: tokens per work-buffer chunk; None = the largest chunk whose [chunk, V_local]
+        work buffer fits ``chunk_budget_mib`` (``rgkd_megatron.losses.chunking``).
     Returns:
         l_t: [*] per-token loss (fp32, fp64 for fp64 logits), identical on all TP ranks.
     """
@@ -397,7 +406,7 @@ def topk_kd_per_token(
     _check_teacher(logits_tv.shape[:-1], topk_ids_tk, topk_logprobs_tk, None, teacher_tail_t)
     per_token_t, _, _, lead = _per_token(
         logits_tv, topk_ids_tk, topk_logprobs_tk, teacher_tail_t, kind, temperature, tp_group, beta, alpha,
-        vocab_size, chunk_size,
+        vocab_size, chunk_size, chunk_budget_mib,
     )  # fmt: skip
     return per_token_t.reshape(lead)
 
@@ -416,7 +425,8 @@ def topk_kd_loss(
     alpha: float = 0.1,
     vocab_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
+    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked mean of the sparse top-k KD divergence: loss = sum_t mask_t l_t / sum_t mask_t.
 
@@ -432,7 +442,7 @@ def topk_kd_loss(
     _check_teacher(logits_tv.shape[:-1], topk_ids_tk, topk_logprobs_tk, loss_mask_t, teacher_tail_t)
     per_token_t, log_p_tb, log_q_tb, lead = _per_token(
         logits_tv, topk_ids_tk, topk_logprobs_tk, teacher_tail_t, kind, temperature, tp_group, beta, alpha,
-        vocab_size, chunk_size,
+        vocab_size, chunk_size, chunk_budget_mib,
     )  # fmt: skip
     mask_t, weight_t, count = _token_weights(loss_mask_t, per_token_t.dtype, normalizer)
     loss = (torch.where(mask_t != 0, per_token_t, torch.zeros_like(per_token_t)) * weight_t).sum()

@@ -20,6 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rgkd_megatron.kernels.selection import fp8_kwargs, fusion_kwargs, model_selection, recompute_kwargs
+from rgkd_megatron.models.cpu_fastpath import batch_major_output_layer
 from rgkd_megatron.models.reward_head import ScalarHead
 from rgkd_megatron.models.specs import gpt_layer_spec, resolve_spec_name
 from rgkd_megatron.parallel.groups import RoleGroups
@@ -109,6 +110,8 @@ def _build_gpt(
         rope_scaling_factor=scaling if scaling is not None else 8.0,
         pg_collection=groups.pg_collection,
     )
+    if not torch.cuda.is_available() and model.post_process:
+        batch_major_output_layer(model)  # CPU only: no [s, b, V] logits copies (models/cpu_fastpath.py)
     # what runs (spec, dtype, fp8, recompute, fusions, kd kernel); build_engine completes and logs it
     model.kernel_selection = model_selection(model_cfg, config)
     return model

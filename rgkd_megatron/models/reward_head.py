@@ -2,7 +2,7 @@
 
 The head replaces GPTModel's ``output_layer`` and keeps its call contract
 ``head(hidden_sbh, weight=None, runtime_gather_output=None) -> (values_sb1, None)``, so the reward
-model is the policy's spec with another head (STYLE.md), not a forked model class.
+model is the policy's spec with another head, not a forked model class.
 
 The weight [1, hidden] is split over TP along hidden (a ``RowParallelLinear``: each rank multiplies
 its slice of the hidden state, the partial sums are all-reduced), so it shards and reshards in

@@ -1,6 +1,6 @@
 """Layer-spec and kernel selection: Transformer Engine when importable (and asked for), local otherwise.
 
-The same model code runs both paths; only the ``ModuleSpec`` differs (STYLE.md: architecture as data).
+The same model code runs both paths; only the ``ModuleSpec`` differs (architecture as data).
 A requested fast path that is not installed is a clear error, never a silent fallback.
 """
 
@@ -45,4 +45,9 @@ def gpt_layer_spec(spec_name: str, qk_layernorm: bool = False) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    if not torch.cuda.is_available():  # CPU only: SDPA's flash kernel (see models/cpu_fastpath.py)
+        from rgkd_megatron.models.cpu_fastpath import SdpaDotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    return spec

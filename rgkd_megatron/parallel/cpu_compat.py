@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from rgkd_megatron.parallel import mcore_version
+
 ALL_PATCHES = ("cuda_api", "device_mode", "rng", "sp_norm", "distopt_torch_adam")
 _applied: set[str] = set()
 _mode: TorchFunctionMode | None = None
@@ -54,8 +56,12 @@ def cpu_mode_required() -> bool:
 
 
 def apply(patches: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """Install the CPU accommodations (idempotent). Returns the patches active in this process."""
+    """Install the CPU accommodations (idempotent). Returns the patches active in this process.
+
+    First checks the installed megatron-core against the tested range and that every internal a
+    patch replaces exists (``parallel/mcore_version.py``): an error there, not a wrong result."""
     if not cpu_mode_required():
+        mcore_version.check_version(mcore_version.installed_version(), strict=False)
         return ()
     if patches is None:
         env = os.environ.get("RGKD_CPU_PATCHES")
@@ -63,6 +69,9 @@ def apply(patches: tuple[str, ...] | None = None) -> tuple[str, ...]:
     unknown = set(patches) - set(ALL_PATCHES)
     if unknown:
         raise ValueError(f"RGKD_CPU_PATCHES: unknown patch(es) {sorted(unknown)}; expected {ALL_PATCHES}")
+    pending = tuple(name for name in patches if name not in _applied)
+    if pending:
+        mcore_version.check_cpu_patches(pending)
     installers = {
         "cuda_api": _patch_cuda_api,
         "device_mode": _enter_device_mode,
@@ -183,10 +192,29 @@ _AUTOGRAD_BACKWARD_ARGS = (
 )
 
 
+# the calls the mode rewrites whatever their arguments (the others only for device=/pin_memory=)
+_SPECIAL_FUNCS = frozenset(
+    (
+        torch.autograd.backward,
+        torch.Tensor.backward,
+        torch.Tensor.cuda,
+        torch.Tensor.pin_memory,
+        torch.Tensor.is_pinned,
+        torch.Tensor.to,
+        torch.Tensor.type,
+    )
+)
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests to CPU for every torch call made while active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # fast path (every torch call of a step comes through here): nothing to rewrite
+        if func not in _SPECIAL_FUNCS and (
+            not kwargs or ("device" not in kwargs and "pin_memory" not in kwargs)
+        ):
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = dict(kwargs or {})
         if func is torch.autograd.backward or func is torch.Tensor.backward:
             names = _TENSOR_BACKWARD_ARGS if func is torch.Tensor.backward else _AUTOGRAD_BACKWARD_ARGS

@@ -1,6 +1,6 @@
 """Process groups per role: a role owns a window of ranks with its own TP/PP/DP layout.
 
-Design (DESIGN.md section 6): nothing here assumes one model per job. A ``RoleLayout`` says which
+Design (docs/design.md, roles and the scheduler): nothing here assumes one model per job. A ``RoleLayout`` says which
 ranks a role owns and how they are split; ``build_role_groups`` turns it into a megatron-core
 ``ProcessGroupCollection`` that every model, loss and optimizer of that role receives explicitly.
 

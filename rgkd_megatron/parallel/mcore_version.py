@@ -66,7 +66,8 @@ def check_version(version: str, strict: bool, allow_untested: bool | None = None
     path) unless allowed by ``RGKD_ALLOW_UNTESTED_MCORE=1``, else warn once. Returns True when tested."""
     if allow_untested is None:
         allow_untested = os.environ.get(ALLOW_ENV, "0") == "1"
-    if Version(TESTED_MIN) <= Version(version) <= Version(TESTED_MAX):
+    # a build from source may carry a local label ("0.19.2+abc1234"); the release is what was tested
+    if Version(TESTED_MIN) <= Version(Version(version).public) <= Version(TESTED_MAX):
         return True
     message = (
         f"megatron-core {version} is outside the range this release of rgkd_megatron is tested with "

@@ -1,1 +1,1 @@
-"""Reward-guided preference-based KD: judges, the RM/policy steps, online rounds (DESIGN.md s.4)."""
+"""Reward-guided preference-based KD: judges, the RM/policy steps, online rounds (docs/design.md, the algorithm)."""

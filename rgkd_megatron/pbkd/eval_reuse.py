@@ -10,12 +10,12 @@ reuses the evaluation only when its own identity is equal, and says so in its lo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from rgkd_megatron.config import RGKDConfig
 from rgkd_megatron.data.tokenizer import file_sha256
+from rgkd_megatron.utils.jsonl import iter_jsonl, read_json
 from rgkd_megatron.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -56,8 +56,8 @@ def reusable_initial(cfg: RGKDConfig, heldout_ids: list[int]) -> tuple[dict, lis
     if not (summary_path.is_file() and outputs_path.is_file()):
         return None
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        records = [json.loads(line) for line in outputs_path.read_text(encoding="utf-8").splitlines() if line]
+        summary = read_json(summary_path)
+        records = [record for _, _, record in iter_jsonl(outputs_path)]
     except (OSError, ValueError) as exc:
         logger.warning("not reusing the evaluation of %s: %s", run, exc)
         return None

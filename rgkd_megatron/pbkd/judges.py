@@ -3,30 +3,27 @@
 Every judge maps (prompt, teacher response, student response) -> score difference
 d = s(teacher) - s(student): d > tol -> teacher preferred, d < -tol -> student preferred, else a tie.
 
-- ``teacher_wins`` (default, DESIGN.md s.4): the teacher response is always preferred.
+- ``teacher_wins`` (default, docs/design.md, the algorithm): the teacher response is always preferred.
 - ``teacher_loglik`` (white-box): s(y) = mean per-token log-prob of y under the teacher, given a
   scorer callable (the live teacher role or the cache).
 - ``rouge_reference``: s(y) = ROUGE-L F1 of y against the prompt's reference answer (the prompt
   set's ``reference`` field). It prefers the student whenever the student is closer to the reference,
   so the Bradley-Terry term carries information the gap term does not (the confidence set can bind).
-- ``entry_point``: a user function named ``package.module:function`` taking
-  (prompt_text, response_text) -> float. It is imported by name from the user's installed code; no
-  code is ever read from a config or checkpoint file.
+- ``entry_point``: a user function (prompt_text, response_text) -> float that an installed package
+  registered in the ``rgkd_megatron.judges`` entry-point group; the config names the registered
+  name only (``judge_plugins``), so no code is imported because a config or checkpoint names it.
 - ``label_file``: an external JSONL of {"prompt_id": int, "preferred": "teacher"|"student"|"tie"}.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
 from rgkd_megatron.eval.scores import rouge_l_per_item
-
-_ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+from rgkd_megatron.pbkd.judge_plugins import load_registered_judge
+from rgkd_megatron.utils.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -66,40 +63,19 @@ class ScoreJudge:
         return Judgement(margin=margin, tie=abs(margin) <= self.tie_tolerance)
 
 
-def load_entry_point(spec: str) -> Callable:
-    """Import ``package.module:function`` (the user's installed code, named explicitly)."""
-    if not _ENTRY_POINT.match(spec):
-        raise ValueError(f"judge entry point {spec!r}: expected 'package.module:function'")
-    module_name, func_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"judge entry point {spec!r}: cannot import {module_name} ({exc})") from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ValueError(f"judge entry point {spec!r}: {module_name} has no callable {func_name}")
-    return func
-
-
 class LabelFileJudge:
     name = "label_file"
 
     def __init__(self, path: str):
         self.labels: dict[int, str] = {}
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    prompt_id, preferred = int(row["prompt_id"]), row["preferred"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{lineno}: expected {{prompt_id, preferred}} ({exc})") from exc
-                if preferred not in ("teacher", "student", "tie"):
-                    raise ValueError(
-                        f"{path}:{lineno}: preferred must be teacher|student|tie, got {preferred!r}"
-                    )
-                self.labels[prompt_id] = preferred
+        for _, where, row in iter_jsonl(path):
+            try:
+                prompt_id, preferred = int(row["prompt_id"]), row["preferred"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{where}: expected {{prompt_id, preferred}} ({exc})") from exc
+            if preferred not in ("teacher", "student", "tie"):
+                raise ValueError(f"{where}: preferred must be teacher|student|tie, got {preferred!r}")
+            self.labels[prompt_id] = preferred
 
     def __call__(self, prompt_id: int, prompt: str, teacher: str, student: str) -> Judgement:
         if prompt_id not in self.labels:
@@ -142,8 +118,8 @@ def make_judge(
         return ScoreJudge("rouge_reference", rouge_score, tie_tolerance)
     if kind == "entry_point":
         if not entry_point:
-            raise ValueError("judge entry_point needs pbkd.judge_entry_point='package.module:function'")
-        func = load_entry_point(entry_point)
+            raise ValueError("judge entry_point needs pbkd.judge_entry_point=<name of a registered judge>")
+        func = load_registered_judge(entry_point)
         return ScoreJudge(
             f"entry_point:{entry_point}", lambda _pid, prompt, resp: func(prompt, resp), tie_tolerance
         )

@@ -3,8 +3,9 @@
 Same prompts, student, step budget and evaluation as PbKD; each policy step minimises the sparse
 top-k + tail divergence (``rgkd_megatron.losses.topk_kd``) between the teacher and the student on
 the response tokens of either the teacher's responses (off-policy, word-level KD) or fresh student
-samples (``pbkd.on_policy=true``: GKD-style). Teacher top-k comes from the live teacher role (a
-no-grad forward per step); the loss is normalised by the step's global count of response tokens.
+samples (``pbkd.on_policy=true``: GKD-style). Teacher top-k comes from the teacher cache when
+``pbkd.cache_path`` is set and the step is off-policy, else from the live teacher role (a no-grad
+forward per step); the loss is normalised by the step's global count of response tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import partial
 
 import torch
 
+from rgkd_megatron.config.pbkd import live_kd_topk
 from rgkd_megatron.kernels.backend import topk_kd_loss
 from rgkd_megatron.pbkd.batches import collate_sequences
 from rgkd_megatron.pbkd.teacher_source import CachedTeacher, live_teacher_topk
@@ -26,6 +28,7 @@ def _kd_loss_func(opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
         logits_bsv, batch["topk_ids"], batch["topk_logprobs"], mask, opts["kind"], opts["temperature"], tp_group,
         teacher_tail_t=batch.get("teacher_tail"), beta=opts["beta"], alpha=opts["alpha"],
         vocab_size=opts["vocab_size"], normalizer=1.0, backend=opts["backend"],
+        chunk_budget_mib=opts["chunk_budget_mib"],
     )  # fmt: skip
     count = mask.sum()
     return (
@@ -55,6 +58,7 @@ class KDTrainer(PbKDTrainer):
                 self.models.vocab_size,
                 self.p.kd_temperature,
                 self.run_dir / "data",
+                self.p.kd_topk,
             )
         elif self.models.teacher is None:
             raise ValueError(
@@ -84,13 +88,14 @@ class KDTrainer(PbKDTrainer):
                 self.models.teacher,
                 self.groups,
                 batch["tokens"],
-                self.p.kd_topk,
+                live_kd_topk(self.p),
                 self.p.kd_temperature,
                 self.models.vocab_size,
             )
         opts = {
             "kind": self.p.method, "temperature": self.p.kd_temperature, "beta": self.p.kd_beta,
             "alpha": self.p.kd_alpha, "vocab_size": self.models.vocab_size, "backend": self.cfg.model.kd_kernel,
+            "chunk_budget_mib": self.cfg.model.kd_chunk_budget_mib,
         }  # fmt: skip
         self.policy_steps += 1
 

@@ -1,4 +1,4 @@
-"""White-box MM-PbKD through the PbKD trainer (DESIGN.md s.4, ``rgkd_megatron.losses.mm_pbkd``).
+"""White-box MM-PbKD through the PbKD trainer (docs/design.md, the algorithm; ``losses.mm_pbkd``).
 
 The reward is reparametrised as a bounded token-level Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a):
 ``h_s`` from a GPT backbone (the reward role's model, with its output layer replaced by the
@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 
+from rgkd_megatron.config.pbkd import live_kd_topk
 from rgkd_megatron.generation.generate import inference_mode, score, stage_forward
 from rgkd_megatron.losses.mm_pbkd import expected_q as bucket_expectation
 from rgkd_megatron.losses.mm_pbkd import (
@@ -74,7 +75,7 @@ class MMPbKDTrainer(PbKDTrainer):
     def _rows(self, prompts, responses):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
         batch["topk_ids"], batch["topk_logprobs"] = live_teacher_topk(
-            self.models.teacher, self.groups, batch["tokens"], min(self.p.kd_topk, self.models.vocab_size),
+            self.models.teacher, self.groups, batch["tokens"], min(live_kd_topk(self.p), self.models.vocab_size),
             1.0, self.models.vocab_size,  # pi_E itself: V_E and the Bellman rewards need temperature 1
         )  # fmt: skip
         return batch

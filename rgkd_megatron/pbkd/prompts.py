@@ -11,13 +11,17 @@ shuffle splits off a held-out set for evaluation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
+from rgkd_megatron.data.preprocess import truncated_flag
 from rgkd_megatron.data.tokenizer import Tokenizer
+from rgkd_megatron.utils.jsonl import iter_jsonl
+from rgkd_megatron.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,22 +40,11 @@ class PromptItem:
 def _read_records(path: str) -> Iterator[tuple[str, dict, bool]]:
     """(``file:line``, record, truncated) per non-blank line of a {prompt, response[, truncated]}
     JSONL; errors name the file, line and field."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
-            for key in ("prompt", "response"):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{where}: field '{key}' must be a string")
-            truncated = record.get("truncated", False)
-            if not isinstance(truncated, bool):
-                raise ValueError(f"{where}: field 'truncated' must be true or false, got {truncated!r}")
-            yield where, record, truncated
+    for _, where, record in iter_jsonl(path):
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{where}: field '{key}' must be a string")
+        yield where, record, truncated_flag(record, where)
 
 
 def load_prompt_set(
@@ -59,8 +52,11 @@ def load_prompt_set(
 ) -> list[PromptItem]:
     """Read and tokenize the prompt set; errors name the file, line and field."""
     items: list[PromptItem] = []
+    cut_prompts = 0
     for _, record, truncated in _read_records(path):
-        prompt_ids = tokenizer.encode(tokenizer.apply_prompt_template(record["prompt"]))[-max_prompt_tokens:]
+        prompt_ids = tokenizer.encode(tokenizer.apply_prompt_template(record["prompt"]))
+        cut_prompts += len(prompt_ids) > max_prompt_tokens
+        prompt_ids = prompt_ids[-max_prompt_tokens:]
         teacher_ids, truncated = response_ids(tokenizer, record["response"], truncated, max_response_tokens)
         items.append(
             PromptItem(
@@ -75,6 +71,11 @@ def load_prompt_set(
         )
     if not items:
         raise ValueError(f"{path}: no prompts")
+    if cut_prompts:
+        logger.warning(
+            "%s: %d of %d prompts are longer than %d tokens (data.seq_length / 2) and keep only their last "
+            "%d tokens", path, cut_prompts, len(items), max_prompt_tokens, max_prompt_tokens,
+        )  # fmt: skip
     return items
 
 

@@ -1,6 +1,6 @@
 """The models of a colocated PbKD run and the inference helpers on them.
 
-Colocated placement (DESIGN.md s.6): policy, frozen reference policy (the initial student, for the
+Colocated placement (docs/design.md, roles and the scheduler): policy, frozen reference policy (the initial student, for the
 KL term), reward model and optional live teacher share one layout on all ranks. Role windows with
 their own layouts are the scheduler's job; everything here takes the groups explicitly.
 """
@@ -11,12 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
-import yaml
 
-from rgkd_megatron.checkpoint.dist_ckpt import load_backbone_weights, load_model_weights
 from rgkd_megatron.checkpoint.rng import capture_rng_state, restore_rng_state
-from rgkd_megatron.config import ModelConfig, RGKDConfig
-from rgkd_megatron.config.loader import config_from_dict
+from rgkd_megatron.config import RGKDConfig
+from rgkd_megatron.config.architecture import teacher_architecture
+from rgkd_megatron.convert.hf_load import load_backbone, load_weights
 from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, score, stage_forward
 from rgkd_megatron.models.builders import build_policy, build_reward_model, build_teacher, sequence_rewards
 from rgkd_megatron.models.q_head import attach_q_head
@@ -37,14 +36,6 @@ class PbKDModels:
     vocab_size: int
     teacher_groups: RoleGroups | None = None
     """The groups the teacher runs on (the policy's when colocated)."""
-
-
-def teacher_model_config(path: str) -> ModelConfig:
-    """The ``model`` section of a YAML file (e.g. ``model_config.yaml`` next to a converted checkpoint)."""
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
-    section = raw.get("model", raw)
-    return config_from_dict({"model": section}).model
 
 
 def role_parallel(cfg: RGKDConfig, groups: RoleGroups):
@@ -87,21 +78,24 @@ def build_pbkd_models(
         reward_rng = capture_rng_state()  # the Q head (attached after loading) continues the reward's stream
     teacher_cfg = None
     if cfg.pbkd.teacher_load:
-        if not cfg.pbkd.teacher_model_config:
-            raise ValueError("pbkd.teacher_model_config: required with pbkd.teacher_load")
-        teacher_cfg = teacher_model_config(cfg.pbkd.teacher_model_config)
+        teacher_cfg = teacher_architecture(cfg)
+        if teacher_cfg is None:
+            raise ValueError(
+                f"pbkd.teacher_model_config: required, pbkd.teacher_load={cfg.pbkd.teacher_load} "
+                "describes no architecture (no config.json or model_config.yaml)"
+            )
         if _member(tg):
             seed_model_init(role_seed(seed, TEACHER), tg)
             teacher = build_teacher(teacher_cfg, role_parallel(cfg, tg), tg, vocab_size)
     # loads are collective over the world: every rank makes the same calls (None = not held here)
     if cfg.model.load:
-        load_model_weights(cfg.model.load, policy)
-        load_model_weights(cfg.model.load, reference)
-        load_backbone_weights(cfg.model.load, reward)
+        load_weights(cfg.model.load, policy)
+        load_weights(cfg.model.load, reference)
+        load_backbone(cfg.model.load, reward)
     elif policy is not None:
         reference.load_state_dict(policy.state_dict())
     if teacher_cfg is not None:
-        load_model_weights(cfg.pbkd.teacher_load, teacher)
+        load_weights(cfg.pbkd.teacher_load, teacher, "pbkd.teacher_load")
     policy_engine = reward_engine = None
     if policy is not None:
         par = role_parallel(cfg, pg)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from rgkd_megatron.checkpoint.dist_ckpt import find_latest_checkpoint, save_model_weights
+from rgkd_megatron.checkpoint.discovery import Retention, select_resume_checkpoint
 from rgkd_megatron.checkpoint.role_ckpt import load_roles_checkpoint, save_roles_checkpoint
 from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_config, validate_config
-from rgkd_megatron.convert.export import export_hf, write_checkpoint_sidecar
+from rgkd_megatron.config.architecture import resolve_checkpoint_architectures
 from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
 from rgkd_megatron.parallel import cpu_compat
@@ -31,8 +31,9 @@ from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan
 from rgkd_megatron.schedule.runner import PlanRunner
 from rgkd_megatron.schedule.transport import RoleTransport
 from rgkd_megatron.training.setup import init_role
+from rgkd_megatron.training.student import save_student
 from rgkd_megatron.utils.logging import get_logger
-from rgkd_megatron.utils.metrics import MetricsLogger, read_metrics, truncate_metrics
+from rgkd_megatron.utils.metrics import METRICS_FILE, MetricsLogger, read_metrics, truncate_metrics
 from rgkd_megatron.utils.progress import ProgressBar
 
 logger = get_logger(__name__)
@@ -144,6 +145,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     iterations and at the end, and a run resumes from the latest complete one automatically.
     """
     world = dist.get_world_size()
+    cfg = resolve_checkpoint_architectures(cfg)
     validate_config(cfg, world)
     if cfg.pbkd.method not in TRAINERS:
         raise ValueError(
@@ -176,15 +178,14 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     ckpt_root = run_dir / "checkpoints"
     total = plan.spec.iterations
     eval_tag = len(plan.events)  # tags above every event id
-    latest = find_latest_checkpoint(ckpt_root)
+    latest = select_resume_checkpoint(ckpt_root)
+    retention = Retention(cfg.train.keep_last_checkpoints, cfg.train.keep_checkpoint_every, latest)
     if latest is not None:
         state = load_roles_checkpoint(latest, engines)
         trainer.load_state_dict(state["trainer"])
         runner.restore(state["runner"])
         initial, final = state["initial"], dict(state["final"])
         logger.info("resumed from checkpoint %s (iteration %d of %d)", latest, runner.iteration, total)
-        if rank == 0:
-            truncate_metrics(run_dir / "metrics.jsonl", runner.iteration)
     else:
         reused = reusable_initial(cfg, heldout_ids) if colocated else None
         if reused is not None:
@@ -198,17 +199,22 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         _write_heldout(run_dir / "heldout_outputs_initial.jsonl", records)
         logger.info("initial student: %s", initial)
         final = dict(initial)
+    if rank == 0:
+        truncate_metrics(run_dir / METRICS_FILE, runner.iteration if latest is not None else None)
     per_round = cfg.pbkd.iterations_per_round
     with (
         MetricsLogger(
             str(run_dir), rank=rank, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
             wandb_mode=cfg.logging.wandb_mode, tensorboard=cfg.logging.tensorboard, config=config_to_dict(cfg),
         ) as metrics_logger,
-        ProgressBar(total, desc=cfg.pbkd.method, enabled=cfg.logging.progress_bar, unit="iter", rank=rank) as bar,
+        ProgressBar(
+            total, desc=cfg.pbkd.method, enabled=cfg.logging.progress_bar, unit="iter", rank=rank,
+            log_interval=cfg.train.log_interval,
+        ) as bar,
     ):  # fmt: skip
         if runner.iteration == 0:
             metrics_logger.log(0, dict(initial))
-        bar.update(runner.iteration)
+        bar.skip(runner.iteration)
         start = runner.iteration
         while runner.iteration < total:
             t = runner.iteration + 1
@@ -224,6 +230,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
             for step, m in sorted(_gather_metrics(runner).items()):
                 final.update(m)
                 metrics_logger.log(step, {**m, "round": (step - 1) // per_round + 1})
+                bar.note(**{k: v for k, v in m.items() if k.endswith("loss") and isinstance(v, float)})
             if round_end:
                 evaluation, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag + t))
                 _write_heldout(run_dir / "heldout_outputs.jsonl", records)
@@ -237,16 +244,10 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
                     "initial": initial,
                     "final": final,
                 }
-                save_roles_checkpoint(ckpt_root, t, engines, state, {"method": cfg.pbkd.method})
+                save_roles_checkpoint(ckpt_root, t, engines, state, {"method": cfg.pbkd.method}, retention)
     timing = runner.timing_report()
-    save_model_weights(run_dir / "student", models.policy.unwrapped() if models.policy is not None else None)
+    save_student(cfg, models.policy.unwrapped() if models.policy is not None else None)
     if rank == 0:
-        model_section = config_to_dict(cfg)["model"]
-        write_checkpoint_sidecar(run_dir / "student", model_section, cfg.data.tokenizer)
-        export_hf(run_dir / "student", model_section, cfg.data.tokenizer, run_dir / "student_hf")
-        logger.info(
-            "student: %s (megatron-core), %s (Hugging Face)", run_dir / "student", run_dir / "student_hf"
-        )
         (run_dir / "schedule_timing.json").write_text(json.dumps(timing, indent=1))
         final.update(_run_means(read_metrics(run_dir / "metrics.jsonl")))
         identity = evaluation_identity(cfg, heldout_ids, str(run_dir / "student"))

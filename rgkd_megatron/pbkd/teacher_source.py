@@ -1,6 +1,6 @@
 """Where white-box methods get the teacher's top-k distribution from.
 
-- ``LiveTeacher``: a no-grad forward of the teacher role on the batch (any rows: teacher responses,
+- ``live_teacher_topk``: a no-grad forward of the teacher role on the batch (any rows: teacher responses,
   student samples, preference pairs). Exact top-k + tail at the requested temperature.
 - ``CachedTeacher``: the precomputed sharded top-k cache (``tools/build_teacher_cache.py``), for
   rows that are the teacher's responses (off-policy). The cache is keyed by (dataset fingerprint,
@@ -37,17 +37,29 @@ class CachedTeacher:
     """Teacher buckets of the prompt set's teacher responses, read from a top-k cache."""
 
     def __init__(
-        self, cache_path: str, prompts_jsonl: str, tokenizer, vocab_size: int, temperature: float, work_dir
+        self,
+        cache_path: str,
+        prompts_jsonl: str,
+        tokenizer,
+        vocab_size: int,
+        temperature: float,
+        work_dir,
+        kd_topk: int | None = None,
     ):
+        from rgkd_megatron.cache.manifest import load_manifest
         from rgkd_megatron.cache.reader import TeacherCacheReader
-        from rgkd_megatron.data.indexed_dataset import IndexedDataset, dataset_paths
-        from rgkd_megatron.data.preprocess import preprocess_jsonl
+        from rgkd_megatron.data.indexed_dataset import IndexedDataset
+        from rgkd_megatron.data.preprocess import tokenize_once
 
+        cache_k = load_manifest(cache_path)["k"]
+        if kd_topk is not None and kd_topk != cache_k:
+            raise ValueError(
+                f"pbkd.kd_topk: {kd_topk}, but the teacher cache {cache_path} holds k={cache_k}; set "
+                f"pbkd.kd_topk={cache_k} (or leave it unset to take the cache's k), or rebuild the cache "
+                f"with --k {kd_topk}"
+            )
         prefix = str(work_dir / "prompts_tokenized")
-        if not (work_dir / "prompts_tokenized.json").is_file():
-            work_dir.mkdir(parents=True, exist_ok=True)
-            preprocess_jsonl(prompts_jsonl, tokenizer.path, prefix, overwrite=True)
-        assert dataset_paths(prefix)
+        tokenize_once(prompts_jsonl, tokenizer.path, prefix)
         self.dataset = IndexedDataset(prefix)
         self.reader = TeacherCacheReader(
             cache_path,
@@ -69,8 +81,9 @@ class CachedTeacher:
             n = min(len(cached), s)
             if not torch.equal(tokens[row, :n], torch.as_tensor(cached[:n].astype("int64"))):
                 raise ValueError(
-                    f"teacher cache: row {row} (prompt {sample}) differs from the cached dataset's tokens; "
-                    "rebuild the cache from this prompt set and tokenizer (same prompt template)"
+                    f"teacher cache: row {row} (prompt {sample}) differs from the tokenized prompt set "
+                    f"{self.dataset.prefix}: the prompt set or its prompt template changed since the cache "
+                    "was built; rebuild the cache from this prompt set and tokenizer"
                 )
             sample_ids[row, : n - 1] = sample
         got = self.reader.gather(sample_ids, torch.arange(s).expand(b, s))

@@ -11,7 +11,7 @@ Per round r = 1..T (T = 1 is the offline variant: pairs from the initial student
      current weights of both players.
 An RM step uses fresh student samples y_pi (the round's samples, then each policy step's rollouts as
 they are scored), paired by prompt with teacher samples y_E drawn at the rollout temperature
-(``pbkd.teacher_samples_path``), and preference pairs (DESIGN.md s.4); the first one is preceded by
+(``pbkd.teacher_samples_path``), and preference pairs (docs/design.md, the algorithm); the first one is preceded by
 ``rm_warmup_steps`` warm-up steps. A policy step samples n responses for each of
 ``prompts_per_step`` prompts, scores them with the (bounded) reward model, and applies RLOO (or
 PPO-clip; advantages optionally group-normalised) with beta * KL to the initial student and an

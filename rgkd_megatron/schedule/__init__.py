@@ -1,9 +1,9 @@
-"""Role scheduling (DESIGN.md section 6): placement, the plan, and the cost model.
+"""Role scheduling (docs/design.md, roles and the scheduler): placement, the plan, and the cost model.
 
 - ``config``: the ``placement`` and ``schedule`` config sections (plain dataclasses).
 - ``placement``: validate a placement and map it to one ``RoleLayout`` per role.
 - ``plan``: the plan as pure data (events with inputs, outputs and dependencies), its invariant
-  checker, a simulator (per-role busy/idle and iteration time) and JSON serialisation.
+  checker and JSON serialisation; ``simulate``: per-role busy/idle and iteration time of a plan.
 - ``cost_model``: phase times from FLOP/bandwidth estimates for H100/H200 clusters, presets.
 
 Nothing here creates a process group; the modules import no torch (``placement.role_layouts``

@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rgkd_megatron.config.pbkd import live_kd_topk
 from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER
 from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan, simulate
 
@@ -229,7 +230,7 @@ class Workload:
             teacher_rows=2 * rollouts if mm else rollouts,
             micro_batch_size=cfg.train.micro_batch_size,
             reference_forward=p.kl_beta > 0,
-            topk=p.kd_topk,
+            topk=live_kd_topk(p),
         )
 
 

@@ -1,4 +1,4 @@
-"""Placement as data: which ranks each role owns and how they are split (DESIGN.md section 6).
+"""Placement as data: which ranks each role owns and how they are split (docs/design.md, roles and the scheduler).
 
 Roles: POLICY (the student, train + generate, plus its frozen reference copy), REWARD (the reward
 model or MM-PbKD's Q-function, train + score), TEACHER (live teacher: scores student rollouts,
@@ -36,8 +36,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import yaml
 
 if TYPE_CHECKING:  # no runtime import of the config package: its loader may import this module
     from rgkd_megatron.config.pbkd import PbKDConfig
@@ -97,22 +95,20 @@ def role_needs(pbkd: PbKDConfig) -> dict[str, str | None]:
 
 def role_model_configs(cfg: RGKDConfig) -> tuple[dict[str, ModelConfig | None], list[str]]:
     """Each role's architecture: the student's for POLICY and REWARD (same spec, another head), the
-    ``pbkd.teacher_model_config`` YAML's for TEACHER (None when unset). Returns (configs, errors)."""
+    teacher's for TEACHER (``pbkd.teacher_model_config`` YAML, else the ``pbkd.teacher_load``
+    checkpoint's; None when neither says). Returns (configs, errors)."""
+    from rgkd_megatron.config.architecture import teacher_architecture
+
     models: dict[str, ModelConfig | None] = {POLICY: cfg.model, REWARD: cfg.model, TEACHER: None}
     errors: list[str] = []
     path = cfg.pbkd.teacher_model_config
-    if path:
-        from rgkd_megatron.config.loader import config_from_dict
-
-        if not os.path.isfile(path):
-            errors.append(f"pbkd.teacher_model_config: expected a YAML file, got {path!r} (not found)")
-        else:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-            try:
-                models[TEACHER] = config_from_dict({"model": raw.get("model", raw)}).model
-            except ValueError as exc:
-                errors.append(f"pbkd.teacher_model_config: {path}: {exc}")
+    if path and not os.path.isfile(path):
+        errors.append(f"pbkd.teacher_model_config: expected a YAML file, got {path!r} (not found)")
+        return models, errors
+    try:
+        models[TEACHER] = teacher_architecture(cfg)
+    except ValueError as exc:
+        errors.append(f"pbkd.teacher_model_config: {path}: {exc}" if path else str(exc))
     return models, errors
 
 
@@ -256,7 +252,10 @@ def _validate_disaggregated(cfg: RGKDConfig, world_size, needs, role_models) -> 
         if model is not None:
             errors += _shape_errors(model, w.tp, w.pp, f"{prefix}.tp", f"{prefix}.pp", _source(role))
         elif role == TEACHER and not cfg.pbkd.teacher_model_config:
-            errors.append("pbkd.teacher_model_config: required when the teacher role is placed; got null")
+            errors.append(
+                "pbkd.teacher_model_config: required when the teacher role is placed and pbkd.teacher_load "
+                "describes no architecture (no config.json or model_config.yaml there); got null"
+            )
         if role == TEACHER and not cfg.pbkd.teacher_load:
             errors.append("pbkd.teacher_load: required when the teacher role is placed; got null")
         if role == REWARD and cfg.pbkd.method == "mm_pbkd" and w.pp > 1:

@@ -1,8 +1,8 @@
-"""The plan as pure data: which role does what, when, on which inputs (DESIGN.md section 6).
+"""The plan as pure data: which role does what, when, on which inputs (docs/design.md, roles and the scheduler).
 
 A plan is a list of ``Event``s (role, action, step, round, iteration, inputs, outputs, depends_on)
 built from the schedule: T rounds x I iterations, each iteration a block of k_r RM steps and a
-block of k_p policy steps, as ``PbKDTrainer.run`` does. The list order is a valid execution order
+block of k_p policy steps, the order ``pbkd/trainer.py`` describes. The list order is a valid execution order
 (a topological order); ``depends_on`` holds every event an event waits for, so a runner may start
 an event as soon as those are done. No process group is involved: everything here is testable.
 

@@ -16,25 +16,29 @@ from typing import Iterator
 
 import torch.distributed as dist
 
-from rgkd_megatron.checkpoint.dist_ckpt import (
-    find_latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from rgkd_megatron.checkpoint.discovery import Retention, select_resume_checkpoint
+from rgkd_megatron.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
 from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_config, validate_config
-from rgkd_megatron.data.batching import MicroBatchSampler, collate_packed, collate_padded
+from rgkd_megatron.config.architecture import resolve_checkpoint_architectures
+from rgkd_megatron.convert.hf_load import load_weights
+from rgkd_megatron.data.batching import (
+    MicroBatchSampler,
+    check_samples_fit,
+    collate_packed,
+    collate_padded,
+)
 from rgkd_megatron.data.indexed_dataset import IndexedDataset, dataset_paths
-from rgkd_megatron.data.preprocess import preprocess_jsonl
-from rgkd_megatron.data.tokenizer import file_sha256, load_tokenizer
+from rgkd_megatron.data.preprocess import tokenize_once
+from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.models.builders import build_policy
 from rgkd_megatron.models.specs import resolve_spec_name
 from rgkd_megatron.parallel.groups import RoleGroups, layout_for_world
 from rgkd_megatron.training.engine import Engine, build_engine, run_forward_backward, train_step
 from rgkd_megatron.training.objectives import make_sft_forward_step
 from rgkd_megatron.training.setup import init_role
+from rgkd_megatron.training.student import describe_checkpoint, save_student
 from rgkd_megatron.utils.logging import get_logger
-from rgkd_megatron.utils.metrics import MetricsLogger
+from rgkd_megatron.utils.metrics import METRICS_FILE, MetricsLogger, truncate_metrics
 from rgkd_megatron.utils.progress import ProgressBar
 
 logger = get_logger(__name__)
@@ -50,20 +54,9 @@ def prepare_dataset(path: str, tokenizer_path: str, cache_dir: Path) -> IndexedD
         )
     prefix = str(cache_dir / Path(path).stem)
     if dist.get_rank() == 0:
-        cached = os.path.exists(dataset_paths(prefix)["json"])
-        if cached and _cache_is_current(prefix, path, tokenizer_path):
-            logger.info("reusing tokenized %s", prefix)
-        else:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            preprocess_jsonl(path, tokenizer_path, prefix, overwrite=True)
+        tokenize_once(path, tokenizer_path, prefix)
     dist.barrier()
     return IndexedDataset(prefix)
-
-
-def _cache_is_current(prefix: str, jsonl: str, tokenizer_path: str) -> bool:
-    dataset = IndexedDataset(prefix)
-    same_tokenizer = dataset.tokenizer_fingerprint == load_tokenizer(tokenizer_path).fingerprint
-    return same_tokenizer and dataset.meta.get("extra", {}).get("input_sha256") == file_sha256(jsonl)
 
 
 class SFTBatches:
@@ -123,9 +116,20 @@ def evaluate(engine: Engine, dataset: IndexedDataset, cfg: RGKDConfig) -> dict[s
     return {f"valid_{k}": v for k, v in metrics.items()}
 
 
+def _report_fit(dataset: IndexedDataset, seq_length: int, source: str) -> None:
+    """Refuse a dataset of which no sample fits ``seq_length``; count the truncated ones."""
+    cut, untrained = check_samples_fit(dataset.lengths, dataset.prompt_lengths, seq_length, source)
+    if cut:
+        logger.warning(
+            "%s: %d of %d samples are longer than data.seq_length=%d + 1 tokens and are truncated; %d of "
+            "them keep no response token (no loss)", source, cut, len(dataset), seq_length, untrained,
+        )  # fmt: skip
+
+
 def run_training(cfg: RGKDConfig) -> dict[str, float]:
     """Train the policy as ``cfg`` says; torch.distributed must already be initialised."""
     world_size = dist.get_world_size()
+    cfg = resolve_checkpoint_architectures(cfg)
     validate_config(cfg, world_size)
     run_dir = Path(cfg.logging.run_dir)
     if dist.get_rank() == 0:
@@ -149,10 +153,11 @@ def run_training(cfg: RGKDConfig) -> dict[str, float]:
             f"data.train_path: dataset was tokenized with tokenizer {dataset.tokenizer_fingerprint[:12]}, "
             f"data.tokenizer is {tokenizer.fingerprint[:12]}"
         )
+    _report_fit(dataset, cfg.data.seq_length, cfg.data.train_path)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     model = build_policy(cfg.model, cfg.parallel, groups, vocab_size)
     if cfg.model.load:
-        load_model_weights(cfg.model.load, model)
+        load_weights(cfg.model.load, model)
     engine = build_engine(
         model,
         groups,
@@ -166,17 +171,24 @@ def run_training(cfg: RGKDConfig) -> dict[str, float]:
     )
     ckpt_root = run_dir / "checkpoints"
     start_iter, consumed = 0, 0
-    latest = find_latest_checkpoint(ckpt_root)
+    latest = select_resume_checkpoint(ckpt_root)
     if latest is not None:
         state = load_checkpoint(latest, engine)
         start_iter, consumed = state["iteration"], int(state["extra"]["consumed_samples"])
         logger.info("resumed from %s (iteration %d)", latest, start_iter)
+    if dist.get_rank() == 0:
+        truncate_metrics(run_dir / METRICS_FILE, start_iter if latest is not None else None)
     data = SFTBatches(dataset, cfg, groups, consumed)
     valid = IndexedDataset(cfg.data.valid_path) if cfg.data.valid_path else None
-    return _loop(cfg, engine, data, valid, start_iter, ckpt_root, run_dir)
+    retention = Retention(cfg.train.keep_last_checkpoints, cfg.train.keep_checkpoint_every, latest)
+    last = _loop(cfg, engine, data, valid, start_iter, ckpt_root, run_dir, retention)
+    save_student(cfg, engine.unwrapped())
+    return last
 
 
-def _loop(cfg, engine, data: SFTBatches, valid, start_iter: int, ckpt_root: Path, run_dir: Path) -> dict:
+def _loop(
+    cfg, engine, data: SFTBatches, valid, start_iter: int, ckpt_root: Path, run_dir: Path, retention: Retention
+) -> dict:
     rank = dist.get_rank()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
     last: dict[str, float] = {}
@@ -191,10 +203,11 @@ def _loop(cfg, engine, data: SFTBatches, valid, start_iter: int, ckpt_root: Path
             config=config_to_dict(cfg),
         ) as metrics_logger,
         ProgressBar(
-            cfg.train.train_iters, desc="train", enabled=cfg.logging.progress_bar, unit="step", rank=rank
+            cfg.train.train_iters, desc="train", enabled=cfg.logging.progress_bar, unit="step", rank=rank,
+            log_interval=cfg.train.log_interval,
         ) as bar,
-    ):
-        bar.update(start_iter)
+    ):  # fmt: skip
+        bar.skip(start_iter)
         for iteration in range(start_iter, cfg.train.train_iters):
             started = time.perf_counter()
             batches = data.next_step()
@@ -220,7 +233,9 @@ def _loop(cfg, engine, data: SFTBatches, valid, start_iter: int, ckpt_root: Path
             if (
                 cfg.train.save_interval and step % cfg.train.save_interval == 0
             ) or step == cfg.train.train_iters:
-                save_checkpoint(ckpt_root, step, engine, extra={"consumed_samples": data.consumed_samples})
+                extra = {"consumed_samples": data.consumed_samples}
+                saved = save_checkpoint(ckpt_root, step, engine, extra, retention)
+                describe_checkpoint(saved, cfg)
     return last
 
 

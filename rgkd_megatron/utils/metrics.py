@@ -7,8 +7,9 @@
 Design choices:
 
 - JSONL is the source of truth (`run_dir/metrics.jsonl`, one object per `log` call, flushed per
-  line, appended to on resume): offline wandb keeps history only in a binary file, and tests and
-  reports need to read numbers back. wandb and TensorBoard are optional mirrors.
+  line, appended to on resume once ``truncate_metrics`` has cut it back to the resumed step):
+  offline wandb keeps history only in a binary file, and tests and reports need to read numbers
+  back. wandb and TensorBoard are optional mirrors.
 - Only rank 0 writes; other ranks get a logger whose calls do nothing, so callers need no `if`.
 - wandb is initialised lazily at the first `log` (offline by default, files under `run_dir`);
   TensorBoard writes to `run_dir/tb`. Asking for either when it is not importable raises a
@@ -31,9 +32,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rgkd_megatron.utils.jsonl import iter_jsonl
 from rgkd_megatron.utils.logging import get_logger
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics", "scrub_secrets"]
+__all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics", "scrub_secrets", "truncate_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 REDACTED = "***"
@@ -214,37 +216,31 @@ class MetricsLogger:
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl (or of `path/metrics.jsonl` when `path` is a directory).
 
-    A truncated last line (a run killed mid-write) is skipped; a malformed line elsewhere raises
-    ValueError with its line number.
+    A torn last line (a run killed mid-write) is dropped with a warning; a malformed line elsewhere
+    raises ValueError naming the file and the line.
     """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:
-                log.warning("%s: skipping truncated last line", path)
-                continue
-            raise ValueError(f"{path}:{i + 1}: malformed JSON line: {exc}") from None
-    return rows
+    return [row for _, _, row in iter_jsonl(path, torn_tail_ok=True)]
 
 
-def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> None:
-    """Drop rows logged after ``last_step`` (a resumed run logs them again), atomically."""
+def truncate_metrics(path: str | os.PathLike[str], last_step: int | None) -> None:
+    """Prepare ``metrics.jsonl`` for a (re)started run, atomically: keep the rows up to ``last_step``
+    (the resumed checkpoint's step; the run logs the later ones again) and drop a torn last line.
+    ``last_step=None`` (a start from scratch) drops every row of an earlier attempt. Every command
+    calls this once before its MetricsLogger opens the file, on rank 0.
+    """
     path = Path(path)
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
-    ]
+    rows = read_metrics(path)
+    kept = [row for row in rows if last_step is not None and row.get("step", 0) <= last_step]
+    if len(kept) < len(rows):
+        log.warning(
+            "%s: dropping %d rows logged after step %s (the run restarts from there)",
+            path, len(rows) - len(kept), last_step if last_step is not None else "0 (no checkpoint)",
+        )  # fmt: skip
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
     os.replace(tmp, path)

@@ -196,7 +196,7 @@ def _convert_tiny(workdir: Path, names: list[str]) -> dict:
         hf_io.HFCheckpoint.get = real_get
     out["hf_to_mcore_clean"] = _no_leftovers(workdir / "mc", "broken")
     real_load = m2h._load_slices
-    m2h._load_slices = lambda src, request: (_ for _ in ()).throw(RuntimeError("injected load failure"))
+    m2h._load_slices = lambda *args: (_ for _ in ()).throw(RuntimeError("injected load failure"))
     try:
         convert_mcore_to_hf(workdir / "mc" / names[0], workdir / "rt" / "broken")
         out["mcore_to_hf_failure_raised"] = False

@@ -99,3 +99,68 @@ def test_torchrun_tensor_parallel(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert _steps(tmp_path) == [1, 2]
     assert "launch: torchrun rank 0/2" in out.stderr
+
+
+def test_progress_lines_in_a_non_tty_log(tmp_path):
+    """stderr is a pipe here (as in a SLURM log): one line per log_interval, with ETA; a resumed run
+    counts the restored steps but times only its own."""
+    run_dir = tmp_path / "run"
+    common = [*SMALL, f"logging.run_dir={run_dir}", "train.log_interval=2"]
+    first = _train([*common, "train.train_iters=4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = [line for line in first.stderr.splitlines() if "rgkd_megatron.progress" in line]
+    assert [line.split("train step ")[1].split(" |")[0] for line in lines] == ["2/4 (50.0%)", "4/4 (100.0%)"]
+    assert all("| loss " in line and " tok/s |" in line and "| elapsed 0:" in line for line in lines)
+    assert "| eta 0:00:00" in lines[-1]
+    second = _train([*common, "train.train_iters=6"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    lines = [line for line in second.stderr.splitlines() if "rgkd_megatron.progress" in line]
+    assert [line.split("train step ")[1].split(" (")[0] for line in lines] == ["6/6"]
+
+
+def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, deadline_s: float = 600) -> None:
+    """Block until ``metrics`` holds a row of ``step`` or more (the trainer is past that step)."""
+    import time
+
+    waited = 0.0
+    while waited < deadline_s:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if metrics.is_file() and any(f'"step": {s},' in metrics.read_text() for s in range(step, step + 50)):
+            return
+        time.sleep(0.2)
+        waited += 0.2
+    raise AssertionError(f"no row of step {step} in {metrics}")
+
+
+def test_sigkill_and_resume_leave_one_metrics_row_per_step(tmp_path):
+    """A trainer killed after logging steps past its last checkpoint (and mid-way through a row):
+    the resumed run logs those steps again, so their old rows and the torn line must go."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    common = [*SMALL, f"logging.run_dir={run_dir}"]
+    first = _train([*common, "train.train_iters=4"])  # the checkpoint of step 4
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "rgkd_megatron.cli.train", "--config", str(REPO / "examples" / "tiny_sft.yaml")]
+    proc = subprocess.Popen(
+        [*cmd, *common, "train.train_iters=1000", "train.save_interval=1000"], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_step(proc, metrics, 5)  # resumed from step 4, no later checkpoint
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    killed_at = max(row["step"] for row in map(json.loads, metrics.read_text().splitlines()))
+    assert killed_at >= 5
+    with open(metrics, "a") as f:
+        f.write(f'{{"step": {killed_at + 1}, "lm_l')  # as if the kill had come mid-write
+    second = _train([*common, "train.train_iters=6"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "iteration 4" in second.stderr
+    assert "dropping a torn last line" in second.stderr
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]

@@ -18,7 +18,7 @@ from cache_synthetic import LENGTHS, SEQ, VOCAB, make_identity, make_rows, write
 
 from rgkd_megatron.cache import CacheCorruptionError, CacheMismatchError, TeacherCacheReader
 from rgkd_megatron.cache.format import read_header
-from rgkd_megatron.cache.manifest import plan_shards, rows_per_sample, shard_name
+from rgkd_megatron.cache.manifest import layout_of, plan_shards, rows_per_sample, shard_name
 from rgkd_megatron.cache.writer import CacheWriter
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +156,8 @@ def test_corrupt_shard_is_detected_by_block_crc_and_by_sha256(tmp_path):
     shard = manifest["shards"][1]
     path = tmp_path / shard["name"]
     # flip one byte of the ids of the shard's 6th row (block 1)
-    ids_offset = 128 + ((shard["num_rows"] * 4 * 2 + 63) // 64) * 64
-    _flip_byte(path, ids_offset + 5 * 4 * 4)
+    ids = layout_of(manifest, shard["num_rows"]).section("ids")
+    _flip_byte(path, ids.offset + 5 * manifest["k"] * ids.dtype.itemsize)
     reader = TeacherCacheReader(tmp_path)  # sizes and headers are fine: opens
     first = shard["first_sample"]
     with pytest.raises(CacheCorruptionError, match=rf"{shard['name']}: block 1 .* crc32"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import random
@@ -29,6 +30,7 @@ from rgkd_megatron.data import (
     make_sft_sample,
     write_indexed_dataset,
 )
+from rgkd_megatron.data.batching import check_samples_fit, trained_positions
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = REPO / "examples" / "tokenizer"
@@ -231,9 +233,9 @@ def test_preprocess_matches_direct_tokenization(tmp_path, preprocess, raw_hf):
         == hashlib.sha256((TOKENIZER_DIR / "tokenizer.json").read_bytes()).hexdigest()
     )
     assert ds.vocab_size == 512
-    bin_bytes, idx_bytes = Path(f"{out}.bin").read_bytes(), Path(f"{out}.idx").read_bytes()
-    assert ds.fingerprint == hashlib.sha256(bin_bytes + idx_bytes).hexdigest()
-    assert ds.num_tokens * 2 == len(bin_bytes)
+    files = [Path(f"{out}{ext}").read_bytes() for ext in (".bin", ".idx", ".prompt_lengths.npy")]
+    assert ds.fingerprint == hashlib.sha256(b"".join(files)).hexdigest()
+    assert ds.num_tokens * 2 == len(files[0])
 
     # --no-template keeps the raw prompt; two workers give byte-identical output.
     out2 = tmp_path / "raw"
@@ -261,19 +263,22 @@ def test_preprocess_matches_direct_tokenization(tmp_path, preprocess, raw_hf):
 @pytest.mark.parametrize(
     "bad_line, message",
     [
-        ('{"prompt": "p"}', "line 3: missing field 'response'"),
-        ('{"prompt": "p", "response": 7}', "line 3: field 'response' must be a string"),
-        ('{"prompt": "p", "response": ', "line 3: invalid JSON"),
-        ('["prompt", "response"]', "line 3: expected a JSON object"),
+        ('{"prompt": "p"}', ":3: missing field 'response'"),
+        ('{"prompt": "p", "response": 7}', ":3: field 'response' must be a string"),
+        ('{"prompt": "p", "response": ', ":3: invalid JSON"),
+        ('["prompt", "response"]', ":3: expected a JSON object"),
+        (b'{"prompt": "p", "response": "caf\xe9"}', ":3: not valid UTF-8 (byte 0xe9 at column 33)"),
     ],
 )
 def test_preprocess_bad_input_names_file_line_field(tmp_path, preprocess, bad_line, message):
     src = tmp_path / "bad.jsonl"
-    _write_jsonl(src, [RECORDS[0], RECORDS[1], bad_line, RECORDS[2]])
+    _write_jsonl(src, [RECORDS[0], RECORDS[1], "BAD", RECORDS[2]])
+    line = bad_line if isinstance(bad_line, bytes) else bad_line.encode()
+    src.write_bytes(src.read_bytes().replace(b"BAD", line))
     out = tmp_path / "ds"
     with pytest.raises(SystemExit) as exc:
         preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output-prefix", str(out)])
-    assert message in str(exc.value) and str(src) in str(exc.value)
+    assert f"{src}{message}" in str(exc.value)
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing written, no temp files left
 
 
@@ -301,14 +306,14 @@ def _small_dataset(prefix, vocab_size=1000):
     return samples
 
 
-def test_indexed_dataset_roundtrip_uint32_and_pickle(tmp_path):
+def test_indexed_dataset_roundtrip_int32_and_pickle(tmp_path):
     samples = _small_dataset(tmp_path / "a", vocab_size=70_000)
     ds = IndexedDataset(str(tmp_path / "a"), verify=True)
     assert len(ds) == 3 and ds.vocab_size == 70_000 and ds.tokenizer_fingerprint == "tokfp"
     assert os.path.getsize(tmp_path / "a.bin") == 8 * 4
     for i, (tokens, prompt_len) in enumerate(samples):
         got, got_prompt = ds[i]
-        assert got.dtype == np.uint32 and got.tolist() == tokens and got_prompt == prompt_len
+        assert got.dtype == np.int32 and got.tolist() == tokens and got_prompt == prompt_len
     assert ds[-1][0].tolist() == samples[-1][0]
     with pytest.raises(IndexError):
         ds[3]
@@ -336,7 +341,7 @@ def test_interrupted_overwrite_keeps_previous_dataset(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_indexed_dataset(str(tmp_path / "a"), crashing(), "t", "s", 1000)
-    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "a.json"]
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.idx", "a.json", "a.prompt_lengths.npy"]
     ds = IndexedDataset(str(tmp_path / "a"), verify=True)
     assert [ds[i][0].tolist() for i in range(len(ds))] == [s[0] for s in samples]
 
@@ -375,6 +380,35 @@ def test_missing_files_and_unknown_version(tmp_path):
     os.remove(tmp_path / "b.idx")
     with pytest.raises(FileNotFoundError, match=r"b\.idx"):
         IndexedDataset(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("vocab_size", [1000, 70_000])
+def test_megatron_core_reader_reads_the_written_files(tmp_path, vocab_size):
+    """megatron-core's own IndexedDataset (what Megatron-LM's GPTDataset reads) gives every sample."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
+
+    samples = _small_dataset(tmp_path / "a", vocab_size)
+    theirs = MegatronIndexedDataset(str(tmp_path / "a"))
+    assert len(theirs) == len(samples)
+    assert theirs.document_indices.tolist() == list(range(len(samples) + 1))  # a document per sample
+    assert [theirs[i].tolist() for i in range(len(samples))] == [s[0] for s in samples]
+    prompt = np.load(tmp_path / "a.prompt_lengths.npy")
+    assert prompt.tolist() == [s[1] for s in samples]
+
+
+def test_version_1_datasets_are_still_read(tmp_path):
+    """The previous format (npy index of (start, end, prompt_len)), written here by hand."""
+    tokens = np.array([1, 2, 3, 4, 5, 9, 0, 7], dtype="<u2")
+    index = np.array([[0, 4, 2], [4, 5, 0], [5, 8, 3]], dtype=np.int64)
+    (tmp_path / "v1.bin").write_bytes(tokens.tobytes())
+    with open(tmp_path / "v1.idx", "wb") as f:
+        np.save(f, index)
+    files = {k: {"size": 0, "sha256": "-"} for k in ("bin", "idx")}
+    meta = {"format": "rgkd_indexed_dataset", "version": 1, "dtype": "uint16", "num_samples": 3}
+    meta.update(num_tokens=8, vocab_size=10, tokenizer_fingerprint="t", source_fingerprint="s")
+    (tmp_path / "v1.json").write_text(json.dumps({**meta, "fingerprint": "f", "files": files}))
+    ds = IndexedDataset(str(tmp_path / "v1"))
+    assert [(ds[i][0].tolist(), ds[i][1]) for i in range(3)] == [([1, 2, 3, 4], 2), ([5], 0), ([9, 0, 7], 3)]
 
 
 # --------------------------------------------------------------------------------------------- collation
@@ -510,3 +544,54 @@ def test_sampler_rejects_bad_state():
         MicroBatchSampler(10, 2, 2, 2, seed=1)
     with pytest.raises(ValueError, match="smaller than one global"):
         MicroBatchSampler(3, 2, 0, 2, seed=1)
+
+
+def _fits_by_collation(samples, seq_length):
+    """Loss positions per sample, counted on the padded batch the trainer builds."""
+    return [int(collate_padded([s], seq_length, 0)["loss_mask"].sum()) for s in samples]
+
+
+def test_trained_positions_match_the_collated_loss_mask():
+    rng = random.Random(0)
+    seq = 12
+    samples = []
+    for _ in range(60):
+        prompt_len = rng.randint(1, 20)
+        samples.append((list(range(prompt_len + rng.randint(0, 10))), prompt_len))
+    samples += [([1, 2, 3], 3), ([5] * 13, 12), ([5] * 14, 13), ([5] * 13, 13)]  # the boundaries
+    lengths = np.array([len(t) for t, _ in samples])
+    prompts = np.array([p for _, p in samples])
+    assert trained_positions(lengths, prompts, seq).tolist() == _fits_by_collation(samples, seq)
+
+
+def test_check_samples_fit_counts_cut_samples_and_refuses_when_none_trains():
+    lengths, prompts = np.array([30, 8, 40]), np.array([25, 4, 20])
+    assert check_samples_fit(lengths, prompts, 16, "d.jsonl") == (2, 2)  # 30 and 40 cut, 2 untrained
+    with pytest.raises(
+        ValueError, match=r"no sample of d.jsonl fits: prompts are 20 to 25 tokens, data.seq_length is 8"
+    ):
+        check_samples_fit(np.array([30, 40]), np.array([25, 20]), 8, "d.jsonl")
+
+
+def test_tokenize_once_reuses_a_current_copy_and_replaces_a_stale_one(tmp_path, caplog):
+    from rgkd_megatron.data.preprocess import tokenize_once
+
+    src, prefix = tmp_path / "d.jsonl", str(tmp_path / "run" / "data" / "d")
+    _write_jsonl(src, RECORDS[:2])
+    tokenize_once(str(src), str(TOKENIZER_DIR), prefix)
+    first = Path(f"{prefix}.bin").read_bytes()
+    tokenize_once(str(src), str(TOKENIZER_DIR), prefix)
+    assert Path(f"{prefix}.bin").read_bytes() == first
+    _write_jsonl(src, RECORDS[:3])  # the source changed since the copy was made
+    logging.getLogger("rgkd_megatron.data.preprocess").addHandler(caplog.handler)
+    try:
+        tokenize_once(str(src), str(TOKENIZER_DIR), prefix)
+    finally:
+        logging.getLogger("rgkd_megatron.data.preprocess").removeHandler(caplog.handler)
+    assert f"{prefix} is stale" in caplog.text
+    tok = load_tokenizer(str(TOKENIZER_DIR))
+    assert len(IndexedDataset(prefix)) == 3
+    tokens, prompt_len = IndexedDataset(prefix)[2]
+    prompt = tok.encode(tok.apply_prompt_template(RECORDS[2]["prompt"]))
+    assert tokens.tolist() == prompt + tok.encode(RECORDS[2]["response"]) + [tok.eos_id]
+    assert prompt_len == len(prompt)

@@ -68,7 +68,7 @@ def test_bad_truncated_field_names_file_and_line(tmp_path, tok):
     path = _write(tmp_path / "p.jsonl", [RECORDS[0], {"prompt": "x", "response": "y", "truncated": "yes"}])
     with pytest.raises(ValueError, match=r"p\.jsonl:2: field 'truncated'"):
         load_prompt_set(path, tok, 64, 16)
-    with pytest.raises(ValueError, match=r"line 2: field 'truncated'"):
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: field 'truncated'"):
         preprocess_jsonl(path, TOKENIZER, str(tmp_path / "ds"))
 
 

@@ -18,6 +18,7 @@ from rgkd_megatron.utils import (
     scrub_secrets,
     setup_logging,
 )
+from rgkd_megatron.utils.metrics import truncate_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -213,3 +214,31 @@ def test_metrics_jsonl_is_one_object_per_line(tmp_path):
             m.log(step, {"x": step * 0.5})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_truncate_metrics_keeps_the_resumed_steps_and_drops_a_torn_line(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "time": 1.5, "loss": 10.0 - s} for s in (0, 1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')  # killed mid-write
+    logging.getLogger("rgkd_megatron.utils").addHandler(caplog.handler)
+    try:
+        truncate_metrics(path, 2)
+    finally:
+        logging.getLogger("rgkd_megatron.utils").removeHandler(caplog.handler)
+    assert path.read_text().splitlines() == [json.dumps(r) for r in rows[:3]]
+    assert f"{path}:6: dropping a torn last line" in caplog.text
+    assert "dropping 2 rows logged after step 2" in caplog.text
+    truncate_metrics(path, None)  # a start from scratch: nothing of the earlier attempt is kept
+    assert path.read_text() == ""
+    truncate_metrics(tmp_path / "absent.jsonl", 3)  # no file yet: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_read_metrics_names_file_and_line_of_a_bad_row(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "x": "\xff"}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid UTF-8"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n{"step": 2,\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: invalid JSON"):
+        read_metrics(path)

@@ -13,6 +13,12 @@ def test_both_ends_of_the_tested_range_pass():
     assert mcore_version.check_version(mcore_version.installed_version(), strict=True)
 
 
+def test_a_local_build_label_is_judged_by_its_release():
+    assert mcore_version.check_version("0.19.2+2377bcb", strict=True, allow_untested=False)
+    with pytest.raises(RuntimeError, match="0.19.3"):
+        mcore_version.check_version("0.19.3+2377bcb", strict=True, allow_untested=False)
+
+
 @pytest.mark.parametrize("version", ["0.15.0", "0.20.0", "1.0.0rc1"])
 def test_untested_version_refused_on_cpu_naming_the_range(version):
     with pytest.raises(RuntimeError) as err:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from judge_helpers import write_judge_dist
 
+from rgkd_megatron.config import load_config
 from rgkd_megatron.data.preference import PreferencePair, PreferenceStore, Provenance
 from rgkd_megatron.pbkd.judges import Judgement, make_judge, orient
 
@@ -57,8 +59,23 @@ def test_teacher_wins_and_orientation():
     assert orient(Judgement(margin=-2.0, tie=False), [1, 2], [3]) == ((3,), (1, 2))
 
 
-def test_entry_point_judge_scores_by_user_function():
-    judge = make_judge("entry_point", entry_point="judge_helpers:longer_is_better")
+@pytest.fixture
+def registered(tmp_path, monkeypatch):
+    """Judges registered in the rgkd_megatron.judges entry-point group of an 'installed' package."""
+    write_judge_dist(
+        tmp_path,
+        {
+            "longer": "judge_helpers:longer_is_better",
+            "missing_attr": "judge_helpers:missing",
+            "three_args": "judge_helpers:needs_three_args",
+            "text_score": "judge_helpers:returns_text",
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_entry_point_judge_scores_by_registered_function(registered):
+    judge = make_judge("entry_point", entry_point="longer")
     verdict = judge(0, "p", "short", "much longer answer")
     assert verdict.margin == len("short") - len("much longer answer") and not verdict.teacher_preferred
     assert judge(0, "p", "abc", "xyz").tie
@@ -67,15 +84,29 @@ def test_entry_point_judge_scores_by_user_function():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("os.system", "expected 'package.module:function'"),
-        ("no_such_module_xyz:f", "cannot import"),
-        ("judge_helpers:missing", "no callable missing"),
-        ("judge_helpers:longer_is_better; import os", "expected"),
+        ("judge_helpers:longer_is_better", "expected the name of a registered judge"),
+        ("shutil:copyfile", "rgkd_megatron.judges"),
+        ("longer; import os", "expected the name of a registered judge"),
+        ("os.system", "no judge 'os.system' is registered"),
+        ("missing_attr", "cannot load judge_helpers:missing"),
+        ("three_args", r"expected a callable \(prompt: str, response: str\)"),
     ],
 )
-def test_bad_entry_points(spec, message):
+def test_bad_entry_points(registered, spec, message):
     with pytest.raises(ValueError, match=message):
         make_judge("entry_point", entry_point=spec)
+
+
+def test_entry_point_judge_refuses_a_non_numeric_score(registered):
+    judge = make_judge("entry_point", entry_point="text_score")
+    with pytest.raises(ValueError, match="text_score.*expected a finite float score, got 'good'"):
+        judge(0, "p", "a", "b")
+
+
+def test_config_refuses_module_function_judge_and_says_how_to_register():
+    with pytest.raises(ValueError, match="pbkd.judge_entry_point.*entry_points=") as info:
+        load_config(None, ["pbkd.judge=entry_point", "pbkd.judge_entry_point=shutil:copyfile"])
+    assert "pyproject.toml" in str(info.value)
 
 
 def test_label_file_judge(tmp_path):

@@ -1,0 +1,285 @@
+"""Teacher cache format version 2: packed ids, q8 log-probs, and version-1 caches still read.
+
+References are independent of the code under test: ids and log-probs generated here, the q8 error
+bound from the documented formula, a version-1 cache assembled byte by byte from the documented
+layout (struct + numpy, not the writer), and the KD loss on the unquantised values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rgkd_megatron.cache import TeacherCacheReader
+from rgkd_megatron.cache.format import ShardArrays, ShardHeader, decode_rows, encode_rows, q8_error_bound
+from rgkd_megatron.cache.manifest import new_identity
+from rgkd_megatron.cache.writer import CacheWriter
+from rgkd_megatron.losses import topk_kd_loss
+
+REPO = Path(__file__).resolve().parents[2]
+K = 64
+LENGTHS = [9, 30, 1, 17, 25, 12]
+SEQ = 24
+
+
+def _teacher_rows(n: int, k: int, vocab: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher-like rows: top-k of a softmax over random logits (sorted), distinct ids that include
+    the largest id of the vocabulary and ids with high bits set."""
+    lp = np.empty((n, k), np.float32)
+    ids = np.empty((n, k), np.int32)
+    tail = np.empty(n, np.float32)
+    for r in range(n):
+        logits = rng.normal(0, 3, 4 * k)
+        logp = logits - np.log(np.exp(logits).sum()) - rng.uniform(0, 1)  # leave mass outside
+        order = np.argsort(-logp)[:k]
+        lp[r] = logp[order]
+        tail[r] = 1 - np.exp(lp[r]).sum()
+        ids[r] = rng.choice(vocab, k, replace=False)
+        ids[r, r % k] = vocab - 1
+    return lp, ids, rng.normal(5, 3, n).astype(np.float32), tail
+
+
+def _identity(vocab: int, dtype: str, k: int = K, **over):
+    args = dict(
+        teacher={"fingerprint": "t"}, tokenizer_fingerprint="tok", vocab_size=vocab, dataset={"fingerprint": "d"},
+        lengths=np.array(LENGTHS), k=k, temperature=1.0, dtype=dtype, seq_length=SEQ, rows_per_shard=40,
+        block_rows=8, build={"tp": 1},
+    )  # fmt: skip
+    args.update(over)
+    return new_identity(**args)
+
+
+def _write(directory, vocab: int, dtype: str, seed: int = 0, **over):
+    identity, offsets = _identity(vocab, dtype, **over)
+    writer = CacheWriter(str(directory), identity, offsets)
+    writer.prepare()
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for i, shard in enumerate(writer.plan):
+        lp, ids, lse, tail = _teacher_rows(shard["num_rows"], identity["k"], vocab, rng)
+        stored = lp.astype(np.float16) if dtype == "fp16" else lp
+        writer.commit(i, ShardArrays(stored, ids, lse, tail))
+        for s in range(shard["first_sample"], shard["first_sample"] + shard["num_samples"]):
+            lo, hi = offsets[s] - shard["first_row"], offsets[s + 1] - shard["first_row"]
+            rows[s] = (lp[lo:hi], ids[lo:hi], lse[lo:hi], tail[lo:hi])
+    writer.finalize()
+    return identity, offsets, rows
+
+
+def _documented_bound(lp: np.ndarray) -> np.ndarray:
+    """max(s / 2, half an fp16 ulp of m) from the docstring's formula, with slack for fp16 rounding up."""
+    lp = np.maximum(lp.astype(np.float32), np.log(np.finfo(np.float32).tiny))
+    span = lp.max(1) - lp.min(1)
+    return np.maximum(span / 255 / 2 * (1 + 2**-9), np.abs(lp[:, 0]) * 2**-11) + 1e-5
+
+
+@pytest.mark.parametrize("vocab", [49_152, 32_000, 151_936])
+@pytest.mark.parametrize("dtype", ["q8", "fp16"])
+def test_round_trip_packed_ids(tmp_path, vocab, dtype):
+    identity, offsets, rows = _write(tmp_path, vocab, dtype)
+    reader = TeacherCacheReader(tmp_path, vocab_size=vocab)
+    assert reader.format_version == 2 and identity["ids_dtype"] == f"packed{(vocab - 1).bit_length()}"
+    for s, (lp, ids, lse, tail) in rows.items():
+        got = reader.get(s)
+        assert torch.equal(got.ids, torch.from_numpy(ids))  # every id exactly, vocab - 1 included
+        if dtype == "q8":
+            err = (got.logprobs.numpy() - lp).__abs__()
+            assert (err <= _documented_bound(lp)[:, None]).all(), err.max()
+            torch.testing.assert_close(got.tail, torch.from_numpy(tail), rtol=2**-11, atol=1e-7)
+            torch.testing.assert_close(got.lse, torch.from_numpy(lse), rtol=2**-11, atol=1e-7)
+        else:
+            assert torch.equal(got.logprobs, torch.from_numpy(lp.astype(np.float16)))
+            assert torch.equal(got.tail, torch.from_numpy(tail)) and torch.equal(
+                got.lse, torch.from_numpy(lse)
+            )
+    sid = np.array([[1, 1, 1, -1], [4, 4, 3, 3]])
+    pos = np.array([[0, 1, 2, 0], [5, 6, 0, 1]])
+    batch = reader.gather(sid, pos)
+    for b in range(2):
+        for j in range(4):
+            if sid[b, j] >= 0:
+                assert torch.equal(batch["ids"][b, j], torch.from_numpy(rows[sid[b, j]][1][pos[b, j]]))
+    if dtype == "q8":  # bytes per token at k = 64: 63 codes + (m, s) + ids + fp16 lse and tail
+        hi = -(-K * max(0, (vocab - 1).bit_length() - 16) // 8)
+        per_row = (K - 1) + 4 + 2 * K + hi + 4
+        assert per_row == (199 if vocab <= 65_536 else 215)
+        shard_bytes = sum(e["size"] for e in reader.manifest["shards"])
+        assert shard_bytes / reader.num_rows < per_row + 40  # + headers, alignment, crc of tiny shards
+        if vocab <= 65_536:
+            big = ShardHeader(K, "q8", 1024, 1 << 20, 0, 0, 1, 2, (vocab - 1).bit_length())
+            from rgkd_megatron.cache.format import shard_layout
+
+            assert shard_layout(big.num_rows, K, "q8", 1024, 2, big.id_bits).size / big.num_rows <= 200
+
+
+def test_q8_error_bound_on_hard_rows():
+    """Wide ranges, -inf, ties, positive rounding noise, k = 1 and k = 2."""
+    rows = [
+        np.array([-1e-7, -0.5, -3.0, -88.0, -np.inf, -np.inf], np.float32),
+        np.array([-2.0] * 6, np.float32),
+        np.array([1e-7, -1e-4, -1e-3, -0.01, -0.1, -1.0], np.float32),
+        np.array([-60.0, -60.5, -61.0, -70.0, -80.0, -87.0], np.float32),
+    ]
+    for k in (6, 2, 1):
+        lp = np.stack([r[:k] for r in rows])
+        header = ShardHeader(k, "q8", 4, lp.shape[0], 0, 0, 1, 2, 10)
+        arrays = ShardArrays(
+            lp, np.zeros(lp.shape, np.int32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+        )
+        sections = encode_rows(arrays, header)
+        names = ["logprobs", "qparams", "ids", "lse", "tail"]
+        dec = decode_rows(dict(zip(names, sections)), header)[0]
+        clamped = np.maximum(lp, np.log(np.finfo(np.float32).tiny))
+        err = np.abs(dec - clamped)
+        bound = q8_error_bound(sections[1])
+        assert (err <= bound[:, None]).all() and (err <= _documented_bound(lp)[:, None]).all()
+        assert np.all(np.diff(dec, axis=1) <= 0)  # still sorted descending
+
+
+# --------------------------------------------------------------------------------------------------
+# version 1, assembled from the documented layout
+
+
+def _v1_cache(directory: Path, vocab: int, k: int, rng) -> dict:
+    """A one-shard version-1 cache (fp16 log-probs, int32 ids, fp32 lse / tail), bytes laid out by hand."""
+    lengths = np.array(LENGTHS)
+    n_rows = np.clip(np.minimum(lengths, SEQ + 1) - 1, 0, None)
+    offsets = np.concatenate([[0], np.cumsum(n_rows)]).astype("<i8")
+    r, block_rows = int(offsets[-1]), 8
+    lp, ids, lse, tail = _teacher_rows(r, k, vocab, rng)
+    cols = [lp.astype("<f2"), ids.astype("<i4"), lse.astype("<f4"), tail.astype("<f4")]
+    blocks = -(-r // block_rows)
+    header = struct.pack("<8sIIIIQQQQQ", b"RGKDTOPK", 1, k, 1, block_rows, r, 0, 0, len(lengths), blocks)
+    data = bytearray(header.ljust(128, b"\0"))
+    for col in cols:
+        data += b"\0" * (-len(data) % 64) + col.tobytes()
+    data += b"\0" * (-len(data) % 64)
+    for b in range(blocks):
+        crc = 0
+        for col in cols:
+            crc = zlib.crc32(col[b * block_rows : (b + 1) * block_rows].tobytes(), crc)
+        data += struct.pack("<I", crc)
+    (directory / "shard_000000.bin").write_bytes(bytes(data))
+    index = io.BytesIO()
+    np.save(index, offsets, allow_pickle=False)
+    (directory / "rows.npy").write_bytes(index.getvalue())
+    manifest = {
+        "format": "rgkd_teacher_topk_cache", "version": 1, "teacher": {"fingerprint": "t"},
+        "tokenizer_fingerprint": "tok", "vocab_size": vocab, "k": k, "temperature": 1.0, "dtype": "fp16",
+        "ids_dtype": "int32", "dataset": {"fingerprint": "d", "num_samples": len(lengths)}, "seq_length": SEQ,
+        "rows_per_shard": 1000, "block_rows": block_rows, "num_rows": r,
+        "row_index": {"name": "rows.npy", "size": len(index.getvalue()),
+                      "sha256": hashlib.sha256(index.getvalue()).hexdigest()},
+        "shards": [{"name": "shard_000000.bin", "first_sample": 0, "num_samples": len(lengths), "first_row": 0,
+                    "num_rows": r, "size": len(data), "sha256": hashlib.sha256(bytes(data)).hexdigest()}],
+        "build": {},
+    }  # fmt: skip
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return {"offsets": offsets, "cols": cols}
+
+
+def test_version_1_cache_is_still_read(tmp_path):
+    v1 = _v1_cache(tmp_path, 151_936, 5, np.random.default_rng(3))
+    reader = TeacherCacheReader(tmp_path, verify="full")
+    assert reader.format_version == 1 and reader.dtype == torch.float16
+    lp, ids, lse, tail = v1["cols"]
+    for s in range(len(LENGTHS)):
+        lo, hi = v1["offsets"][s], v1["offsets"][s + 1]
+        got = reader.get(s)
+        assert torch.equal(got.logprobs, torch.from_numpy(lp[lo:hi]))
+        assert torch.equal(got.ids, torch.from_numpy(ids[lo:hi]))
+        assert torch.equal(got.lse, torch.from_numpy(lse[lo:hi]))
+        assert torch.equal(got.tail, torch.from_numpy(tail[lo:hi]))
+    sys.path.insert(0, str(REPO / "tools"))
+    from inspect_cache import inspect
+
+    stats = inspect(str(tmp_path))
+    assert stats["format_version"] == 1 and stats["q8_error_bound_max"] is None
+
+
+def test_inspect_reports_version_bytes_and_bound(tmp_path):
+    _, _, rows = _write(tmp_path, 49_152, "q8")
+    sys.path.insert(0, str(REPO / "tools"))
+    from inspect_cache import _report, inspect
+
+    stats = inspect(str(tmp_path))
+    worst = max(float(np.abs(TeacherCacheReader(tmp_path).get(s).logprobs.numpy() - r[0]).max())
+                for s, r in rows.items() if len(r[0]))  # fmt: skip
+    assert stats["format_version"] == 2 and stats["ids_dtype"] == "packed16"
+    assert worst <= stats["q8_error_bound_max"] <= 0.1
+    text = _report(stats)
+    assert "version 2" in text and "q8 log-prob error <=" in text and "bytes/token" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# the KD loss on quantised vs unquantised teacher values
+
+
+def _kd_losses(lp: np.ndarray, ids: np.ndarray, tail: np.ndarray, q_lp, q_tail, vocab: int, seed: int,
+               noises=(0.1, 2.0)):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    n = lp.shape[0]
+    out = []
+    idx = torch.from_numpy(ids).long()
+    for kind in ("fkl", "rkl", "jsd", "tvd"):
+        for noise in noises:  # 0.1: a student near the teacher; 2.0: a far one
+            # outside the teacher's top-k: N(-12, 1) near the teacher (a tail mass like the teacher's),
+            # N(-5, 2) for the far student
+            logits = torch.randn(n, vocab, generator=g) * max(1.0, noise) - (12 if noise < 1 else 5)
+            logits.scatter_(1, idx, torch.from_numpy(lp) + noise * torch.randn(lp.shape, generator=g))
+            mask = torch.ones(n)
+            ref = topk_kd_loss(
+                logits, idx, torch.from_numpy(lp), mask, kind, teacher_tail_t=torch.from_numpy(tail)
+            )
+            got = topk_kd_loss(
+                logits, idx, torch.from_numpy(q_lp), mask, kind, teacher_tail_t=torch.from_numpy(q_tail)
+            )
+            out.append((kind, noise, float(ref[0]), float(got[0])))
+    return out
+
+
+def test_kd_loss_unchanged_by_q8_synthetic_teacher(tmp_path):
+    vocab = 4_000
+    _, _, rows = _write(tmp_path, vocab, "q8", seed=5)
+    reader = TeacherCacheReader(tmp_path)
+    samples = [s for s in rows if len(rows[s][0])]
+    lp = np.concatenate([rows[s][0] for s in samples])
+    ids = np.concatenate([rows[s][1] for s in samples])
+    tail = np.concatenate([rows[s][3] for s in samples])
+    got = [reader.get(s) for s in samples]
+    q_lp = torch.cat([g.logprobs for g in got]).numpy()
+    q_tail = torch.cat([g.tail for g in got]).numpy()
+    for kind, noise, ref, q in _kd_losses(lp, ids, tail, q_lp, q_tail, vocab, 0):
+        assert abs(q - ref) <= 1e-3 * abs(ref), (kind, noise, ref, q)
+
+
+REAL_CACHE = REPO / "runs" / "embedded" / "cache"
+
+
+@pytest.mark.skipif(
+    not (REAL_CACHE / "manifest.json").exists(), reason="no real SmolLM2 cache in runs/embedded"
+)
+def test_kd_loss_unchanged_by_q8_real_cache(tmp_path):
+    """The embedded SmolLM2 teacher cache (written by an earlier version, fp16): re-stored as q8, the KD
+    losses of 512 of its tokens (a student near the teacher) move by < 1e-3 relative."""
+    real = TeacherCacheReader(os.fspath(REAL_CACHE))
+    lp16, ids, lse, tail = real.shard_columns(0)
+    rows = np.random.default_rng(0).permutation(lp16.shape[0])[:512]
+    lp, ids, lse, tail = lp16[rows].astype(np.float32), ids[rows], lse[rows], tail[rows]
+    header = ShardHeader(real.k, "q8", 1024, len(rows), 0, 0, 1, 2, (real.vocab_size - 1).bit_length())
+    sections = encode_rows(ShardArrays(lp, ids, lse, tail), header)
+    names = ["logprobs", "qparams", "ids"] + (["ids_hi"] if header.id_bits > 16 else []) + ["lse", "tail"]
+    q_lp, q_ids, _, q_tail = decode_rows(dict(zip(names, sections)), header)
+    assert np.array_equal(q_ids, ids)
+    for kind, noise, ref, q in _kd_losses(lp, ids, tail, q_lp, q_tail, real.vocab_size, 1, (0.1,)):
+        assert abs(q - ref) <= 1e-3 * abs(ref), (kind, noise, ref, q)
