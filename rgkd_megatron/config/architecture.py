@@ -12,9 +12,12 @@ from its schema default counts as set.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Collection
+from typing import Any
 
 from rgkd_megatron.config.schema import ModelConfig, RGKDConfig
 
@@ -59,17 +62,25 @@ def resolve_architecture(
     return dataclasses.replace(model, **updates)
 
 
+@functools.lru_cache(maxsize=16)
+def _read_yaml(path: str, mtime_ns: int, size: int) -> Any:
+    """The YAML file at ``path``, parsed once per (path, modification time, size): validation,
+    placement and model building all ask for the teacher's architecture, the file is read once."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
 def teacher_architecture(cfg: RGKDConfig) -> ModelConfig | None:
     """The teacher's ``model`` section: ``pbkd.teacher_model_config`` (a YAML file) when set, checked
     against the checkpoint ``pbkd.teacher_load``; else the checkpoint's own; None without either."""
     path, load = cfg.pbkd.teacher_model_config, cfg.pbkd.teacher_load
     if path:
-        import yaml
-
         from rgkd_megatron.config.loader import config_from_dict
 
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        stat = os.stat(path)
+        raw = copy.deepcopy(_read_yaml(os.path.abspath(path), stat.st_mtime_ns, stat.st_size))
         section = raw.get("model", raw)
         base = config_from_dict({"model": section}).model
         return resolve_architecture(base, load, "pbkd.teacher_load", explicit=set(section))

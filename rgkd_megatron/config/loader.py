@@ -37,9 +37,8 @@ import yaml
 
 from rgkd_megatron.config.architecture import resolve_checkpoint_architectures
 from rgkd_megatron.config.pbkd import validate_pbkd
+from rgkd_megatron.config.roles import data_parallel_size, validate_placement, validate_schedule
 from rgkd_megatron.config.schema import RGKDConfig
-from rgkd_megatron.schedule.placement import validate_placement
-from rgkd_megatron.schedule.plan import validate_schedule
 from rgkd_megatron.utils.jsonl import read_utf8
 
 __all__ = [
@@ -348,19 +347,6 @@ def _get(cfg: RGKDConfig, dotted: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def data_parallel_size(cfg: RGKDConfig, world_size: int) -> int:
-    """world_size / (TP * PP); raises ValueError if the world size does not fit the layout."""
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
-        raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
-    if world_size % (tp * pp):
-        raise ValueError(
-            f"world_size: expected a multiple of parallel.tensor_model_parallel_size * "
-            f"parallel.pipeline_model_parallel_size ({tp} * {pp} = {tp * pp}), got {world_size}"
-        )
-    return world_size // (tp * pp)
-
-
 def validate_config(cfg: RGKDConfig, world_size: int | None = None) -> None:
     """Raise one ValueError listing every problem, each naming its dotted field.
 
@@ -421,10 +407,7 @@ def validate_config(cfg: RGKDConfig, world_size: int | None = None) -> None:
     errors.extend(validate_placement(cfg, world_size))
 
     dp = 1
-    if cfg.placement.mode == "disaggregated":
-        w = cfg.placement.policy
-        dp = max(1, w.num_ranks // max(1, w.tp * w.pp))
-    elif world_size is not None:
+    if cfg.placement.mode == "disaggregated" or world_size is not None:
         try:
             dp = data_parallel_size(cfg, world_size)
         except ValueError as exc:

@@ -1,22 +1,25 @@
 """Config of the distillation method (the ``pbkd`` section): PbKD, MM-PbKD and the KD baselines.
 
 Every constant of docs/design.md (the algorithm) is a field here. Validation of this section lives in
-``validate_pbkd`` (called by ``validate_config``), so the generic loader stays small.
+``validate_pbkd`` (called by ``validate_config``), so the generic loader stays small. The choices of
+``method`` are the registered methods (``rgkd_megatron.methods``), and what a method requires of the
+other fields is read from its ``MethodSpec``.
 """
 
 from dataclasses import dataclass
 from typing import Literal
 
-from rgkd_megatron.pbkd.judge_plugins import check_judge_name
+from rgkd_megatron.methods import get_method, method_names
+from rgkd_megatron.methods.judge_plugins import check_judge_name
 
-METHODS = ("pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+MethodName = Literal[method_names()]  # type: ignore[valid-type]  # the registered methods, in order
 
 
 @dataclass
 class PbKDConfig:
     """Reward-guided distillation (docs/design.md, the algorithm) and its baselines."""
 
-    method: Literal["pbkd", "mm_pbkd", "seqkd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = "pbkd"
+    method: MethodName = "pbkd"
     """pbkd (black-box min-max), mm_pbkd (white-box Q-function), seqkd, or a token-level KD baseline."""
     label: str = ""
     """Name of this configuration in summaries and reports (``rgkd-eval`` groups runs by it); empty =
@@ -143,11 +146,12 @@ def validate_pbkd(cfg: PbKDConfig) -> list[str]:
             errors.append(f"pbkd.{name}: expected a value in [0, 1], got {getattr(cfg, name)}")
     if cfg.k_r == 0 and cfg.k_p == 0:
         errors.append("pbkd.k_r: k_r and k_p are both 0: an iteration would do nothing")
-    if cfg.samples_per_prompt < 2 and cfg.method in ("pbkd", "mm_pbkd"):
+    policy_gradient = cfg.method in method_names() and get_method(cfg.method).policy_gradient
+    if cfg.samples_per_prompt < 2 and policy_gradient:
         errors.append(
             f"pbkd.samples_per_prompt: RLOO needs >= 2 samples per prompt, got {cfg.samples_per_prompt}"
         )
-    if cfg.method in ("pbkd", "mm_pbkd") and (cfg.temperature != 1.0 or cfg.top_p < 1.0 or cfg.top_k > 0):
+    if policy_gradient and (cfg.temperature != 1.0 or cfg.top_p < 1.0 or cfg.top_k > 0):
         errors.append(
             f"pbkd.temperature: {cfg.method}'s REINFORCE/PPO/KL estimators assume unfiltered samples from the "
             f"policy at temperature 1 (got temperature={cfg.temperature}, top_p={cfg.top_p}, top_k={cfg.top_k}); "

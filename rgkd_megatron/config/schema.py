@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rgkd_megatron.config.pbkd import PbKDConfig
-from rgkd_megatron.schedule.config import PlacementConfig, ScheduleConfig
+from rgkd_megatron.config.placement import PlacementConfig, ScheduleConfig
 
 
 @dataclass

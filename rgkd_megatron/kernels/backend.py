@@ -64,12 +64,20 @@ def resolve_kd_backend(
 
 
 TRITON_MAX_K = 16384  # = topk_kd_triton.MAX_K (kept here so that this module needs no triton)
+TRITON_KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+"""The registered KD divergences the Triton kernels implement, in the id order of the branches of
+``topk_kd_triton._div_terms``; any other registered divergence runs on the torch backend."""
 
 
-def _backend_for(requested: str, t: torch.Tensor, k: int) -> str:
+def _backend_for(requested: str, t: torch.Tensor, k: int, kind: str = "fkl") -> str:
     backend = resolve_kd_backend(requested, t.device, field="backend")
-    if requested == "auto" and (t.dtype == torch.float64 or k > TRITON_MAX_K):
-        return "torch"  # the kernels compute in fp32 and hold a row's k buckets in one program
+    # the kernels compute in fp32, hold a row's k buckets in one program and know TRITON_KINDS only
+    if requested == "auto" and (t.dtype == torch.float64 or k > TRITON_MAX_K or kind not in TRITON_KINDS):
+        return "torch"
+    if backend == "triton" and kind not in TRITON_KINDS:
+        raise ValueError(
+            f"backend: the Triton kernels implement {TRITON_KINDS}, not {kind!r}; use auto or torch"
+        )
     return backend
 
 
@@ -80,7 +88,7 @@ def topk_kd_loss(
 ):  # fmt: skip
     """:func:`rgkd_megatron.losses.topk_kd.topk_kd_loss` on the chosen backend (``chunk_size`` and
     ``chunk_budget_mib`` are torch-path knobs; the Triton kernels stream each row and ignore them)."""
-    if _backend_for(backend, logits_tv, topk_ids_tk.shape[-1]) == "triton":
+    if _backend_for(backend, logits_tv, topk_ids_tk.shape[-1], kind) == "triton":
         from rgkd_megatron.kernels.topk_kd_triton import topk_kd_loss_triton
 
         return topk_kd_loss_triton(
@@ -97,7 +105,7 @@ def topk_kd_per_token(
     chunk_size: int | None = None, chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB, **kwargs: Any,
 ):  # fmt: skip
     """:func:`rgkd_megatron.losses.topk_kd.topk_kd_per_token` on the chosen backend."""
-    if _backend_for(backend, logits_tv, topk_ids_tk.shape[-1]) == "triton":
+    if _backend_for(backend, logits_tv, topk_ids_tk.shape[-1], kwargs.get("kind", "fkl")) == "triton":
         from rgkd_megatron.kernels.topk_kd_triton import topk_kd_per_token_triton
 
         return topk_kd_per_token_triton(logits_tv, topk_ids_tk, topk_logprobs_tk, **kwargs)
@@ -115,7 +123,7 @@ def fused_linear_topk_kd(
     """:func:`rgkd_megatron.losses.fused_linear_kd.fused_linear_topk_kd` on the chosen backend
     (``grad_weight_accum`` / ``block_v`` are accepted by the triton backend only; ``chunk_size`` None =
     from the ``chunk_budget_mib`` keyword, each backend at its own bytes per logit)."""
-    if _backend_for(backend, hidden_td, topk_ids_tk.shape[-1]) == "triton":
+    if _backend_for(backend, hidden_td, topk_ids_tk.shape[-1], kind) == "triton":
         from rgkd_megatron.kernels.fused_linear_topk_triton import fused_linear_topk_kd_triton
 
         return fused_linear_topk_kd_triton(

@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from rgkd_megatron.kernels.backend import TRITON_KINDS
 from rgkd_megatron.losses.topk_kd import (
-    KD_KINDS,
     _all_reduce_lse,
     _check_options,
     _check_teacher,
@@ -64,7 +64,7 @@ from rgkd_megatron.losses.topk_kd import (
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 16384  # one row's k + 1 buckets live in one program; larger k: use the torch backend
 DEDUP_MAX_K = 128  # up to this k, duplicate ids in a row are summed exactly (like scatter_add_)
-_KIND_IDS = {kind: i for i, kind in enumerate(KD_KINDS)}  # fkl rkl jsd skew_fkl skew_rkl tvd
+_KIND_IDS = {kind: i for i, kind in enumerate(TRITON_KINDS)}  # the branches of _div_terms
 _EPS = torch.finfo(torch.float32).eps
 _LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

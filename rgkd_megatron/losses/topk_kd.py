@@ -15,17 +15,11 @@ Design
 
   When k equals the (real) vocabulary size the tail is empty and dropped, so every loss below equals
   its dense closed form exactly.
-* Divergences on the buckets (sum over b; p is the teacher, q the student)::
-
-      fkl       KL(p || q)       = sum p (log p - log q)
-      rkl       KL(q || p)       = sum q (log q - log p)
-      jsd       beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (GKD/TRL, 0 < beta < 1)
-      skew_fkl  KL(p || alpha p + (1 - alpha) q)          (DistiLLM skew KL, 0 <= alpha < 1)
-      skew_rkl  KL(q || alpha q + (1 - alpha) p)          (DistiLLM skew reverse KL, 0 <= alpha < 1)
-      tvd       0.5 sum |p - q|
-
-  Gradients flow through q everywhere, mixtures included; the teacher is data (no gradient). No
-  T^2 factor is applied (the caller scales if it wants Hinton's convention).
+* Divergences on the buckets (sum over b; p is the teacher, q the student): fkl, rkl, jsd, skew_fkl,
+  skew_rkl, tvd, each registered in ``divergences.py`` (formulas there) with ``@register_kd_loss``;
+  ``kind`` names one and ``KD_KINDS`` lists them. Gradients flow through q everywhere, mixtures
+  included; the teacher is data (no gradient). No T^2 factor is applied (the caller scales if it
+  wants Hinton's convention).
 * Temperature divides the student logits; the teacher log-probs are given already at T (T is a
   recorded property of the cache; the caller checks that they agree).
 * Numerics. log q(id) = logits(id) / T - logsumexp(logits / T). The logsumexp is computed in fp32
@@ -67,8 +61,10 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from rgkd_megatron.losses.chunking import DEFAULT_CHUNK_BUDGET_MIB, resolve_chunk_size
+from rgkd_megatron.losses.divergences import get_kd_loss, kd_loss_names
 
-KD_KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+KD_KINDS = kd_loss_names()
+"""The registered KD divergences (``divergences.py``), in registration order."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,13 +72,12 @@ KD_KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 
 
 def _check_options(kind: str, temperature: float, beta: float, alpha: float, chunk_size: int | None) -> None:
-    if kind not in KD_KINDS:
-        raise ValueError(f"kind={kind!r}: expected one of {KD_KINDS}")
+    params = get_kd_loss(kind).params
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
-    if kind == "jsd" and not 0.0 < beta < 1.0:
+    if "beta" in params and not 0.0 < beta < 1.0:
         raise ValueError(f"beta={beta}: JSD(beta) needs 0 < beta < 1 (use fkl / rkl for the limits)")
-    if kind in ("skew_fkl", "skew_rkl") and not 0.0 <= alpha < 1.0:
+    if "alpha" in params and not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha={alpha}: skew KL needs 0 <= alpha < 1")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (or None: chosen from the memory budget)")
@@ -289,37 +284,16 @@ def bucket_log_probs(
     )
 
 
-def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w * a + (1 - w) * b) from log a and log b."""
-    if w == 0.0:
-        return log_b
-    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
-
-
 def bucket_divergence(
     log_p_tb: torch.Tensor, log_q_tb: torch.Tensor, kind: str, *, beta: float = 0.5, alpha: float = 0.1
 ) -> torch.Tensor:
-    """Per-token divergence D(p, q) over the last dim; see the module docstring for each ``kind``.
+    """Per-token divergence D(p, q) over the last dim: the one registered as ``kind``
+    (``divergences.py`` has each formula).
 
     Args: log_p_tb / log_q_tb: [*, b] teacher / student log-probs (finite). Returns: [*].
     """
-    p_tb, q_tb = log_p_tb.exp(), log_q_tb.exp()
-    if kind == "fkl":
-        return (p_tb * (log_p_tb - log_q_tb)).sum(-1)
-    if kind == "rkl":
-        return (q_tb * (log_q_tb - log_p_tb)).sum(-1)
-    if kind == "jsd":
-        log_m_tb = _log_mix(log_p_tb, log_q_tb, beta)
-        kl_pm_t = (p_tb * (log_p_tb - log_m_tb)).sum(-1)
-        kl_qm_t = (q_tb * (log_q_tb - log_m_tb)).sum(-1)
-        return beta * kl_pm_t + (1.0 - beta) * kl_qm_t
-    if kind == "skew_fkl":
-        return (p_tb * (log_p_tb - _log_mix(log_p_tb, log_q_tb, alpha))).sum(-1)
-    if kind == "skew_rkl":
-        return (q_tb * (log_q_tb - _log_mix(log_q_tb, log_p_tb, alpha))).sum(-1)
-    if kind == "tvd":
-        return 0.5 * (p_tb - q_tb).abs().sum(-1)
-    raise ValueError(f"kind={kind!r}: expected one of {KD_KINDS}")
+    fn = get_kd_loss(kind).fn
+    return fn(log_p_tb, log_q_tb, log_p_tb.exp(), log_q_tb.exp(), beta=beta, alpha=alpha)
 
 
 def _topk_masses(log_p_tb: torch.Tensor, log_q_tb: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
 from rgkd_megatron.eval.scores import rouge_l_per_item
-from rgkd_megatron.pbkd.judge_plugins import load_registered_judge
+from rgkd_megatron.methods.judge_plugins import load_registered_judge
 from rgkd_megatron.utils.jsonl import iter_jsonl
 
 

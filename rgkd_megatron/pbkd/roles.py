@@ -17,10 +17,10 @@ from rgkd_megatron.config import RGKDConfig
 from rgkd_megatron.config.architecture import teacher_architecture
 from rgkd_megatron.convert.hf_load import load_backbone, load_weights
 from rgkd_megatron.generation.generate import broadcast_from_last_stage, inference_mode, score, stage_forward
+from rgkd_megatron.methods import POLICY, REWARD, TEACHER, get_method
 from rgkd_megatron.models.builders import build_policy, build_reward_model, build_teacher, sequence_rewards
 from rgkd_megatron.models.q_head import attach_q_head
 from rgkd_megatron.parallel.groups import RoleGroups
-from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER
 from rgkd_megatron.training.engine import Engine, build_engine
 from rgkd_megatron.training.setup import role_seed, seed_model_init
 
@@ -103,7 +103,7 @@ def build_pbkd_models(
             policy, pg, cfg.optimizer, par, t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters, t.lr_decay_style
         )
     if reward is not None:
-        if cfg.pbkd.method == "mm_pbkd":  # the adversary is a Q-function: backbone + bilinear head
+        if get_method(cfg.pbkd.method).reward_head == "q":  # a Q-function: backbone + bilinear head
             restore_rng_state(reward_rng)
             attach_q_head(
                 reward, cfg.pbkd.q_bound or cfg.pbkd.reward_bound

@@ -16,16 +16,13 @@ from rgkd_megatron.config import RGKDConfig, config_to_dict, save_resolved_confi
 from rgkd_megatron.config.architecture import resolve_checkpoint_architectures
 from rgkd_megatron.data.tokenizer import load_tokenizer
 from rgkd_megatron.eval.report import write_report
+from rgkd_megatron.methods import get_method
 from rgkd_megatron.parallel import cpu_compat
 from rgkd_megatron.parallel.groups import RoleGroups, build_role_groups, layout_for_world
 from rgkd_megatron.pbkd.eval_reuse import evaluation_identity, reusable_initial
-from rgkd_megatron.pbkd.kd import KDTrainer
-from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
 from rgkd_megatron.pbkd.role_events import make_handlers
 from rgkd_megatron.pbkd.roles import build_pbkd_models
-from rgkd_megatron.pbkd.seqkd import SeqKDTrainer
-from rgkd_megatron.pbkd.trainer import PbKDTrainer
 from rgkd_megatron.schedule.placement import POLICY, REWARD, ROLES, TEACHER, role_layouts, role_model_configs
 from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan
 from rgkd_megatron.schedule.runner import PlanRunner
@@ -37,12 +34,11 @@ from rgkd_megatron.utils.metrics import METRICS_FILE, MetricsLogger, read_metric
 from rgkd_megatron.utils.progress import ProgressBar
 
 logger = get_logger(__name__)
-TRAINERS = {
-    "pbkd": PbKDTrainer,
-    "seqkd": SeqKDTrainer,
-    "mm_pbkd": MMPbKDTrainer,
-    **{kind: KDTrainer for kind in ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")},
-}
+
+
+def trainer_class(method: str) -> type:
+    """The trainer of ``pbkd.method`` (its ``MethodSpec.trainer``, imported on first use)."""
+    return get_method(method).trainer_class()
 
 
 def _role_groups(cfg: RGKDConfig, world: int) -> tuple[dict[str, RoleGroups], dict[str, range]]:
@@ -74,7 +70,7 @@ def _check_runner_support(cfg: RGKDConfig, plan: Plan) -> None:
             "policy step, which the role runner does not move between windows yet; use placement.mode=colocated "
             "(or an off-policy KD method with pbkd.cache_path)"
         )
-    if not TRAINERS[method].splits_policy_step and REWARD in plan.roles:
+    if not trainer_class(method).splits_policy_step and REWARD in plan.roles:
         raise ValueError(
             f"placement.mode=disaggregated: pbkd.method={method} fuses its policy and adversary steps; "
             "use placement.mode=colocated"
@@ -147,10 +143,6 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     world = dist.get_world_size()
     cfg = resolve_checkpoint_architectures(cfg)
     validate_config(cfg, world)
-    if cfg.pbkd.method not in TRAINERS:
-        raise ValueError(
-            f"pbkd.method: {cfg.pbkd.method!r} is not available in rgkd-distill yet (available: {sorted(TRAINERS)})"
-        )
     if not cfg.pbkd.prompts_path:
         raise ValueError("pbkd.prompts_path: required (JSONL of {prompt, response})")
     run_dir = Path(cfg.logging.run_dir)
@@ -168,7 +160,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     heldout_ids = [i.prompt_id for i in heldout]
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     models = build_pbkd_models(cfg, groups, vocab_size)
-    trainer = TRAINERS[cfg.pbkd.method](cfg, models, tokenizer, train_items, heldout, run_dir)
+    trainer = trainer_class(cfg.pbkd.method)(cfg, models, tokenizer, train_items, heldout, run_dir)
     colocated = cfg.placement.mode == "colocated"
     transport = None if colocated else RoleTransport(windows)
     runner_ref: list[PlanRunner] = []

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rgkd_megatron.config.pbkd import live_kd_topk
-from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER
+from rgkd_megatron.methods import POLICY, REWARD, TEACHER, get_method
 from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan, simulate
 
 BF16_BYTES = 2
@@ -214,10 +214,11 @@ class Workload:
 
     @classmethod
     def from_config(cls, cfg: Any) -> Workload:
-        """From an ``RGKDConfig``: row counts as the PbKD / MM-PbKD / KD trainers build them."""
+        """From an ``RGKDConfig``: row counts as the PbKD / MM-PbKD / KD trainers build them (a Q-function
+        adversary, ``MethodSpec.reward_head == "q"``, scores and trains on- and off-policy rows)."""
         p = cfg.pbkd
         rollouts = p.prompts_per_step * p.samples_per_prompt
-        mm = p.method == "mm_pbkd"
+        mm = get_method(p.method).reward_head == "q"
         return cls(
             prompt_len=max(1, cfg.data.seq_length - p.max_new_tokens),
             response_len=p.max_new_tokens,

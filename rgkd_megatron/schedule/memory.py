@@ -46,6 +46,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from rgkd_megatron.methods import POLICY, REWARD, TEACHER, get_method
 from rgkd_megatron.schedule.cost_model import (
     GPUSpec,
     ModelShape,
@@ -53,7 +54,6 @@ from rgkd_megatron.schedule.cost_model import (
     Scenario,
     layer_matmul_params,
 )
-from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER
 
 GIB = 1024**3
 USABLE_GIB = {"H100 SXM 80GB": 79.1, "H200 SXM 141GB": 139.8}
@@ -86,14 +86,15 @@ class MemoryOptions:
     @classmethod
     def from_config(cls, cfg: Any, **kw: Any) -> MemoryOptions:
         """From an ``RGKDConfig``: parallel.use_distributed_optimizer, parallel.sequence_parallel,
-        model.recompute, model.spec, pbkd.cache_path, pbkd.method, model.make_vocab_size_divisible_by."""
+        model.recompute, model.spec, pbkd.cache_path, the reward head of pbkd.method's ``MethodSpec``,
+        model.make_vocab_size_divisible_by."""
         return cls(
             distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             sequence_parallel=cfg.parallel.sequence_parallel,
             recompute=cfg.model.recompute,
             flash_attention=cfg.model.spec != "local",
             cache_reader=bool(cfg.pbkd.cache_path),
-            reward_head="q" if cfg.pbkd.method == "mm_pbkd" else "scalar",
+            reward_head=get_method(cfg.pbkd.method).reward_head or "scalar",
             vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
             **kw,
         )

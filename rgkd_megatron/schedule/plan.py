@@ -48,9 +48,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from rgkd_megatron.schedule.placement import KD_METHODS, POLICY, REWARD, ROLES, TEACHER
+from rgkd_megatron.config.roles import schedule_errors, validate_schedule
+from rgkd_megatron.methods import POLICY, REWARD, ROLES, TEACHER, get_method
 
-if TYPE_CHECKING:  # no runtime import of the config package: its loader may import this module
+if TYPE_CHECKING:
     from rgkd_megatron.config.schema import RGKDConfig
 
 ROUND_ACTIONS = ("collect", "judge")
@@ -126,27 +127,17 @@ class PlanSpec:
         return self.rounds * self.iterations_per_round
 
     def errors(self) -> list[str]:
-        """Problems, each naming the config field."""
-        errors = []
-        for name, low in (("rounds", 1), ("iterations_per_round", 1), ("k_r", 0), ("k_p", 0)):
-            if getattr(self, name) < low:
-                errors.append(f"pbkd.{name}: expected a value >= {low}, got {getattr(self, name)}")
-        if self.staleness < 0:
-            errors.append(f"schedule.staleness: expected a value >= 0, got {self.staleness}")
-        if self.overlap and self.placement == "colocated":
-            errors.append(
-                "schedule.overlap: expected false with placement.mode=colocated (colocated roles share "
-                "their ranks and run in turn), got true"
-            )
-        return errors
+        """Problems, each naming the config field (``config.roles.schedule_errors``)."""
+        return schedule_errors(
+            self.rounds, self.iterations_per_round, self.k_r, self.k_p, self.placement, self.overlap,
+            self.staleness,
+        )  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg: RGKDConfig) -> PlanSpec:
-        """The spec of ``cfg``: schedule fields plus what ``pbkd.method`` does (see the trainers)."""
-        p, method = cfg.pbkd, cfg.pbkd.method
-        adversarial = method in ("pbkd", "mm_pbkd")
-        # off-policy KD with pbkd.cache_path reads the teacher top-k cache: no live teacher scoring
-        cached_kd = method in KD_METHODS and not p.on_policy and bool(p.cache_path)
+        """The spec of ``cfg``: schedule fields plus the flags of ``pbkd.method``'s ``MethodSpec``
+        (off-policy KD with ``pbkd.cache_path`` reads the teacher top-k cache: no live teacher scoring)."""
+        p, method = cfg.pbkd, get_method(cfg.pbkd.method)
         return cls(
             rounds=p.rounds,
             iterations_per_round=p.iterations_per_round,
@@ -155,17 +146,12 @@ class PlanSpec:
             placement=cfg.placement.mode,
             overlap=cfg.schedule.overlap,
             staleness=cfg.schedule.staleness,
-            collect=adversarial,
-            teacher_judges=adversarial and p.judge == "teacher_loglik",
-            reward_model=adversarial,
-            rollouts=adversarial or (method in KD_METHODS and p.on_policy),
-            teacher_scores=method == "mm_pbkd" or (method in KD_METHODS and not cached_kd),
+            collect=method.collects,
+            teacher_judges=method.judges_with_teacher(p),
+            reward_model=method.reward_head is not None,
+            rollouts=method.samples_rollouts(p),
+            teacher_scores=method.teacher_source(p) == "live",
         )
-
-
-def validate_schedule(cfg: RGKDConfig) -> list[str]:
-    """Problems of the ``schedule`` section given the placement, each naming its field."""
-    return PlanSpec.from_config(cfg).errors()
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ class PlanRunner:
         iterations = max(t["iterations"] for t in gathered) or 1
         measured = max(loop.values()) / iterations
         means = {key: sum(v) / len(v) for key, v in compute.items() if v}
-        predicted = predict_from_measurements(self.plan, means)
+        predicted = predict_from_measurements(self.plan, means, unmeasured=0.0)  # resumed: some never ran
         colocated = len({(r.start, r.stop) for r in self.windows.values()}) == 1
         total_compute = sum(role_compute.values())
         roles = {}

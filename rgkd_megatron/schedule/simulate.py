@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rgkd_megatron.schedule.placement import ROLES
+from rgkd_megatron.methods import ROLES
 
 if TYPE_CHECKING:
     from rgkd_megatron.schedule.plan import Event, Plan
@@ -108,7 +108,21 @@ def simulate(plan: Plan, durations: Durations, roles: Iterable[str] = ()) -> Sim
     return Simulation(tuple(start), tuple(finish), makespan, plan.spec.iterations, times)
 
 
-def predict_from_measurements(plan: Plan, measured: Durations, roles: Iterable[str] = ()) -> dict[str, Any]:
+def predict_from_measurements(
+    plan: Plan, measured: Durations, roles: Iterable[str] = (), *, unmeasured: float | None = None
+) -> dict[str, Any]:
     """Per-iteration prediction from measured seconds per (role, action):
-    ``{role: {busy, idle, idle_fraction}, ..., "iteration_time": seconds}``."""
+    ``{role: {busy, idle, idle_fraction}, ..., "iteration_time": seconds}``.
+
+    ``unmeasured``: seconds taken for a (role, action) of the plan that ``measured`` lacks, e.g. a
+    resumed run whose attempt started past every ``policy/collect`` event (the runner passes 0: the
+    attempt's measured iteration time holds no such event either). None (default): a KeyError names
+    the missing ones.
+    """
+    if unmeasured is not None:
+        filled = dict(measured)
+        for e in plan.events:
+            if (e.role, e.action) not in filled and e.key not in filled:
+                filled[e.key] = unmeasured
+        measured = filled
     return simulate(plan, measured, roles).per_iteration()
