@@ -24,17 +24,8 @@ import torch
 
 from rgkd_megatron.config.pbkd import live_kd_topk
 from rgkd_megatron.generation.generate import inference_mode, score, stage_forward
-from rgkd_megatron.losses.mm_pbkd import expected_q as bucket_expectation
-from rgkd_megatron.losses.mm_pbkd import (
-    implied_returns,
-    mix_on_off,
-    mm_bucket_log_probs,
-    mm_q_gap,
-    mm_q_step_loss,
-    mm_student_loss,
-    teacher_bucket_log_probs,
-)
-from rgkd_megatron.losses.policy_gradient import kl_penalty_loss
+from rgkd_megatron.losses.mm_pbkd import mm_bucket_log_probs
+from rgkd_megatron.losses.mm_steps import mm_q_objective, mm_student_objective
 from rgkd_megatron.pbkd.batches import collate_sequences
 from rgkd_megatron.pbkd.teacher_source import live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
@@ -148,24 +139,10 @@ class MMPbKDTrainer(PbKDTrainer):
 
         def loss_func(micro, out):
             q_bsc, q_action = out
-            on_sl, off_sl = slice(0, sizes["on"]), slice(sizes["on"], 2 * sizes["on"])
-            c_sl = slice(2 * sizes["on"], 2 * sizes["on"] + sizes["pairs"])
-            r_sl = slice(2 * sizes["on"] + sizes["pairs"], sizes["rows"])
-            log_p = teacher_bucket_log_probs(
-                micro["topk_logprobs"], with_tail=q_bsc.shape[-1] > micro["topk_ids"].shape[-1]
-            )
-            mask = micro["response_mask"]
-            gap_on = mm_q_gap(
-                q_bsc[on_sl], log_p[on_sl], micro["student_log_q"][on_sl], mask[on_sl], opts["gamma"]
-            )
-            gap_off = mm_q_gap(
-                q_bsc[off_sl], log_p[off_sl], micro["student_log_q"][off_sl], mask[off_sl], opts["gamma"]
-            )
-            v_e = bucket_expectation(log_p, q_bsc)
-            ret = implied_returns(q_action, v_e, mask, opts["gamma"])
-            loss, m = mm_q_step_loss(
-                gap_on, gap_off, ret[c_sl], ret[r_sl], beta_mm=opts["beta_mm"], lam=opts["lam"],
-                num_on=sizes["total_on"], num_off=sizes["total_on"], num_pairs=sizes["total_pairs"],
+            loss, m = mm_q_objective(
+                q_bsc, q_action, micro["topk_logprobs"], micro["student_log_q"], micro["response_mask"],
+                on_rows=sizes["on"], pair_rows=sizes["pairs"], gamma=opts["gamma"], beta_mm=opts["beta_mm"],
+                lam=opts["lam"], total_on=sizes["total_on"], total_pairs=sizes["total_pairs"],
             )  # fmt: skip
             g = opts["total_rows"]
             metrics = {
@@ -214,28 +191,18 @@ class MMPbKDTrainer(PbKDTrainer):
                 logits, micro["topk_ids"], micro["topk_logprobs"], action_ids_t=micro["labels"],
                 tp_group=tp_group, vocab_size=vocab,
             )  # fmt: skip
-            on_sl, off_sl = slice(0, mbs), slice(mbs, 2 * mbs)
             mask = micro["response_mask"]
-            loss_on, m_on = mm_student_loss(
-                micro["q_bsc"][on_sl], log_p[on_sl], log_q[on_sl], mask[on_sl], gamma=p.gamma, on_policy=True,
-                action_logprobs_bs=action_lp[on_sl], normalizer=1.0,
+            loss, m = mm_student_objective(
+                micro["q_bsc"], log_p, log_q, action_lp, micro["ref_logprobs"], mask, on_rows=mbs,
+                gamma=p.gamma, beta_mm=p.beta_mm, kl_beta=p.kl_beta, seqkd_alpha=p.seqkd_alpha,
+                total_on_tokens=t_on, total_off_tokens=t_off, total_rows=n_rows,
             )  # fmt: skip
-            loss_off, m_off = mm_student_loss(
-                micro["q_bsc"][off_sl], log_p[off_sl], log_q[off_sl], mask[off_sl], gamma=p.gamma, on_policy=False,
-                normalizer=1.0,
-            )  # fmt: skip
-            loss = mix_on_off(loss_on, loss_off, p.beta_mm)
-            kl_loss, kl_m = kl_penalty_loss(
-                action_lp[on_sl], micro["ref_logprobs"][on_sl], mask[on_sl], beta=p.kl_beta, normalizer=t_on
-            )
-            nll_sum = -(action_lp[off_sl] * mask[off_sl]).sum()
-            loss = loss + n_rows * (kl_loss + p.seqkd_alpha * nll_sum / t_off)  # megatron divides by n_rows
             metrics = {
-                "mms_gap_on": metric_pair(m_on["mms/gap_sum"], mbs),
-                "mms_gap_off": metric_pair(m_off["mms/gap_sum"], mbs),
+                "mms_gap_on": metric_pair(m["mms/gap_on_sum"], mbs),
+                "mms_gap_off": metric_pair(m["mms/gap_off_sum"], mbs),
                 "mms_loss": metric_pair(loss, mbs),
-                "policy_kl": metric_pair(kl_m["kl/value_sum"], mask[on_sl].sum()),
-                "policy_seqkd_nll": metric_pair(nll_sum, mask[off_sl].sum()),
+                "policy_kl": metric_pair(m["kl/value_sum"], mask[:mbs].sum()),
+                "policy_seqkd_nll": metric_pair(m["seqkd/nll_sum"], mask[mbs : 2 * mbs].sum()),
             }
             return loss, torch.tensor(mbs, dtype=torch.int), metrics
 
