@@ -23,11 +23,10 @@ from functools import partial
 import torch
 
 from rgkd_megatron.config.pbkd import live_kd_topk
-from rgkd_megatron.generation.generate import inference_mode, score, stage_forward
+from rgkd_megatron.generation.generate import inference_mode, stage_forward
 from rgkd_megatron.losses.mm_pbkd import mm_bucket_log_probs
 from rgkd_megatron.losses.mm_steps import mm_q_objective, mm_student_objective
 from rgkd_megatron.pbkd.batches import collate_sequences
-from rgkd_megatron.pbkd.teacher_source import live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
 from rgkd_megatron.training.engine import metric_pair
 
@@ -47,36 +46,34 @@ def _q_values(model, gpt, batch, tp_group, vocab_size):
 class MMPbKDTrainer(PbKDTrainer):
     """MM-PbKD: a Q-function adversary read through the teacher's (top-k + tail) probabilities."""
 
-    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
+    splits_policy_step = False  # one fused policy step (see DistillTrainer.splits_policy_step)
+    reports_reward_gap = False  # the adversary is a token-level Q, not a sequence reward
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.models.teacher is None:
+        if self.teacher is None:
             raise ValueError(
                 "pbkd.method=mm_pbkd needs the teacher: set pbkd.teacher_load and pbkd.teacher_model_config"
             )
         if self.groups.layout.pp > 1:
             raise ValueError("pbkd.method=mm_pbkd: pipeline parallelism is not supported yet (use TP/DP)")
-        self.q_model = self.models.reward.unwrapped()
+        self.q_model = self.reward.unwrapped()
         if not hasattr(self.q_model, "q_head"):
             raise RuntimeError("build_pbkd_models did not attach the Q head for mm_pbkd")
-        self.reports_reward_gap = False
 
     # -- rows with the teacher's buckets -------------------------------------------------------
     def _rows(self, prompts, responses):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
-        batch["topk_ids"], batch["topk_logprobs"] = live_teacher_topk(
-            self.models.teacher, self.groups, batch["tokens"], min(live_kd_topk(self.p), self.models.vocab_size),
-            1.0, self.models.vocab_size,  # pi_E itself: V_E and the Bellman rewards need temperature 1
+        batch["topk_ids"], batch["topk_logprobs"] = self.teacher.topk(
+            batch["tokens"], min(live_kd_topk(self.p), self.models.vocab_size),
+            1.0,  # pi_E itself: V_E and the Bellman rewards need temperature 1
         )  # fmt: skip
         return batch
 
     def _student_buckets(self, batch):
         """Student bucket log-probs and action log-probs (no grad), for the Q step."""
-        with inference_mode(self.models.policy.unwrapped()):
-            logits = stage_forward(
-                self.models.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False
-            )
+        with inference_mode(self.policy.unwrapped()):
+            logits = stage_forward(self.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False)
             _, log_q, action_lp = mm_bucket_log_probs(
                 logits, batch["topk_ids"], batch["topk_logprobs"], action_ids_t=batch["labels"],
                 tp_group=self.groups.pg_collection.tp, vocab_size=self.models.vocab_size,
@@ -94,7 +91,7 @@ class MMPbKDTrainer(PbKDTrainer):
         rng = self._rng(round_index, salt, self.policy_steps, self.rm_steps)
         items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
-        samples = self._sample(prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps))
+        samples = self.policy.generate(prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps))
         on = self._rows(prompts, samples.response_ids())
         off = self._rows(
             [list(i.prompt_ids) for i in items for _ in range(n)],
@@ -159,7 +156,7 @@ class MMPbKDTrainer(PbKDTrainer):
             return out, partial(loss_func, micro)
 
         self.rm_steps += 1
-        return self._run(self.models.reward, forward_step, batch, sizes["rows"])
+        return self.reward.train(forward_step, batch, sizes["rows"])
 
     # -- the min player --------------------------------------------------------------------------
     def policy_step(self, round_index: int) -> dict[str, float]:
@@ -171,9 +168,7 @@ class MMPbKDTrainer(PbKDTrainer):
             batch["q_bsc"], batch["q_action"] = self._q_detached(batch)
         seq_len = self.cfg.data.seq_length
         on["ref_logprobs"] = torch.zeros(on["tokens"].shape, dtype=torch.float32)
-        on["ref_logprobs"][:, :-1] = score(
-            self.models.reference, self.groups, on["tokens"].tolist(), vocab_size=self.models.vocab_size
-        )[:, : seq_len - 1]
+        on["ref_logprobs"][:, :-1] = self.policy.reference_logprobs(on["tokens"].tolist())[:, : seq_len - 1]
         off["ref_logprobs"] = torch.zeros_like(on["ref_logprobs"])
         mbs = self.cfg.train.micro_batch_size
         n_rows = len(on["tokens"])
@@ -211,4 +206,4 @@ class MMPbKDTrainer(PbKDTrainer):
             return model(micro["tokens"], micro["position_ids"], None), partial(loss_func, micro)
 
         self.policy_steps += 1
-        return self._run(self.models.policy, forward_step, batch, 2 * mbs)
+        return self.policy.train(forward_step, batch, 2 * mbs)
