@@ -22,7 +22,7 @@ from rgkd_megatron.pbkd.eval_reuse import evaluation_identity, reusable_initial
 from rgkd_megatron.pbkd.kd import KDTrainer
 from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
-from rgkd_megatron.pbkd.role_events import make_handlers
+from rgkd_megatron.pbkd.role_events import register_handlers
 from rgkd_megatron.pbkd.roles import build_pbkd_models
 from rgkd_megatron.pbkd.seqkd import SeqKDTrainer
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
@@ -171,9 +171,8 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     trainer = TRAINERS[cfg.pbkd.method](cfg, models, tokenizer, train_items, heldout, run_dir)
     colocated = cfg.placement.mode == "colocated"
     transport = None if colocated else RoleTransport(windows)
-    runner_ref: list[PlanRunner] = []
-    runner = PlanRunner(plan, make_handlers(trainer, runner_ref), windows, transport)
-    runner_ref.append(runner)
+    runner = PlanRunner(plan, None, windows, transport)
+    register_handlers(runner, trainer)
     engines = {role: e for role, e in ((POLICY, models.policy), (REWARD, models.reward)) if e is not None}
     ckpt_root = run_dir / "checkpoints"
     total = plan.spec.iterations
