@@ -1,4 +1,4 @@
-"""White-box MM-PbKD through the PbKD trainer (docs/design.md, the algorithm; ``losses.mm_pbkd``).
+"""White-box MM-PbKD on the PbKD trainer (docs/design.md, the algorithm; ``losses.mm_pbkd``).
 
 The reward is reparametrised as a bounded token-level Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a):
 ``h_s`` from a GPT backbone (the reward role's model, with its output layer replaced by the
@@ -11,7 +11,9 @@ Rows (label position t: state = tokens[:t+1], action = labels[t]):
 - preference pairs (Q step only): implied returns R(y) = sum_h gamma^h (Q(s_h, a_h) - gamma V_E(s_h+1)).
 Q step: minimise -(beta_mm gap_on + (1 - beta_mm) gap_off) + lambda BT(R+, R-), student detached
 (its bucket log-probs are computed beforehand without grad). Student step: the moment gap through the
-bucket softmax plus the on-policy policy-gradient term, Q detached (computed beforehand).
+bucket softmax plus the on-policy policy-gradient term, Q detached (computed beforehand). Both losses
+are the pure functions ``losses.mm_steps.mm_q_objective`` / ``mm_student_objective``; this trainer
+runs the forward passes on the role engines and feeds them the micro-batches.
 Pipeline parallelism is not supported yet for this method (the Q head needs the embedding table on
 the last stage); TP and DP are.
 """
