@@ -228,3 +228,57 @@ def policy_step_loss(
         metrics["policy/seqkd_nll"] = seqkd_nll.detach()
     metrics["policy/loss"] = loss.detach()
     return loss, metrics
+
+
+def pbkd_policy_loss(
+    logprobs_bs: torch.Tensor,
+    mask_bs: torch.Tensor,
+    advantages_b: torch.Tensor,
+    ref_logprobs_bs: torch.Tensor,
+    *,
+    pg_rows: int,
+    total_pg_tokens: int,
+    kl_beta: float,
+    ppo_clip: float | None = None,
+    old_logprobs_bs: torch.Tensor | None = None,
+    seqkd_alpha: float = 0.0,
+    total_teacher_tokens: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PbKD policy (min player) objective on one micro-batch (docs/design.md, the policy step).
+
+    Rows ``[:pg_rows]`` are student samples (advantages, reference and sampling log-probs), the
+    remaining rows teacher responses (the SeqKD anchor). With T_pg = ``total_pg_tokens`` and
+    T_E = ``total_teacher_tokens`` (the step's global token counts, 0 counts as 1)::
+
+        L = (1 / T_pg) sum_{pg tokens} [ l_pg + beta * kl ] + alpha * (1 / T_E) sum_{teacher tokens} -log pi
+
+    l_pg = -A log pi (:func:`reinforce_loss`) or, with ``ppo_clip = eps``,
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A) (:func:`ppo_clip_loss`, ``old_logprobs_bs`` the
+    sampling log-probs); kl the k1 surrogate of :func:`kl_penalty_loss`; the three terms are added by
+    :func:`policy_step_loss`. Micro-batch losses add up to the step's L.
+
+    Args: logprobs_bs [b, s] log pi of the labels; mask_bs [b, s] response tokens; advantages_b,
+    ref_logprobs_bs [pg_rows, s], old_logprobs_bs [pg_rows, s] (PPO) for the student-sample rows.
+    Returns (loss, metrics): ``policy/*`` of :func:`policy_step_loss`, ``kl/value_sum`` (sum of k1
+    over the sample tokens) and, with teacher rows, ``seqkd/nll_sum``.
+    """
+    n, t_pg = pg_rows, max(total_pg_tokens, 1)
+    pg_lp, pg_mask = logprobs_bs[:n], mask_bs[:n]
+    if ppo_clip is None:
+        pg_loss, _ = reinforce_loss(pg_lp, advantages_b, pg_mask, normalizer=t_pg)
+    else:
+        if old_logprobs_bs is None:
+            raise ValueError("ppo_clip needs old_logprobs_bs (the sampling log-probs)")
+        pg_loss, _ = ppo_clip_loss(
+            pg_lp, old_logprobs_bs, advantages_b, pg_mask, clip_eps=ppo_clip, normalizer=t_pg
+        )
+    kl_loss, kl_m = kl_penalty_loss(pg_lp, ref_logprobs_bs, pg_mask, beta=kl_beta, normalizer=t_pg)
+    seqkd_nll, nll_sum = None, None
+    if logprobs_bs.shape[0] > n:
+        nll_sum = -(logprobs_bs[n:] * mask_bs[n:]).sum()
+        seqkd_nll = nll_sum / max(total_teacher_tokens, 1)
+    loss, metrics = policy_step_loss(pg_loss, kl_loss=kl_loss, seqkd_nll=seqkd_nll, alpha=seqkd_alpha)
+    metrics["kl/value_sum"] = kl_m["kl/value_sum"]
+    if nll_sum is not None:
+        metrics["seqkd/nll_sum"] = nll_sum.detach()
+    return loss, metrics

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a distillation run (a mixin of ``PbKDTrainer``).
+"""Held-out evaluation of a distillation run (a mixin of ``DistillTrainer``).
 
 The policy side answers the held-out prompts greedily; the teacher side scores those answers (its
 NLL per token); the reward side, for methods with a sequence reward, reports the reward gap.
@@ -20,12 +20,12 @@ import numpy as np
 from rgkd_megatron.eval.diagnostics import distinct_n, repetition_rate
 from rgkd_megatron.eval.scores import rouge_l_per_item
 from rgkd_megatron.pbkd.prompts import PromptItem
-from rgkd_megatron.pbkd.roles import mean_nll, response_nlls
+from rgkd_megatron.pbkd.roles import mean_nll
 
 
 class EvaluationMixin:
-    """Needs ``self.models``, ``self.tok``, ``self.heldout_items``, ``self._sample``,
-    ``self.score_rollout``, ``self.reports_reward_gap``."""
+    """Needs ``self.policy`` / ``self.teacher`` (role engines, ``pbkd/engines.py``), ``self.tok``,
+    ``self.heldout_items``, ``self.reports_reward_gap`` and, when that is True, ``self.score_rollout``."""
 
     teacher_self_nll: float | None = None
     """The teacher's NLL of its own held-out responses (computed once, or taken from a reused evaluation)."""
@@ -42,7 +42,7 @@ class EvaluationMixin:
         """Policy side: greedy responses on held-out prompts, ROUGE-L, length and the diagnostics,
         the teacher's NLL of them (when the teacher is on this rank). Returns (metrics, responses)."""
         items = items or self.heldout_items
-        out = self._sample([list(i.prompt_ids) for i in items], seed=0, greedy=True)
+        out = self.policy.generate([list(i.prompt_ids) for i in items], seed=0, greedy=True)
         responses = out.response_ids()
         finished = out.finished.tolist()
         texts = [self.tok.decode([t for t in r if t != self.tok.eos_id]) for r in responses]
@@ -65,7 +65,7 @@ class EvaluationMixin:
              "student_ids": list(r), "finished": bool(f), "rougeL_teacher": float(s)}
             for i, t, r, f, s in zip(items, texts, responses, finished, rouge)
         ]  # fmt: skip
-        if self.models.teacher is not None:
+        if self.teacher is not None:
             metrics.update(self.evaluate_teacher(responses, items))
         return metrics, responses
 
@@ -73,14 +73,13 @@ class EvaluationMixin:
         """Teacher side: its NLL of the student's held-out responses (mean and per prompt), and of its own."""
         items = items or self.heldout_items
         prompts = [list(i.prompt_ids) for i in items]
-        teacher, groups, vocab = self.models.teacher, self.models.teacher_groups, self.models.vocab_size
-        per_item = response_nlls(teacher, groups, prompts, responses, vocab)
+        per_item = self.teacher.nlls(prompts, responses)
         metrics = {
             "eval_teacher_nll_of_student": mean_nll(per_item),
             "_teacher_nll_items": [s / n if n else None for s, n in per_item],
         }
         if self.teacher_self_nll is None:
-            own = response_nlls(teacher, groups, prompts, [list(i.teacher_ids) for i in items], vocab)
+            own = self.teacher.nlls(prompts, [list(i.teacher_ids) for i in items])
             self.teacher_self_nll = mean_nll(own)
         metrics["eval_teacher_nll_of_teacher"] = self.teacher_self_nll
         return metrics

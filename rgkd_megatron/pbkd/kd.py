@@ -1,4 +1,4 @@
-"""Token-level KD baselines (forward/reverse KL, JSD/GKD, skew KL, TVD) through the PbKD trainer.
+"""Token-level KD baselines (forward/reverse KL, JSD/GKD, skew KL, TVD) on ``pbkd/distill.py``.
 
 Same prompts, student, step budget and evaluation as PbKD; each policy step minimises the sparse
 top-k + tail divergence (``rgkd_megatron.losses.topk_kd``) between the teacher and the student on
@@ -16,9 +16,10 @@ import torch
 
 from rgkd_megatron.config.pbkd import live_kd_topk
 from rgkd_megatron.kernels.backend import topk_kd_loss
+from rgkd_megatron.methods import get_method
 from rgkd_megatron.pbkd.batches import collate_sequences
-from rgkd_megatron.pbkd.teacher_source import CachedTeacher, live_teacher_topk
-from rgkd_megatron.pbkd.trainer import PbKDTrainer
+from rgkd_megatron.pbkd.distill import DistillTrainer
+from rgkd_megatron.pbkd.teacher_source import CachedTeacher
 from rgkd_megatron.training.engine import metric_pair
 
 
@@ -41,14 +42,11 @@ def _kd_loss_func(opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
     )
 
 
-class KDTrainer(PbKDTrainer):
+class KDTrainer(DistillTrainer):
     """Word-level / on-policy KD baseline with the divergence named by ``pbkd.method``."""
-
-    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reports_reward_gap = False
         self.cached = None
         if self.p.cache_path and not self.p.on_policy:
             self.cached = CachedTeacher(
@@ -60,7 +58,7 @@ class KDTrainer(PbKDTrainer):
                 self.run_dir / "data",
                 self.p.kd_topk,
             )
-        elif self.models.teacher is None:
+        elif self.teacher is None:
             raise ValueError(
                 f"pbkd.method={self.p.method} needs the teacher's probabilities: set pbkd.cache_path "
                 "(off-policy) or pbkd.teacher_load and pbkd.teacher_model_config (live)"
@@ -69,13 +67,10 @@ class KDTrainer(PbKDTrainer):
     def policy_step(self, round_index: int) -> dict[str, float]:
         rows = self.p.prompts_per_step * self.p.samples_per_prompt
         rng = self._rng(round_index, 7, self.policy_steps)
-        items = [
-            self.train_items[i]
-            for i in rng.choice(len(self.train_items), rows, replace=len(self.train_items) < rows)
-        ]
+        items = self._pick(self.train_items, rows, rng)
         prompts = [list(i.prompt_ids) for i in items]
         if self.p.on_policy:
-            responses = self._sample(prompts, self._seed(round_index, 8, self.policy_steps)).response_ids()
+            responses = self.policy.generate(prompts, self._seed(round_index, 8, self.policy_steps)).response_ids()
         else:
             responses = [list(i.teacher_ids) for i in items]
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
@@ -84,16 +79,11 @@ class KDTrainer(PbKDTrainer):
                 [i.prompt_id for i in items], batch
             )
         else:
-            batch["topk_ids"], batch["topk_logprobs"] = live_teacher_topk(
-                self.models.teacher,
-                self.groups,
-                batch["tokens"],
-                live_kd_topk(self.p),
-                self.p.kd_temperature,
-                self.models.vocab_size,
+            batch["topk_ids"], batch["topk_logprobs"] = self.teacher.topk(
+                batch["tokens"], live_kd_topk(self.p), self.p.kd_temperature
             )
         opts = {
-            "kind": self.p.method, "temperature": self.p.kd_temperature, "beta": self.p.kd_beta,
+            "kind": get_method(self.p.method).kd_loss, "temperature": self.p.kd_temperature, "beta": self.p.kd_beta,
             "alpha": self.p.kd_alpha, "vocab_size": self.models.vocab_size, "backend": self.cfg.model.kd_kernel,
             "chunk_budget_mib": self.cfg.model.kd_chunk_budget_mib,
         }  # fmt: skip
@@ -102,6 +92,6 @@ class KDTrainer(PbKDTrainer):
         def forward_step(data_iterator, model):
             micro = next(data_iterator)
             logits = model(micro["tokens"], micro["position_ids"], None)
-            return logits, partial(_kd_loss_func, opts, self.groups.pg_collection.tp, micro)
+            return logits, partial(_kd_loss_func, opts, self.policy.tp_group, micro)
 
-        return self._run(self.models.policy, forward_step, batch, self.cfg.train.micro_batch_size)
+        return self.policy.train(forward_step, batch, self.cfg.train.micro_batch_size)

@@ -1,4 +1,4 @@
-"""White-box MM-PbKD through the PbKD trainer (docs/design.md, the algorithm; ``losses.mm_pbkd``).
+"""White-box MM-PbKD on the PbKD trainer (docs/design.md, the algorithm; ``losses.mm_pbkd``).
 
 The reward is reparametrised as a bounded token-level Q(s, a) = B tanh((W h_s) . e_a / sqrt(d) + b_a):
 ``h_s`` from a GPT backbone (the reward role's model, with its output layer replaced by the
@@ -11,7 +11,9 @@ Rows (label position t: state = tokens[:t+1], action = labels[t]):
 - preference pairs (Q step only): implied returns R(y) = sum_h gamma^h (Q(s_h, a_h) - gamma V_E(s_h+1)).
 Q step: minimise -(beta_mm gap_on + (1 - beta_mm) gap_off) + lambda BT(R+, R-), student detached
 (its bucket log-probs are computed beforehand without grad). Student step: the moment gap through the
-bucket softmax plus the on-policy policy-gradient term, Q detached (computed beforehand).
+bucket softmax plus the on-policy policy-gradient term, Q detached (computed beforehand). Both losses
+are the pure functions ``losses.mm_steps.mm_q_objective`` / ``mm_student_objective``; this trainer
+runs the forward passes on the role engines and feeds them the micro-batches.
 Pipeline parallelism is not supported yet for this method (the Q head needs the embedding table on
 the last stage); TP and DP are.
 """
@@ -23,20 +25,10 @@ from functools import partial
 import torch
 
 from rgkd_megatron.config.pbkd import live_kd_topk
-from rgkd_megatron.generation.generate import inference_mode, score, stage_forward
-from rgkd_megatron.losses.mm_pbkd import expected_q as bucket_expectation
-from rgkd_megatron.losses.mm_pbkd import (
-    implied_returns,
-    mix_on_off,
-    mm_bucket_log_probs,
-    mm_q_gap,
-    mm_q_step_loss,
-    mm_student_loss,
-    teacher_bucket_log_probs,
-)
-from rgkd_megatron.losses.policy_gradient import kl_penalty_loss
+from rgkd_megatron.generation.generate import inference_mode, stage_forward
+from rgkd_megatron.losses.mm_pbkd import mm_bucket_log_probs
+from rgkd_megatron.losses.mm_steps import mm_q_objective, mm_student_objective
 from rgkd_megatron.pbkd.batches import collate_sequences
-from rgkd_megatron.pbkd.teacher_source import live_teacher_topk
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
 from rgkd_megatron.training.engine import metric_pair
 
@@ -56,36 +48,34 @@ def _q_values(model, gpt, batch, tp_group, vocab_size):
 class MMPbKDTrainer(PbKDTrainer):
     """MM-PbKD: a Q-function adversary read through the teacher's (top-k + tail) probabilities."""
 
-    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
+    splits_policy_step = False  # one fused policy step (see DistillTrainer.splits_policy_step)
+    reports_reward_gap = False  # the adversary is a token-level Q, not a sequence reward
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.models.teacher is None:
+        if self.teacher is None:
             raise ValueError(
                 "pbkd.method=mm_pbkd needs the teacher: set pbkd.teacher_load and pbkd.teacher_model_config"
             )
         if self.groups.layout.pp > 1:
             raise ValueError("pbkd.method=mm_pbkd: pipeline parallelism is not supported yet (use TP/DP)")
-        self.q_model = self.models.reward.unwrapped()
+        self.q_model = self.reward.unwrapped()
         if not hasattr(self.q_model, "q_head"):
             raise RuntimeError("build_pbkd_models did not attach the Q head for mm_pbkd")
-        self.reports_reward_gap = False
 
     # -- rows with the teacher's buckets -------------------------------------------------------
     def _rows(self, prompts, responses):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
-        batch["topk_ids"], batch["topk_logprobs"] = live_teacher_topk(
-            self.models.teacher, self.groups, batch["tokens"], min(live_kd_topk(self.p), self.models.vocab_size),
-            1.0, self.models.vocab_size,  # pi_E itself: V_E and the Bellman rewards need temperature 1
+        batch["topk_ids"], batch["topk_logprobs"] = self.teacher.topk(
+            batch["tokens"], min(live_kd_topk(self.p), self.models.vocab_size),
+            1.0,  # pi_E itself: V_E and the Bellman rewards need temperature 1
         )  # fmt: skip
         return batch
 
     def _student_buckets(self, batch):
         """Student bucket log-probs and action log-probs (no grad), for the Q step."""
-        with inference_mode(self.models.policy.unwrapped()):
-            logits = stage_forward(
-                self.models.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False
-            )
+        with inference_mode(self.policy.unwrapped()):
+            logits = stage_forward(self.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False)
             _, log_q, action_lp = mm_bucket_log_probs(
                 logits, batch["topk_ids"], batch["topk_logprobs"], action_ids_t=batch["labels"],
                 tp_group=self.groups.pg_collection.tp, vocab_size=self.models.vocab_size,
@@ -103,7 +93,7 @@ class MMPbKDTrainer(PbKDTrainer):
         rng = self._rng(round_index, salt, self.policy_steps, self.rm_steps)
         items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
-        samples = self._sample(prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps))
+        samples = self.policy.generate(prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps))
         on = self._rows(prompts, samples.response_ids())
         off = self._rows(
             [list(i.prompt_ids) for i in items for _ in range(n)],
@@ -148,24 +138,10 @@ class MMPbKDTrainer(PbKDTrainer):
 
         def loss_func(micro, out):
             q_bsc, q_action = out
-            on_sl, off_sl = slice(0, sizes["on"]), slice(sizes["on"], 2 * sizes["on"])
-            c_sl = slice(2 * sizes["on"], 2 * sizes["on"] + sizes["pairs"])
-            r_sl = slice(2 * sizes["on"] + sizes["pairs"], sizes["rows"])
-            log_p = teacher_bucket_log_probs(
-                micro["topk_logprobs"], with_tail=q_bsc.shape[-1] > micro["topk_ids"].shape[-1]
-            )
-            mask = micro["response_mask"]
-            gap_on = mm_q_gap(
-                q_bsc[on_sl], log_p[on_sl], micro["student_log_q"][on_sl], mask[on_sl], opts["gamma"]
-            )
-            gap_off = mm_q_gap(
-                q_bsc[off_sl], log_p[off_sl], micro["student_log_q"][off_sl], mask[off_sl], opts["gamma"]
-            )
-            v_e = bucket_expectation(log_p, q_bsc)
-            ret = implied_returns(q_action, v_e, mask, opts["gamma"])
-            loss, m = mm_q_step_loss(
-                gap_on, gap_off, ret[c_sl], ret[r_sl], beta_mm=opts["beta_mm"], lam=opts["lam"],
-                num_on=sizes["total_on"], num_off=sizes["total_on"], num_pairs=sizes["total_pairs"],
+            loss, m = mm_q_objective(
+                q_bsc, q_action, micro["topk_logprobs"], micro["student_log_q"], micro["response_mask"],
+                on_rows=sizes["on"], pair_rows=sizes["pairs"], gamma=opts["gamma"], beta_mm=opts["beta_mm"],
+                lam=opts["lam"], total_on=sizes["total_on"], total_pairs=sizes["total_pairs"],
             )  # fmt: skip
             g = opts["total_rows"]
             metrics = {
@@ -182,7 +158,7 @@ class MMPbKDTrainer(PbKDTrainer):
             return out, partial(loss_func, micro)
 
         self.rm_steps += 1
-        return self._run(self.models.reward, forward_step, batch, sizes["rows"])
+        return self.reward.train(forward_step, batch, sizes["rows"])
 
     # -- the min player --------------------------------------------------------------------------
     def policy_step(self, round_index: int) -> dict[str, float]:
@@ -194,9 +170,7 @@ class MMPbKDTrainer(PbKDTrainer):
             batch["q_bsc"], batch["q_action"] = self._q_detached(batch)
         seq_len = self.cfg.data.seq_length
         on["ref_logprobs"] = torch.zeros(on["tokens"].shape, dtype=torch.float32)
-        on["ref_logprobs"][:, :-1] = score(
-            self.models.reference, self.groups, on["tokens"].tolist(), vocab_size=self.models.vocab_size
-        )[:, : seq_len - 1]
+        on["ref_logprobs"][:, :-1] = self.policy.reference_logprobs(on["tokens"].tolist())[:, : seq_len - 1]
         off["ref_logprobs"] = torch.zeros_like(on["ref_logprobs"])
         mbs = self.cfg.train.micro_batch_size
         n_rows = len(on["tokens"])
@@ -214,28 +188,18 @@ class MMPbKDTrainer(PbKDTrainer):
                 logits, micro["topk_ids"], micro["topk_logprobs"], action_ids_t=micro["labels"],
                 tp_group=tp_group, vocab_size=vocab,
             )  # fmt: skip
-            on_sl, off_sl = slice(0, mbs), slice(mbs, 2 * mbs)
             mask = micro["response_mask"]
-            loss_on, m_on = mm_student_loss(
-                micro["q_bsc"][on_sl], log_p[on_sl], log_q[on_sl], mask[on_sl], gamma=p.gamma, on_policy=True,
-                action_logprobs_bs=action_lp[on_sl], normalizer=1.0,
+            loss, m = mm_student_objective(
+                micro["q_bsc"], log_p, log_q, action_lp, micro["ref_logprobs"], mask, on_rows=mbs,
+                gamma=p.gamma, beta_mm=p.beta_mm, kl_beta=p.kl_beta, seqkd_alpha=p.seqkd_alpha,
+                total_on_tokens=t_on, total_off_tokens=t_off, total_rows=n_rows,
             )  # fmt: skip
-            loss_off, m_off = mm_student_loss(
-                micro["q_bsc"][off_sl], log_p[off_sl], log_q[off_sl], mask[off_sl], gamma=p.gamma, on_policy=False,
-                normalizer=1.0,
-            )  # fmt: skip
-            loss = mix_on_off(loss_on, loss_off, p.beta_mm)
-            kl_loss, kl_m = kl_penalty_loss(
-                action_lp[on_sl], micro["ref_logprobs"][on_sl], mask[on_sl], beta=p.kl_beta, normalizer=t_on
-            )
-            nll_sum = -(action_lp[off_sl] * mask[off_sl]).sum()
-            loss = loss + n_rows * (kl_loss + p.seqkd_alpha * nll_sum / t_off)  # megatron divides by n_rows
             metrics = {
-                "mms_gap_on": metric_pair(m_on["mms/gap_sum"], mbs),
-                "mms_gap_off": metric_pair(m_off["mms/gap_sum"], mbs),
+                "mms_gap_on": metric_pair(m["mms/gap_on_sum"], mbs),
+                "mms_gap_off": metric_pair(m["mms/gap_off_sum"], mbs),
                 "mms_loss": metric_pair(loss, mbs),
-                "policy_kl": metric_pair(kl_m["kl/value_sum"], mask[on_sl].sum()),
-                "policy_seqkd_nll": metric_pair(nll_sum, mask[off_sl].sum()),
+                "policy_kl": metric_pair(m["kl/value_sum"], mask[:mbs].sum()),
+                "policy_seqkd_nll": metric_pair(m["seqkd/nll_sum"], mask[mbs : 2 * mbs].sum()),
             }
             return loss, torch.tensor(mbs, dtype=torch.int), metrics
 
@@ -244,4 +208,4 @@ class MMPbKDTrainer(PbKDTrainer):
             return model(micro["tokens"], micro["position_ids"], None), partial(loss_func, micro)
 
         self.policy_steps += 1
-        return self._run(self.models.policy, forward_step, batch, 2 * mbs)
+        return self.policy.train(forward_step, batch, 2 * mbs)

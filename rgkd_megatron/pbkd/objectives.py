@@ -14,7 +14,7 @@ b rejected (pairs aligned). Policy step rows: PG rows (student samples with adva
 reference log-probs) then optional teacher rows (the SeqKD anchor).
 
 Policy objective, one per-token scale (T_pg = response tokens of the step's samples, T_E = tokens
-of its teacher responses)::
+of its teacher responses), computed by ``losses.policy_gradient.pbkd_policy_loss``::
 
     L = (1 / T_pg) sum_{pg tokens} [ -A log pi + beta * kl ] + alpha * (1 / T_E) sum_{teacher tokens} -log pi
 
@@ -30,12 +30,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from rgkd_megatron.losses.policy_gradient import (
-    kl_penalty_loss,
-    policy_step_loss,
-    ppo_clip_loss,
-    reinforce_loss,
-)
+from rgkd_megatron.losses.policy_gradient import pbkd_policy_loss
 from rgkd_megatron.losses.reward import rm_loss
 from rgkd_megatron.losses.topk_kd import vocab_parallel_topk_logits
 from rgkd_megatron.models.builders import sequence_rewards
@@ -124,32 +119,22 @@ def token_logprobs(
 
 def _policy_loss_func(sizes: PolicyStepSizes, opts: dict, tp_group, batch: dict, logits_bsv: torch.Tensor):
     logprobs_bs = token_logprobs(logits_bsv, batch["labels"], tp_group, opts["vocab_size"])
-    n, t_pg = sizes.pg_rows, max(sizes.total_pg_tokens, 1)
-    pg_lp, pg_mask = logprobs_bs[:n], batch["response_mask"][:n]
-    if opts["ppo_clip"] is None:
-        pg_loss, _ = reinforce_loss(pg_lp, batch["advantage"][:n], pg_mask, normalizer=t_pg)
-    else:
-        pg_loss, _ = ppo_clip_loss(
-            pg_lp, batch["old_logprobs"][:n], batch["advantage"][:n], pg_mask,
-            clip_eps=opts["ppo_clip"], normalizer=t_pg,
-        )  # fmt: skip
-    kl_loss, kl_m = kl_penalty_loss(
-        pg_lp, batch["ref_logprobs"][:n], pg_mask, beta=opts["kl_beta"], normalizer=t_pg
-    )
-    seqkd_nll = None
-    if sizes.teacher_rows:
-        nll_sum = -(logprobs_bs[n:] * batch["response_mask"][n:]).sum()
-        seqkd_nll = nll_sum / max(sizes.total_teacher_tokens, 1)
-    loss, _ = policy_step_loss(pg_loss, kl_loss=kl_loss, seqkd_nll=seqkd_nll, alpha=opts["seqkd_alpha"])
+    n, mask = sizes.pg_rows, batch["response_mask"]
+    loss, m = pbkd_policy_loss(
+        logprobs_bs, mask, batch["advantage"][:n], batch["ref_logprobs"][:n], pg_rows=n,
+        total_pg_tokens=sizes.total_pg_tokens, kl_beta=opts["kl_beta"], ppo_clip=opts["ppo_clip"],
+        old_logprobs_bs=batch["old_logprobs"][:n], seqkd_alpha=opts["seqkd_alpha"],
+        total_teacher_tokens=sizes.total_teacher_tokens,
+    )  # fmt: skip
     g = sizes.total_pg_rows  # megatron divides the summed losses by the summed counts (= g)
     metrics = {
-        "policy_pg_loss": metric_pair(pg_loss * g, n),
-        "policy_kl": metric_pair(kl_m["kl/value_sum"], pg_mask.sum()),
+        "policy_pg_loss": metric_pair(m["policy/pg_loss"] * g, n),
+        "policy_kl": metric_pair(m["kl/value_sum"], mask[:n].sum()),
         "policy_reward": metric_pair(batch["reward"][:n].sum(), n),
-        "policy_response_len": metric_pair(pg_mask.sum(), n),
+        "policy_response_len": metric_pair(mask[:n].sum(), n),
     }
-    if sizes.teacher_rows:
-        metrics["policy_seqkd_nll"] = metric_pair(nll_sum, batch["response_mask"][n:].sum())
+    if "seqkd/nll_sum" in m:
+        metrics["policy_seqkd_nll"] = metric_pair(m["seqkd/nll_sum"], mask[n:].sum())
     return loss * g, torch.tensor(n, dtype=torch.int), metrics
 
 

@@ -21,7 +21,7 @@ from rgkd_megatron.parallel import cpu_compat
 from rgkd_megatron.parallel.groups import RoleGroups, build_role_groups, layout_for_world
 from rgkd_megatron.pbkd.eval_reuse import evaluation_identity, reusable_initial
 from rgkd_megatron.pbkd.prompts import load_prompt_set, split_prompts
-from rgkd_megatron.pbkd.role_events import make_handlers
+from rgkd_megatron.pbkd.role_events import register_handlers
 from rgkd_megatron.pbkd.roles import build_pbkd_models
 from rgkd_megatron.schedule.placement import POLICY, REWARD, ROLES, TEACHER, role_layouts, role_model_configs
 from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan
@@ -163,9 +163,8 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     trainer = trainer_class(cfg.pbkd.method)(cfg, models, tokenizer, train_items, heldout, run_dir)
     colocated = cfg.placement.mode == "colocated"
     transport = None if colocated else RoleTransport(windows)
-    runner_ref: list[PlanRunner] = []
-    runner = PlanRunner(plan, make_handlers(trainer, runner_ref), windows, transport)
-    runner_ref.append(runner)
+    runner = PlanRunner(plan, None, windows, transport)
+    register_handlers(runner, trainer)
     engines = {role: e for role, e in ((POLICY, models.policy), (REWARD, models.reward)) if e is not None}
     ckpt_root = run_dir / "checkpoints"
     total = plan.spec.iterations

@@ -1,29 +1,20 @@
-"""The SeqKD / SFT baseline through the PbKD trainer's data, budget and evaluation."""
+"""The SeqKD / SFT baseline through the shared data, budget and evaluation (``pbkd/distill.py``)."""
 
 from __future__ import annotations
 
 from rgkd_megatron.pbkd.batches import collate_sequences
-from rgkd_megatron.pbkd.trainer import PbKDTrainer
+from rgkd_megatron.pbkd.distill import DistillTrainer
 from rgkd_megatron.training.objectives import make_sft_forward_step
 
 
-class SeqKDTrainer(PbKDTrainer):
+class SeqKDTrainer(DistillTrainer):
     """The SeqKD / SFT baseline through the same data, budget and evaluation: each policy step is a
     cross-entropy step on teacher responses (as many rows as a PbKD policy step), no reward model."""
-
-    splits_policy_step = False  # one fused policy step (see PbKDTrainer.splits_policy_step)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reports_reward_gap = False
 
     def policy_step(self, round_index: int) -> dict[str, float]:
         rows = self.p.prompts_per_step * self.p.samples_per_prompt
         rng = self._rng(round_index, 6, self.policy_steps)
-        items = [
-            self.train_items[i]
-            for i in rng.choice(len(self.train_items), rows, replace=len(self.train_items) < rows)
-        ]
+        items = self._pick(self.train_items, rows, rng)
         batch = collate_sequences(
             [list(i.prompt_ids) for i in items],
             [list(i.teacher_ids) for i in items],
@@ -32,5 +23,5 @@ class SeqKDTrainer(PbKDTrainer):
         )
         batch["loss_mask"] = batch.pop("response_mask")
         self.policy_steps += 1
-        step = make_sft_forward_step(self.groups.pg_collection.tp)
-        return self._run(self.models.policy, step, batch, self.cfg.train.micro_batch_size)
+        step = make_sft_forward_step(self.policy.tp_group)
+        return self.policy.train(step, batch, self.cfg.train.micro_batch_size)

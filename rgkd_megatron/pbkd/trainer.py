@@ -1,7 +1,10 @@
 """Online PbKD: T rounds of sample -> judge -> append -> re-solve the min-max, warm-started.
 
 The trainer implements the steps; their order (and placement on role windows) is the plan's,
-executed by ``schedule.runner.PlanRunner`` (see ``pbkd/role_events.py`` and ``pbkd/run.py``).
+executed by ``schedule.runner.PlanRunner`` (see ``pbkd/role_events.py`` and ``pbkd/run.py``). It is a
+``DistillTrainer`` (the policy engine, prompts, evaluation) plus the reward engine
+(``pbkd/engines.py``), the judge and the preference store; the losses are the pure combiners
+``losses.reward.rm_loss`` and ``losses.policy_gradient.pbkd_policy_loss`` (``pbkd/objectives.py``).
 
 Per round r = 1..T (T = 1 is the offline variant: pairs from the initial student only):
   1. sample one response from the current student for ``pairs_per_round`` training prompts;
@@ -22,21 +25,18 @@ All sampling is seeded from (train.seed, round, step), so a run is reproducible.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from rgkd_megatron.config import RGKDConfig
 from rgkd_megatron.data.preference import PreferencePair, PreferenceStore, Provenance
-from rgkd_megatron.data.tokenizer import Tokenizer
 from rgkd_megatron.eval.diagnostics import reward_saturation
-from rgkd_megatron.generation.generate import generate, score
 from rgkd_megatron.losses.policy_gradient import group_advantages
-from rgkd_megatron.losses.reward import bounded_reward
-from rgkd_megatron.pbkd.batches import collate_sequences, dp_shard, split_rows
-from rgkd_megatron.pbkd.evaluation import EvaluationMixin
+from rgkd_megatron.methods import TeacherNeed, get_method
+from rgkd_megatron.parallel.groups import RoleGroups
+from rgkd_megatron.pbkd.batches import collate_sequences
+from rgkd_megatron.pbkd.distill import DistillTrainer
+from rgkd_megatron.pbkd.engines import RewardEngine
 from rgkd_megatron.pbkd.judges import make_judge, orient
 from rgkd_megatron.pbkd.objectives import (
     PolicyStepSizes,
@@ -45,29 +45,30 @@ from rgkd_megatron.pbkd.objectives import (
     make_rm_forward_step,
 )
 from rgkd_megatron.pbkd.prompts import PromptItem, load_teacher_samples
-from rgkd_megatron.pbkd.roles import PbKDModels, response_nll, reward_scores
-from rgkd_megatron.training.engine import train_step
 from rgkd_megatron.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 
-class PbKDTrainer(EvaluationMixin):
-    def __init__(
-        self, cfg: RGKDConfig, models: PbKDModels, tokenizer: Tokenizer, train_items, heldout_items, run_dir
-    ):
-        self.cfg, self.p, self.models, self.tok = cfg, cfg.pbkd, models, tokenizer
-        self.train_items: list[PromptItem] = train_items
-        self.heldout_items: list[PromptItem] = heldout_items
-        self.run_dir = Path(run_dir)
+class PbKDTrainer(DistillTrainer):
+    """The PbKD game: the policy engine plus the reward engine, the judge and the preference store."""
+
+    splits_policy_step = True  # rollout (policy) -> score (reward) -> policy_update (policy)
+    reports_reward_gap = True
+
+    def __init__(self, *args, **kwargs):  # the arguments of DistillTrainer
+        super().__init__(*args, **kwargs)
+        cfg, models, train_items, heldout_items = self.cfg, self.models, self.train_items, self.heldout_items
+        self.reward = RewardEngine(cfg, models, self.tok.pad_id) if models.reward is not None else None
+        """The reward model (None on a rank outside the reward's window)."""
         self.store = PreferenceStore(self.run_dir / "preferences.jsonl")
         self.judge = None  # None: the judge runs on another role's ranks (teacher_loglik, disaggregated)
-        if self.p.judge != "teacher_loglik" or models.teacher is not None:
+        if self.p.judge != "teacher_loglik" or self.teacher is not None:
             self.judge = make_judge(
                 self.p.judge,
                 entry_point=self.p.judge_entry_point,
                 label_file=self.p.judge_label_file,
-                teacher_loglik=self._teacher_loglik if models.teacher is not None else None,
+                teacher_loglik=self._teacher_loglik if self.teacher is not None else None,
                 references={i.prompt_id: i.reference for i in train_items + heldout_items if i.reference},
                 tie_tolerance=self.p.tie_tolerance,
             )
@@ -84,23 +85,15 @@ class PbKDTrainer(EvaluationMixin):
         self.rm_pool: list[tuple[PromptItem, list[int]]] = []
         """The freshest student samples: the RM's student side (the round's, then each rollout's)."""
         self.round_student_step = 0
-        self.policy_steps = 0
         self.rm_steps = 0
         self.round_samples: list[tuple[PromptItem, list[int]]] = []
         self.rounds_received = 0
         """Last round whose samples and pairs the reward side holds (collect sets it when colocated)."""
-        self.reports_reward_gap = True
-        """False for methods whose adversary has no sequence-reward head (baselines, MM-PbKD's Q)."""
-        self._check_lengths()
-
-    splits_policy_step = True
-    """The policy step runs as rollout (policy) -> score (reward) -> policy_update (policy), so the
-    role runner can place the reward model on other ranks; subclasses that fuse them set False."""
 
     @property
-    def groups(self):
+    def groups(self) -> RoleGroups:
         """The policy's groups (the reward model's or the teacher's on a rank without the policy)."""
-        for engine in (self.models.policy, self.models.reward):
+        for engine in (self.policy, self.reward):
             if engine is not None:
                 return engine.groups
         return self.models.teacher_groups
@@ -109,10 +102,10 @@ class PbKDTrainer(EvaluationMixin):
         """This rank judges and is the first of its role's window: it writes preferences.jsonl."""
         if self.judge is None:
             return False
-        if self.p.judge == "teacher_loglik" and self.models.teacher_groups is not None:
-            judging = self.models.teacher_groups
-        elif self.models.policy is not None:
-            judging = self.models.policy.groups
+        if self.p.judge == "teacher_loglik" and self.teacher is not None:
+            judging = self.teacher.groups
+        elif self.policy is not None:
+            judging = self.policy.groups
         else:
             return False
         return dist.get_rank() == judging.layout.rank_offset
@@ -121,7 +114,7 @@ class PbKDTrainer(EvaluationMixin):
     def state_dict(self) -> dict:
         """Everything besides the models this trainer needs to continue exactly (JSON-able)."""
         return {
-            "policy_steps": self.policy_steps,
+            **super().state_dict(),
             "rm_steps": self.rm_steps,
             "rounds_received": self.rounds_received,
             "round_samples": [[item.prompt_id, list(r)] for item, r in self.round_samples],
@@ -131,7 +124,8 @@ class PbKDTrainer(EvaluationMixin):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.policy_steps, self.rm_steps = int(state["policy_steps"]), int(state["rm_steps"])
+        super().load_state_dict(state)
+        self.rm_steps = int(state["rm_steps"])
         self.rounds_received = int(state["rounds_received"])
         self.round_samples = self._samples_from_payload({"samples": state["round_samples"]})
         self.round_student_step = int(state["round_student_step"])
@@ -181,16 +175,6 @@ class PbKDTrainer(EvaluationMixin):
         self.rounds_received = round_index
 
     # ------------------------------------------------------------------ helpers
-    def _check_lengths(self) -> None:
-        longest = max(
-            len(i.prompt_ids) + max(len(i.teacher_ids), self.p.max_new_tokens) for i in self.train_items
-        )
-        if longest > self.cfg.data.seq_length:
-            raise ValueError(
-                f"data.seq_length: a prompt + response needs up to {longest} tokens, got "
-                f"{self.cfg.data.seq_length} (raise it or lower pbkd.max_new_tokens)"
-            )
-
     def _load_teacher_samples(self) -> dict[int, list[tuple[int, ...]]]:
         """prompt_id -> teacher samples at the rollout temperature (greedy responses without a file)."""
         if self.p.teacher_samples_path:
@@ -203,7 +187,7 @@ class PbKDTrainer(EvaluationMixin):
                     f"pbkd.teacher_samples_path: no sample is for a training prompt ({self.p.teacher_samples_path})"
                 )
             return samples
-        if self.p.method in ("pbkd", "mm_pbkd"):
+        if TeacherNeed.SAMPLES in get_method(self.p.method).teacher:
             logger.warning(
                 "pbkd.teacher_samples_path is not set: the reward model's teacher side is the greedy responses "
                 "while the student side is sampled, so it can separate greedy from sampled text instead of "
@@ -215,47 +199,12 @@ class PbKDTrainer(EvaluationMixin):
         options = self.teacher_samples[item.prompt_id]
         return options[int(rng.integers(len(options)))]
 
-    def _rng(self, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.train.seed, *keys])
-
-    def _seed(self, *keys: int) -> int:
-        return int(self._rng(*keys).integers(2**31 - 1))
-
     def _teacher_loglik(self, prompt_id: int, prompt: str, response: str) -> float:
         item = next(i for i in self.train_items + self.heldout_items if i.prompt_id == prompt_id)
-        ids = self.tok.encode(response)
-        return -response_nll(
-            self.models.teacher,
-            self.models.teacher_groups,
-            [list(item.prompt_ids)],
-            [ids],
-            self.models.vocab_size,
-        )
-
-    def _sample(self, prompts: list[list[int]], seed: int, greedy: bool = False):
-        return generate(
-            self.models.policy.unwrapped(),
-            self.groups,
-            prompts,
-            max_new_tokens=self.p.max_new_tokens,
-            temperature=0.0 if greedy else self.p.temperature,
-            top_p=1.0 if greedy else self.p.top_p,
-            top_k=0 if greedy else self.p.top_k,
-            eos_id=self.tok.eos_id,
-            pad_id=self.tok.pad_id,
-            seed=seed,
-            vocab_size=self.models.vocab_size,
-        )
+        return self.teacher.loglik(list(item.prompt_ids), self.tok.encode(response))
 
     def _text(self, ids) -> str:
         return self.tok.decode([t for t in ids if t != self.tok.eos_id])
-
-    def _run(self, engine, forward_step, batch: dict, rows_per_micro: int) -> dict[str, float]:
-        local = dp_shard(batch, engine.groups.dp_rank, engine.groups.layout.dp)
-        micro = split_rows(local, rows_per_micro)
-        return train_step(
-            engine, forward_step, iter(micro), len(micro), self.cfg.data.seq_length, rows_per_micro
-        )
 
     # ------------------------------------------------------------------ round: sample, judge, append
     def collect_round(self, round_index: int) -> list[PreferencePair]:
@@ -270,7 +219,7 @@ class PbKDTrainer(EvaluationMixin):
             len(self.game_items), size=min(self.p.pairs_per_round, len(self.game_items)), replace=False
         )
         items = [self.game_items[i] for i in picks]
-        out = self._sample([list(i.prompt_ids) for i in items], self._seed(round_index, 2))
+        out = self.policy.generate([list(i.prompt_ids) for i in items], self._seed(round_index, 2))
         self.round_samples = list(zip(items, out.response_ids()))
         self.rm_pool = list(self.round_samples)
         self.round_student_step = self.policy_steps
@@ -318,7 +267,7 @@ class PbKDTrainer(EvaluationMixin):
     def _rm_update(self, round_index: int, sub_step: int) -> dict[str, float]:
         """Student side: fresh samples (``rm_pool``); teacher side: a teacher sample of the same
         prompt for each (pairs by prompt); plus preference pairs for the Bradley-Terry term."""
-        dp, mbs = self.models.reward.groups.layout.dp, self.cfg.train.micro_batch_size
+        dp, mbs = self.reward.groups.layout.dp, self.cfg.train.micro_batch_size
         per_kind = max(1, mbs // 4)
         count = self.p.prompts_per_step
         if count % (dp * per_kind):
@@ -347,7 +296,7 @@ class PbKDTrainer(EvaluationMixin):
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)
         sizes = RMStepSizes(per_kind, per_kind, per_kind, count, count, count)
         step = make_rm_forward_step(sizes, self.p.bt_lambda, self.p.reward_bound, self.p.rm_magnitude_coef)
-        return self._run(self.models.reward, step, batch, sizes.rows)
+        return self.reward.train(step, batch, sizes.rows)
 
     # ------------------------------------------------------------------ the min player
     def policy_step(self, round_index: int) -> dict[str, float]:
@@ -361,11 +310,9 @@ class PbKDTrainer(EvaluationMixin):
         """Policy side: n samples for each of g prompts, with their sampling log-probs."""
         g, n = self.p.prompts_per_step, self.p.samples_per_prompt
         rng = self._rng(round_index, 4, self.policy_steps)
-        items = [
-            self.game_items[i] for i in rng.choice(len(self.game_items), g, replace=len(self.game_items) < g)
-        ]
+        items = self._pick(self.game_items, g, rng)
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
-        out = self._sample(prompts, self._seed(round_index, 5, self.policy_steps))
+        out = self.policy.generate(prompts, self._seed(round_index, 5, self.policy_steps))
         responses = out.response_ids()
         sequences = [p + r for p, r in zip(prompts, responses)]
         return {"items": items, "prompts": prompts, "responses": responses, "logprobs": out.logprobs,
@@ -381,10 +328,7 @@ class PbKDTrainer(EvaluationMixin):
 
     def score_rollout(self, sequences: list[list[int]]) -> torch.Tensor:
         """Reward side: the bounded rewards of the rollout's sequences [g * n] (fp32)."""
-        rm = self.models.reward
-        return bounded_reward(
-            reward_scores(rm.unwrapped(), rm.groups, sequences, self.tok.pad_id), self.p.reward_bound
-        )
+        return self.reward.rewards(sequences)
 
     def policy_update(self, round_index: int, rollout: dict, rewards: torch.Tensor) -> dict[str, float]:
         """Policy side: RLOO / PPO-clip step with KL to the initial student (+ SeqKD anchor)."""
@@ -397,8 +341,7 @@ class PbKDTrainer(EvaluationMixin):
         ).reshape(-1)
         seq_len = self.cfg.data.seq_length
         batch = collate_sequences(prompts, responses, seq_len, self.tok.pad_id)
-        ref = score(self.models.reference, self.groups, sequences, vocab_size=self.models.vocab_size)
-        batch["ref_logprobs"] = _fit(ref, seq_len)
+        batch["ref_logprobs"] = _fit(self.policy.reference_logprobs(sequences), seq_len)
         old = torch.zeros(len(prompts), seq_len)
         for i, (p, r) in enumerate(zip(prompts, responses)):
             old[i, len(p) - 1 : len(p) - 1 + len(r)] = rollout["logprobs"][i, : len(r)]
@@ -426,14 +369,14 @@ class PbKDTrainer(EvaluationMixin):
         sizes = PolicyStepSizes(mbs, teacher_rows, rows_total, pg_tokens, teacher_tokens)
         step = make_policy_forward_step(
             sizes,
-            self.groups.pg_collection.tp,
+            self.policy.tp_group,
             self.models.vocab_size,
             self.p.kl_beta,
             self.p.ppo_clip,
             self.p.seqkd_alpha,
         )
         self.policy_steps += 1
-        metrics = self._run(self.models.policy, step, batch, mbs + teacher_rows)
+        metrics = self.policy.train(step, batch, mbs + teacher_rows)
         metrics.update(self._rollout_diagnostics(rollout, rewards))
         return metrics
 

@@ -14,9 +14,9 @@ Actions (role: action):
 - teacher: ``judge`` (round pairs, with ``pbkd.judge=teacher_loglik``), ``teacher_score``
   (top-k of a policy step's batch, white-box methods).
 
-Artifacts are strings: data (``rollouts@j``, ``rewards@j``, ``topk@j``, ``samples@rR``,
-``pairs@rR``) moves between roles; model states (``policy@v`` after v policy steps, ``rm@v``
-after v RM steps) stay with their role. A model state is consumed only by its own role, and only
+Artifacts (``schedule/artifacts.py``, named in events by their keys): data (``rollouts@j``,
+``rewards@j``, ``topk@j``, ``samples@rR``, ``pairs@rR``) moves between roles; model states
+(``policy@v`` after v policy steps, ``rm@v`` after v RM steps) stay with their role. A model state is consumed only by its own role, and only
 while the role is at that version (no snapshots are kept).
 
 Interleaving. Colocated (and ``schedule.overlap=false``, and staleness 0) is strict alternation,
@@ -50,6 +50,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rgkd_megatron.config.roles import schedule_errors, validate_schedule
 from rgkd_megatron.methods import POLICY, REWARD, ROLES, TEACHER, get_method
+from rgkd_megatron.schedule.artifacts import (
+    INITIAL_STATES,
+    Pairs,
+    PolicyVersion,
+    Rewards,
+    RMVersion,
+    Rollouts,
+    Samples,
+    TopK,
+    parse,
+)
 
 if TYPE_CHECKING:
     from rgkd_megatron.config.schema import RGKDConfig
@@ -57,7 +68,7 @@ if TYPE_CHECKING:
 ROUND_ACTIONS = ("collect", "judge")
 """Actions that happen once per round (the rest once per step)."""
 _STATE_OWNER = {"policy": POLICY, "rm": REWARD}
-_INITIAL = ("policy@0", "rm@0")
+_INITIAL = INITIAL_STATES
 
 
 @dataclass(frozen=True)
@@ -264,9 +275,9 @@ def build_plan(spec: PlanSpec) -> Plan:
 
     def rm_block(block: int) -> None:
         round_ = (block - 1) // iters + 1
-        data = [f"samples@r{round_}", f"pairs@r{round_}"] if spec.collect else []
+        data = [Samples(round_).key, Pairs(round_).key] if spec.collect else []
         for i in range((block - 1) * k_r + 1, block * k_r + 1):
-            b.add(REWARD, "rm_update", i, round_, block, [f"rm@{i - 1}", *data], [f"rm@{i}"])
+            b.add(REWARD, "rm_update", i, round_, block, [RMVersion(i - 1).key, *data], [RMVersion(i).key])
 
     t = 0
     ends: list[int] = []
@@ -275,26 +286,27 @@ def build_plan(spec: PlanSpec) -> Plan:
             t += 1
             if t == (round_ - 1) * iters + 1 and spec.collect:
                 policy_version = (t - 1) * spec.k_p
-                outputs = [f"samples@r{round_}"] + ([] if spec.teacher_judges else [f"pairs@r{round_}"])
-                b.add(POLICY, "collect", 0, round_, t, [f"policy@{policy_version}"], outputs)
+                samples, pairs = Samples(round_).key, Pairs(round_).key
+                outputs = [samples] + ([] if spec.teacher_judges else [pairs])
+                b.add(POLICY, "collect", 0, round_, t, [PolicyVersion(policy_version).key], outputs)
                 if spec.teacher_judges:
-                    b.add(TEACHER, "judge", 0, round_, t, [f"samples@r{round_}"], [f"pairs@r{round_}"])
+                    b.add(TEACHER, "judge", 0, round_, t, [samples], [pairs])
             while blocks_done < t - s:
                 blocks_done += 1
                 rm_block(blocks_done)
             rm_version = max(0, t - s) * k_r
             for j in range((t - 1) * spec.k_p + 1, t * spec.k_p + 1):
-                batch = [f"rollouts@{j}"] if spec.rollouts else []
-                update_inputs = [f"policy@{j - 1}", *batch]
+                batch = [Rollouts(j).key] if spec.rollouts else []
+                update_inputs = [PolicyVersion(j - 1).key, *batch]
                 if spec.rollouts:
-                    b.add(POLICY, "rollout", j, round_, t, [f"policy@{j - 1}"], batch)
+                    b.add(POLICY, "rollout", j, round_, t, [PolicyVersion(j - 1).key], batch)
                 if spec.teacher_scores:
-                    b.add(TEACHER, "teacher_score", j, round_, t, batch, [f"topk@{j}"])
-                    update_inputs.append(f"topk@{j}")
+                    b.add(TEACHER, "teacher_score", j, round_, t, batch, [TopK(j).key])
+                    update_inputs.append(TopK(j).key)
                 if spec.reward_model:
-                    b.add(REWARD, "score", j, round_, t, [*batch, f"rm@{rm_version}"], [f"rewards@{j}"])
-                    update_inputs.append(f"rewards@{j}")
-                b.add(POLICY, "policy_update", j, round_, t, update_inputs, [f"policy@{j}"])
+                    b.add(REWARD, "score", j, round_, t, [*batch, RMVersion(rm_version).key], [Rewards(j).key])
+                    update_inputs.append(Rewards(j).key)
+                b.add(POLICY, "policy_update", j, round_, t, update_inputs, [PolicyVersion(j).key])
             ends.append(len(b.events))
     while blocks_done < t:
         blocks_done += 1
@@ -309,8 +321,11 @@ def build_plan(spec: PlanSpec) -> Plan:
 
 def _version(artifact: str) -> tuple[str, int] | None:
     """('policy', 3) for 'policy@3', ('rm', 2) for 'rm@2', None for data artifacts."""
-    name, _, v = artifact.partition("@")
-    return (name, int(v)) if name in _STATE_OWNER and v.isdigit() else None
+    try:
+        state = parse(artifact)
+    except ValueError:
+        return None
+    return (state.kind, state.index) if state.model_state else None
 
 
 def check_plan(plan: Plan) -> list[str]:

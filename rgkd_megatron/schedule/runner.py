@@ -14,8 +14,9 @@ inputs) per role. ``iteration_ends`` of the plan are consistent cuts: ``run`` re
 ``cut_state``/``restore`` give what a checkpoint at that cut must hold besides the models
 (artifacts produced before the cut and consumed after it).
 
-Handlers are a mapping ``action -> fn(event, inputs) -> {artifact: (local, wire)}``: ``local`` is
-what consumers on this rank get, ``wire`` the JSON/tensor payload sent to other windows.
+Handlers are registered on the runner (``register``), one per action: ``fn(event, inputs) ->
+{artifact key: (local, wire)}``; ``local`` is what consumers on this rank get, ``wire`` the
+JSON/tensor payload sent to other windows. Artifact keys are those of ``schedule/artifacts.py``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from rgkd_megatron.schedule.artifacts import RMVersion, is_model_state, parse
 from rgkd_megatron.schedule.plan import Event, Plan, predict_from_measurements
 from rgkd_megatron.schedule.transport import RoleTransport
 
 Handler = Callable[[Event, dict[str, Any]], dict[str, tuple[Any, Any]]]
 FAULT_ENV = "RGKD_FAULT_AFTER_EVENT"
 """Testing hook: ``"<event id>:<rank>"`` SIGKILLs that rank right after that event (crash tests)."""
-
-
-def _is_model_state(artifact: str) -> bool:
-    name, _, version = artifact.partition("@")
-    return name in ("policy", "rm") and version.isdigit()
 
 
 @dataclass
@@ -62,18 +59,19 @@ class Timings:
 
 
 class PlanRunner:
-    """Runs ``plan`` on this rank. ``windows``: role -> ranks (colocated: every role -> all ranks)."""
+    """Runs ``plan`` on this rank. ``windows``: role -> ranks (colocated: every role -> all ranks).
+    ``handlers`` (action -> handler) may also be registered after construction (``register``)."""
 
     def __init__(
         self,
         plan: Plan,
-        handlers: Mapping[str, Handler],
+        handlers: Mapping[str, Handler] | None,
         windows: Mapping[str, range],
         transport: RoleTransport | None,
     ):
         if not plan.iteration_ends:
             raise ValueError("plan has no iteration_ends (build it with build_plan)")
-        self.plan, self.handlers, self.transport = plan, dict(handlers), transport
+        self.plan, self.handlers, self.transport = plan, dict(handlers or {}), transport
         self.windows = {role: range(r.start, r.stop) for role, r in windows.items()}
         rank = dist.get_rank()
         self.my_roles = {role for role, ranks in self.windows.items() if rank in ranks}
@@ -106,6 +104,10 @@ class PlanRunner:
             return None
         event_id, _, fault_rank = spec.partition(":")
         return int(event_id) if int(fault_rank or 0) == rank else None
+
+    def register(self, handlers: Mapping[str, Handler]) -> None:
+        """Handle each ``action`` of ``handlers`` with its function (replacing an earlier one)."""
+        self.handlers.update(handlers)
 
     # ------------------------------------------------------------------ artifacts
     def _shares_ranks(self, a: str, b: str) -> bool:
@@ -142,7 +144,7 @@ class PlanRunner:
     # ------------------------------------------------------------------ execution
     def _execute(self, event: Event) -> None:
         started = time.perf_counter()
-        inputs = {a: self._fetch(a, event.role) for a in event.inputs if not _is_model_state(a)}
+        inputs = {a: self._fetch(a, event.role) for a in event.inputs if not is_model_state(a)}
         ready = time.perf_counter()
         outputs = self.handlers[event.action](event, inputs) or {}
         done = time.perf_counter()
@@ -157,11 +159,11 @@ class PlanRunner:
 
     def check_rm_version(self, event: Event, rm_steps: int) -> None:
         """Called by the score handler: the RM must be at the version the plan names."""
-        used = [int(a.partition("@")[2]) for a in event.inputs if a.startswith("rm@")]
+        used = [state.index for state in map(parse, event.inputs) if isinstance(state, RMVersion)]
         for version in used:
             if version != rm_steps:
                 raise RuntimeError(
-                    f"event {event.id} ({event.key}) expects rm@{version}, the RM is at {rm_steps}"
+                    f"event {event.id} ({event.key}) expects {RMVersion(version)}, the RM is at {rm_steps}"
                 )
             k_r = max(self.plan.spec.k_r, 1)
             colocated_steps = sum(

@@ -1,0 +1,133 @@
+"""The plan's artifacts: one small frozen dataclass per kind, and the one place their names are
+written and read (docs/design.md, roles and the scheduler).
+
+Data artifacts move between role windows (``schedule/runner.py``, ``schedule/transport.py``):
+
+| kind | key | produced by | payload |
+|---|---|---|---|
+| :class:`Rollouts` | ``rollouts@j`` | policy ``rollout`` of policy step j | sequences, prompt ids and lengths |
+| :class:`Rewards` | ``rewards@j`` | reward ``score`` of step j | the bounded rewards [g * n] |
+| :class:`TopK` | ``topk@j`` | teacher ``teacher_score`` of step j | the teacher's top-k |
+| :class:`Samples` | ``samples@rR`` | policy ``collect`` of round R | the round's student samples |
+| :class:`Pairs` | ``pairs@rR`` | ``collect`` or teacher ``judge`` of round R | the round's preference pairs |
+
+Model states stay with their role: :class:`PolicyVersion` (``policy@v``, after v policy steps) and
+:class:`RMVersion` (``rm@v``, after v RM steps). Events, plan checks and checkpoints (the runner's
+cut state) hold the string ``key``; :func:`parse` is its only inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Base of the artifact kinds: ``kind`` names it, ``prefix`` marks a round index ("r")."""
+
+    kind: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+    model_state: ClassVar[bool] = False
+
+    @property
+    def index(self) -> int:
+        """The step, round or version the artifact belongs to."""
+        return int(getattr(self, fields(self)[0].name))
+
+    @property
+    def key(self) -> str:
+        """The artifact's name in events and checkpoints, e.g. ``rollouts@3``, ``samples@r2``."""
+        return f"{self.kind}@{self.prefix}{self.index}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class Rollouts(Artifact):
+    """The n samples per prompt of policy step ``step`` (policy -> reward)."""
+
+    step: int
+    kind: ClassVar[str] = "rollouts"
+
+
+@dataclass(frozen=True)
+class Rewards(Artifact):
+    """The rewards of policy step ``step``'s rollouts (reward -> policy)."""
+
+    step: int
+    kind: ClassVar[str] = "rewards"
+
+
+@dataclass(frozen=True)
+class TopK(Artifact):
+    """The teacher's top-k of policy step ``step``'s batch (teacher -> policy)."""
+
+    step: int
+    kind: ClassVar[str] = "topk"
+
+
+@dataclass(frozen=True)
+class Samples(Artifact):
+    """The student samples of round ``round`` (policy -> teacher judge, reward)."""
+
+    round: int
+    kind: ClassVar[str] = "samples"
+    prefix: ClassVar[str] = "r"
+
+
+@dataclass(frozen=True)
+class Pairs(Artifact):
+    """The preference pairs judged in round ``round`` (-> reward)."""
+
+    round: int
+    kind: ClassVar[str] = "pairs"
+    prefix: ClassVar[str] = "r"
+
+
+@dataclass(frozen=True)
+class PolicyVersion(Artifact):
+    """The policy after ``version`` policy steps (stays on the policy role)."""
+
+    version: int
+    kind: ClassVar[str] = "policy"
+    model_state: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class RMVersion(Artifact):
+    """The reward model after ``version`` RM steps (stays on the reward role)."""
+
+    version: int
+    kind: ClassVar[str] = "rm"
+    model_state: ClassVar[bool] = True
+
+
+KINDS: dict[str, type[Artifact]] = {
+    cls.kind: cls for cls in (Rollouts, Rewards, TopK, Samples, Pairs, PolicyVersion, RMVersion)
+}
+
+
+def parse(key: str) -> Artifact:
+    """The artifact named ``key`` (``Rollouts(3)`` for ``"rollouts@3"``); ValueError if it names none."""
+    kind, sep, rest = key.partition("@")
+    cls = KINDS.get(kind)
+    if cls is None or not sep:
+        raise ValueError(f"artifact {key!r}: expected <kind>@<index>, kind one of {sorted(KINDS)}")
+    number = rest[len(cls.prefix) :] if rest.startswith(cls.prefix) else ""
+    if not number.isdigit():
+        raise ValueError(f"artifact {key!r}: expected {kind}@{cls.prefix}<non-negative integer>")
+    return cls(int(number))
+
+
+def is_model_state(key: str) -> bool:
+    """True for ``policy@v`` / ``rm@v`` (they stay with their role, never move)."""
+    try:
+        return parse(key).model_state
+    except ValueError:
+        return False
+
+
+INITIAL_STATES = (PolicyVersion(0).key, RMVersion(0).key)
+"""The model states that exist before any event."""

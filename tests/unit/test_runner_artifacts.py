@@ -1,0 +1,53 @@
+"""Typed plan artifacts (``schedule/artifacts.py``): one key format and its one parser, used by the
+plan, the runner and the role handlers; handlers registered on the runner."""
+
+from __future__ import annotations
+
+import pytest
+
+from rgkd_megatron.schedule.artifacts import (
+    KINDS,
+    Pairs,
+    PolicyVersion,
+    Rewards,
+    RMVersion,
+    Rollouts,
+    Samples,
+    TopK,
+    is_model_state,
+    parse,
+)
+from rgkd_megatron.schedule.plan import PlanSpec, build_plan
+
+
+def test_keys_round_trip_through_the_one_parser():
+    for artifact, key in [
+        (Rollouts(3), "rollouts@3"), (Rewards(3), "rewards@3"), (TopK(7), "topk@7"),
+        (Samples(2), "samples@r2"), (Pairs(1), "pairs@r1"), (PolicyVersion(0), "policy@0"), (RMVersion(12), "rm@12"),
+    ]:  # fmt: skip
+        assert artifact.key == str(artifact) == key
+        assert parse(key) == artifact
+    assert set(KINDS) == {"rollouts", "rewards", "topk", "samples", "pairs", "policy", "rm"}
+
+
+def test_only_policy_and_rm_versions_are_model_states():
+    assert is_model_state("policy@4") and is_model_state("rm@0")
+    assert not any(is_model_state(k) for k in ("rollouts@1", "samples@r1", "pairs@r2", "rm@x", "metrics"))
+
+
+@pytest.mark.parametrize("bad", ["rollouts", "rollouts@", "rollouts@r1", "samples@1", "rm@-1", "what@3", "policy@1.5"])
+def test_malformed_keys_are_refused(bad):
+    with pytest.raises(ValueError, match="artifact"):
+        parse(bad)
+
+
+def test_every_artifact_of_a_plan_parses():
+    spec = PlanSpec(
+        rounds=2, iterations_per_round=2, k_r=2, k_p=1, collect=True, teacher_judges=True, reward_model=True,
+        rollouts=True, teacher_scores=True,
+    )  # fmt: skip
+    plan = build_plan(spec)
+    kinds = {type(parse(a)) for e in plan.events for a in (*e.inputs, *e.outputs)}
+    assert kinds == {Rollouts, Rewards, TopK, Samples, Pairs, PolicyVersion, RMVersion}
+    score = next(e for e in plan.events if e.action == "score")
+    assert Rollouts(score.step).key in score.inputs and Rewards(score.step).key in score.outputs
