@@ -3,7 +3,7 @@
 # (Apache-2.0, ~93 MB) into .cache/smollm2/. This is the project's ONLY network access for the
 # teacher; it runs at install / test-setup time. Idempotent: does nothing when the file is there.
 #   bash scripts/fetch_smollm2.sh            -> .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-# Then: python tools/import_gguf.py --src .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --dst DIR
+# Then: python tools/import_gguf.py --input .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --output DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

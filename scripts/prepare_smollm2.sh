@@ -26,10 +26,10 @@ TP="${TP:-1}"
 
 bash scripts/fetch_smollm2.sh
 if [ ! -d "$DIR/teacher_hf" ]; then
-  "$PY" tools/import_gguf.py --src "$DIR/SmolLM2-135M-Instruct.Q4_1.gguf" --dst "$DIR/teacher_hf"
+  "$PY" tools/import_gguf.py --input "$DIR/SmolLM2-135M-Instruct.Q4_1.gguf" --output "$DIR/teacher_hf"
 fi
 if [ ! -d "$DIR/teacher_mcore" ]; then
-  "$PY" tools/convert_checkpoint.py --to mcore --src "$DIR/teacher_hf" --dst "$DIR/teacher_mcore" --tp "$TP"
+  "$PY" tools/convert_checkpoint.py --to mcore --input "$DIR/teacher_hf" --output "$DIR/teacher_mcore" --tp "$TP"
 fi
 if [ "$STUDENT_LAYERS" = 0 ]; then
   echo "[prepare_smollm2] teacher: $DIR/teacher_mcore (model section: $DIR/teacher_mcore/model_config.yaml)"
@@ -39,10 +39,10 @@ if [ ! -d "${STUDENT_DIR}_hf" ]; then
   extra=()
   [ -n "$STUDENT_FFN" ] && extra+=(--ffn-hidden-size "$STUDENT_FFN")
   [ -n "$PROBE" ] && extra+=(--probe "$PROBE")
-  "$PY" tools/prune_teacher.py --src "$DIR/teacher_hf" --dst "${STUDENT_DIR}_hf" --num-layers "$STUDENT_LAYERS" \
+  "$PY" tools/prune_teacher.py --teacher "$DIR/teacher_hf" --output "${STUDENT_DIR}_hf" --num-layers "$STUDENT_LAYERS" \
     ${extra[@]+"${extra[@]}"}
 fi
 if [ ! -d "${STUDENT_DIR}_mcore" ]; then
-  "$PY" tools/convert_checkpoint.py --to mcore --src "${STUDENT_DIR}_hf" --dst "${STUDENT_DIR}_mcore" --tp "$TP"
+  "$PY" tools/convert_checkpoint.py --to mcore --input "${STUDENT_DIR}_hf" --output "${STUDENT_DIR}_mcore" --tp "$TP"
 fi
 echo "[prepare_smollm2] teacher: $DIR/teacher_mcore  student: ${STUDENT_DIR}_mcore (model sections: */model_config.yaml)"

@@ -60,7 +60,7 @@ if [ ! -f "$TEACHER_CFG" ]; then
 fi
 
 stage "2/8 teacher responses (greedy)"
-"$PY" tools/generate_responses.py --prompts "$PROMPTS" --load "$TEACHER" --model-config "$TEACHER_CFG" \
+"$PY" tools/generate_responses.py --prompts "$PROMPTS" --teacher "$TEACHER" --model-config "$TEACHER_CFG" \
   --tokenizer "$TEACHER" --output "$OUT/teacher_responses.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH"
 
 stage "3/8 student: $STUDENT_LAYERS of 30 layers, chosen by the probe"
@@ -72,7 +72,7 @@ if [ ! -f "$OUT/sample_prompts.jsonl" ]; then
   head -n "$SAMPLE_PROMPTS" "$PROMPTS" >"$OUT/sample_prompts.jsonl.tmp"
   mv "$OUT/sample_prompts.jsonl.tmp" "$OUT/sample_prompts.jsonl"
 fi
-"$PY" tools/generate_responses.py --prompts "$OUT/sample_prompts.jsonl" --load "$TEACHER" --model-config "$TEACHER_CFG" \
+"$PY" tools/generate_responses.py --prompts "$OUT/sample_prompts.jsonl" --teacher "$TEACHER" --model-config "$TEACHER_CFG" \
   --tokenizer "$TEACHER" --output "$OUT/teacher_samples.jsonl" --max-new-tokens "$MAX_NEW_TOKENS" --batch-size "$GEN_BATCH" \
   --temperature 1.0 --num-samples 2 --seed 1
 
@@ -81,13 +81,13 @@ if [ -f "$OUT/data/responses.json" ]; then
   echo "[embedded] reusing tokenized responses $OUT/data/responses"
 else
   "$PY" tools/preprocess_data.py --input "$OUT/teacher_responses.jsonl" --tokenizer "$TEACHER" \
-    --output-prefix "$OUT/data/responses"
+    --output "$OUT/data/responses"
 fi
 if [ -f "$OUT/cache/manifest.json" ]; then
   echo "[embedded] reusing teacher cache $OUT/cache"
 else
-  "$PY" tools/build_teacher_cache.py --data-prefix "$OUT/data/responses" --teacher-config "$TEACHER_CFG" \
-    --teacher-checkpoint "$TEACHER" --tokenizer "$TEACHER" --output "$OUT/cache" --k 32 --seq-length 112 --micro-batch-size 16
+  "$PY" tools/build_teacher_cache.py --data-prefix "$OUT/data/responses" --model-config "$TEACHER_CFG" \
+    --teacher "$TEACHER" --tokenizer "$TEACHER" --output "$OUT/cache" --kd-top-k 32 --seq-length 112 --micro-batch-size 16
 fi
 "$PY" tools/inspect_cache.py "$OUT/cache" | tail -n 6
 
@@ -124,7 +124,7 @@ for seed in $SEEDS; do
 done
 
 stage "8/8 report"
-.venv/bin/rgkd-eval --runs "${runs[@]}" --out "$OUT" --root "$HEALED" \
+.venv/bin/rgkd-eval --runs "${runs[@]}" --output "$OUT" --root "$HEALED" \
   --title "Embedded default: SmolLM2-135M-Instruct -> ${STUDENT_LAYERS}-layer student (CPU)"
 echo "[embedded] report: $OUT/report.md ($(( ($(date +%s) - started) / 60 )) min)"
 echo "[embedded] students as Hugging Face checkpoints: $OUT/<run>/student_hf (e.g. $OUT/pbkd_s${SEEDS%% *}/student_hf)"

@@ -11,7 +11,7 @@
 #
 # Usage: the 70B teacher's top-k log-prob cache over a tokenized prompt set, TP=8 on one node
 #   export TEACHER_CKPT=/ckpt/llama3-70b-mcore-tp8 DATA_PREFIX=/data/responses CACHE_DIR=/data/cache-70b-top64
-#   sbatch slurm/build_teacher_cache_70b.sh [--k 64 ...]          # extra args go to build_teacher_cache.py
+#   sbatch slurm/build_teacher_cache_70b.sh [--kd-top-k 64 ...]          # extra args go to build_teacher_cache.py
 #   bash slurm/build_teacher_cache_70b.sh --dry-run               # outside SLURM: the tool's --dry-run
 #
 # DATA_PREFIX: PREFIX.bin/.idx/.json from tools/preprocess_data.py (the teacher's responses).
@@ -56,8 +56,8 @@ if [ -n "${TOKENIZER:-}" ]; then
   rgkd_need_path TOKENIZER any
   tok_args=(--tokenizer "$TOKENIZER")
 fi
-args=(tools/build_teacher_cache.py --data-prefix "$DATA_PREFIX" --teacher-config "$TEACHER_MODEL_CONFIG"
-  --teacher-checkpoint "$TEACHER_CKPT" --output "$CACHE_DIR" --k "${TOPK:-64}"
+args=(tools/build_teacher_cache.py --data-prefix "$DATA_PREFIX" --model-config "$TEACHER_MODEL_CONFIG"
+  --teacher "$TEACHER_CKPT" --output "$CACHE_DIR" --kd-top-k "${TOPK:-64}"
   --tp "${CACHE_TP:-8}" --pp "${CACHE_PP:-1}" --no-progress "${tok_args[@]}")
 
 PYTHON="${RGKD_PYTHON:-$PWD/.venv/bin/python}"

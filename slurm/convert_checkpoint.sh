@@ -47,5 +47,5 @@ PYTHON="${RGKD_PYTHON:-$PWD/.venv/bin/python}"
 [ -x "$PYTHON" ] || rgkd_die "RGKD_PYTHON=$PYTHON: not an executable (run \`bash scripts/install.sh\`)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}"
 rgkd_log "convert $SRC -> $DST (--to $to --tp ${CONVERT_TP:-1} --pp ${CONVERT_PP:-1})"
-exec "$PYTHON" tools/convert_checkpoint.py --to "$to" --src "$SRC" --dst "$DST" \
+exec "$PYTHON" tools/convert_checkpoint.py --to "$to" --input "$SRC" --output "$DST" \
   --tp "${CONVERT_TP:-1}" --pp "${CONVERT_PP:-1}" --dtype "${CONVERT_DTYPE:-auto}" "$@"

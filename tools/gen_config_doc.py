@@ -18,7 +18,8 @@ import typing
 from pathlib import Path
 
 from rgkd_megatron.config import RGKDConfig
-from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.cli_errors import cli_main
+from rgkd_megatron.utils.cli_flags import add_common_flags
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -83,7 +84,7 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md is stale")
-    args = add_debug_flag(parser).parse_args(argv)
+    args = add_common_flags(parser).parse_args(argv)
     text = render()
     if args.check:
         if not OUT.is_file() or OUT.read_text() != text:

@@ -30,7 +30,8 @@ import random
 import sys
 from collections import Counter
 
-from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.cli_errors import cli_main
+from rgkd_megatron.utils.cli_flags import add_common_flags
 
 # the fact tables sit next to this script; make them importable when it is loaded by path (tests)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed", type=int, default=2024, help="seed of the draws and the shuffle (default 2024)"
     )
-    args = add_debug_flag(parser).parse_args(argv)
+    args = add_common_flags(parser).parse_args(argv)
     records = make_records(args.seed)
     tmp = f"{args.output}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

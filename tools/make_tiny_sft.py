@@ -17,7 +17,8 @@ import json
 import random
 from typing import Callable
 
-from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.cli_errors import cli_main
+from rgkd_megatron.utils.cli_flags import add_common_flags
 
 WORDS = (
     "apple banana cherry garden planet rocket window silver orange pencil river mountain forest "
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="path of the JSONL file to write (overwritten)")
     parser.add_argument("--seed", type=int, default=1234, help="random seed of the generator (default 1234)")
-    args = add_debug_flag(parser).parse_args(argv)
+    args = add_common_flags(parser).parse_args(argv)
     records = make_records(args.seed)
     with open(args.output, "w", encoding="utf-8") as f:
         for r in records:

@@ -8,12 +8,25 @@ and tail mass, sharded, keyed by (dataset, sample id, token offset), built once 
 - ``builder``: the teacher forward over a dataset on megatron-core (``tools/build_teacher_cache.py``).
 - ``reader``: memory-mapped random access, validation, prefetching.
 
-Importing this package does not import megatron-core; ``builder`` does.
+- ``options``: ``BuildOptions``, what a build stores (imports neither torch nor megatron-core).
+
+Importing this package imports neither torch nor megatron-core: the names below are loaded on
+first use (``reader`` and ``topk`` need torch); ``builder`` imports megatron-core.
 """
 
-from rgkd_megatron.cache.manifest import CacheMismatchError, check_compatible, load_manifest
-from rgkd_megatron.cache.reader import CacheCorruptionError, TeacherCacheReader, TopKRows
-from rgkd_megatron.cache.topk import TeacherTopK, teacher_topk
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "CacheMismatchError": "manifest",
+    "check_compatible": "manifest",
+    "load_manifest": "manifest",
+    "CacheCorruptionError": "reader",
+    "TeacherCacheReader": "reader",
+    "TopKRows": "reader",
+    "TeacherTopK": "topk",
+    "teacher_topk": "topk",
+}
 
 __all__ = [
     "CacheCorruptionError",
@@ -25,3 +38,9 @@ __all__ = [
     "load_manifest",
     "teacher_topk",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"rgkd_megatron.cache.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'rgkd_megatron.cache' has no attribute {name!r}")

@@ -2,8 +2,8 @@
 
 Usage::
 
-    rgkd-eval --runs runs/exp/pbkd_s1 runs/exp/pbkd_s2 runs/exp/seqkd_s1 --out runs/exp/results \
-        [--baseline seqkd] [--bootstrap-resamples 2000] [--bootstrap-seed 0]
+    rgkd-eval --runs runs/exp/pbkd_s1 runs/exp/pbkd_s2 runs/exp/seqkd_s1 --output runs/exp/results \
+        [--baseline seqkd] [--bootstrap-resamples 2000] [--bootstrap-seed 0] [--dry-run] [--json]
 
 Each run already evaluated its student on the held-out prompts (ROUGE-L vs teacher responses and
 references, the teacher's NLL of the student's outputs, the reward gap); this aggregates them per
@@ -38,7 +38,8 @@ from rgkd_megatron.eval.heldout import (
     run_diagnostics,
 )
 from rgkd_megatron.eval.report import markdown_table, write_report
-from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.cli_errors import cli_main
+from rgkd_megatron.utils.cli_flags import add_common_flags, add_run_flags, deprecated_alias
 from rgkd_megatron.utils.metrics import read_metrics
 
 CURVE_METRICS = ("eval_rougeL_vs_teacher", "eval_teacher_nll_of_student", "eval_reward_gap")
@@ -117,13 +118,13 @@ def _student_rows(summaries: list[dict]) -> list[dict]:
     return rows
 
 
-@cli_main("rgkd-eval")
-def main(argv: list[str] | None = None) -> int:
-    parser = add_debug_flag(argparse.ArgumentParser(prog="rgkd-eval", description=__doc__.split("\n\n")[0]))
+def build_parser() -> argparse.ArgumentParser:
+    parser = add_common_flags(argparse.ArgumentParser(prog="rgkd-eval", description=__doc__.split("\n\n")[0]))
     parser.add_argument(
         "--runs", nargs="+", required=True, help="run directories of finished rgkd-distill runs"
     )
-    parser.add_argument("--out", required=True, help="directory for report.md and the plots")
+    parser.add_argument("--output", required=True, help="directory for report.md and the plots (created)")
+    deprecated_alias(parser, "--out", "--output")
     parser.add_argument("--title", default="Distillation results", help="report title")
     parser.add_argument(
         "--baseline",
@@ -141,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--bootstrap-resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="bootstrap RNG seed")
+    add_run_flags(
+        parser,
+        dry_run="read and check the runs, print what would be written (nothing is)",
+        json_help="print the results table (rows per method) as one JSON object instead of report.md",
+    )
+    return parser
+
+
+@cli_main("rgkd-eval")
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.bootstrap_resamples < 1:
         parser.error("--bootstrap-resamples must be >= 1")
@@ -176,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         if row["method"] in diagnostics:
             row.update(diagnostic_cells(diagnostics[row["method"]]))
 
-    out = Path(args.out)
+    out = Path(args.output)
+    if args.dry_run:
+        plan = {"dry_run": True, "output": str(out), "runs": len(summaries), "methods": methods,
+                "baseline": baseline, "files": _planned_files(out, comparisons is not None)}  # fmt: skip
+        print(json.dumps(plan) if args.json else
+              f"dry run: {len(summaries)} runs of {', '.join(methods)}; would write " + ", ".join(plan["files"]))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     if comparisons is not None:
@@ -226,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     report = write_report(out, args.title, rows, _curves(summaries), sections=sections)
-    print(report.read_text())
+    result = {"output": str(out), "report": str(report), "rows": rows}
+    print(json.dumps(result, default=str) if args.json else report.read_text())
     return 0
+
+
+def _planned_files(out: Path, intervals: bool) -> list[str]:
+    names = ["report.md", DIAGNOSTICS_FILE, "plot_*.png"] + ([INTERVALS_FILE] if intervals else [])
+    return [str(out / name) for name in names]
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from rgkd_megatron.schedule.cost_model import (
 )
 from rgkd_megatron.schedule.placement import POLICY, REWARD, TEACHER, check_placement, placed_windows
 from rgkd_megatron.schedule.plan import PlanSpec, build_plan, check_plan
-from rgkd_megatron.utils.cli_errors import add_debug_flag, cli_main
+from rgkd_megatron.utils.cli_errors import cli_main
+from rgkd_megatron.utils.cli_flags import add_common_flags, add_overrides
 from rgkd_megatron.utils.jsonl import read_json
 
 
@@ -180,14 +181,12 @@ def render_text(out: dict[str, Any]) -> str:
 
 @cli_main("rgkd-plan")
 def main(argv: list[str] | None = None) -> int:
-    parser = add_debug_flag(argparse.ArgumentParser(prog="rgkd-plan", description=__doc__.split("\n\n")[0]))
+    parser = add_common_flags(argparse.ArgumentParser(prog="rgkd-plan", description=__doc__.split("\n\n")[0]))
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in cluster scenario")
     source.add_argument("--config", help="YAML recipe: its placement, schedule, pbkd and model sections")
     source.add_argument("--list-presets", action="store_true", help="list the built-in scenarios and exit")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides of the recipe, e.g. schedule.overlap=true"
-    )
+    add_overrides(parser, "schedule.overlap=true (with --config)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="H100-80GB", help="GPU type of the estimate")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink vs InfiniBand)")
     parser.add_argument(
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overhead-gib", type=float, default=4.0, help="with --memory: CUDA context + NCCL + fragmentation per GPU"
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after the flags
     if args.list_presets:
         for name, factory in sorted(PRESETS.items()):
             print(f"{name:<20} {factory().description}")

@@ -94,11 +94,11 @@ def check_destination(dst: str | os.PathLike) -> Path:
     dst = Path(dst)
     if dst.exists():
         if not dst.is_dir():
-            raise ConversionError(f"--dst {dst}: exists and is not a directory")
+            raise ConversionError(f"--output {dst}: exists and is not a directory")
         if any(dst.iterdir()):
-            raise ConversionError(f"--dst {dst}: destination is not empty (choose a new directory)")
+            raise ConversionError(f"--output {dst}: destination is not empty (choose a new directory)")
     if not dst.parent.exists():
-        raise ConversionError(f"--dst {dst}: parent directory {dst.parent} does not exist")
+        raise ConversionError(f"--output {dst}: parent directory {dst.parent} does not exist")
     return dst
 
 

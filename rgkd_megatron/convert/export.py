@@ -11,7 +11,7 @@ complete Hugging Face checkpoint, and make the megatron checkpoint self-describi
 - ``write_checkpoint_sidecar(ckpt, model_section, tokenizer)``: writes into the megatron checkpoint
   what ``tools/convert_checkpoint.py --to mcore`` writes beside its output (``model_config.yaml``
   with ``load`` set, ``hf_config.json``, the tokenizer files), so that
-  ``tools/convert_checkpoint.py --to hf --src CKPT --dst OUT`` needs no other flag and
+  ``tools/convert_checkpoint.py --to hf --input CKPT --output OUT`` needs no other flag and
   ``model.load=CKPT data.tokenizer=CKPT`` trains from it.
 
 ``model_section`` is the run's ``model`` config: ``config_to_dict(cfg)["model"]`` (a dict, as in
@@ -230,7 +230,7 @@ def write_checkpoint_sidecar(
         f"Model section for rgkd-train of the megatron checkpoint {ckpt.resolve()}\n"
         f"({arch.architecture}, vocabulary {arch.vocab_size}), written with it by the training run.\n"
         "Use: copy this block into your recipe, or pass the fields as dotted overrides.\n"
-        f"tools/convert_checkpoint.py --to hf --src {ckpt.resolve()} --dst OUT needs no other flag\n"
+        f"tools/convert_checkpoint.py --to hf --input {ckpt.resolve()} --output OUT needs no other flag\n"
         "(it reads hf_config.json, the same architecture as Hugging Face config.json).\n" + note
     )
     _write_atomic(ckpt / "hf_config.json", json.dumps(_hf_config(fields, tok), indent=2) + "\n")

@@ -160,18 +160,20 @@ def import_gguf(
     dtype: str | None = "fp32",
     max_shard_size: str | int = "5GB",
     tokenizer: bool = True,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """GGUF file -> HF checkpoint directory; returns a report (config, tensor types, seconds)."""
+    """GGUF file -> HF checkpoint directory; returns a report (config, tensor types, seconds).
+    ``dry_run``: the metadata and tensor names checked, nothing dequantized or written."""
     import gguf
 
     src = Path(src)
     if not src.is_file():
-        raise ConversionError(f"--src {src}: no such file")
+        raise ConversionError(f"--input {src}: no such file")
     start = time.perf_counter()
     try:
         reader = gguf.GGUFReader(str(src))
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError / struct errors
-        raise ConversionError(f"--src {src}: not a readable GGUF file ({exc})") from exc
+        raise ConversionError(f"--input {src}: not a readable GGUF file ({exc})") from exc
     cfg = gguf_config(reader, src)
     arch = parse_hf_config(cfg)
     out_dtype = parse_dtype(dtype) or torch.float32
@@ -188,6 +190,10 @@ def import_gguf(
         )
         raise ConversionError(f"{src.name}: " + "; ".join(parts))
     dst = check_destination(dst).resolve()
+    if dry_run:
+        types = dict(Counter(t.tensor_type.name for t in reader.tensors))
+        return {"dry_run": True, "source": str(src.resolve()), "dst": str(dst), "config": cfg,
+                "tensors": len(to_gguf), "tensor_types": types, "dtype": dtype_name(out_dtype)}  # fmt: skip
     q_heads, kv_heads = arch.num_heads, arch.num_kv_heads
     with atomic_output_dir(dst) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_bytes, metadata={"rgkd_source": src.name})

@@ -63,9 +63,9 @@ class TensorInfo:
 def read_hf_config(src: str | os.PathLike) -> dict:
     path = Path(src) / "config.json"
     if not Path(src).is_dir():
-        raise ConversionError(f"--src {src}: not a directory")
+        raise ConversionError(f"--input {src}: not a directory")
     if not path.is_file():
-        raise ConversionError(f"--src {src}: no config.json (not a Hugging Face checkpoint directory)")
+        raise ConversionError(f"--input {src}: no config.json (not a Hugging Face checkpoint directory)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -98,7 +98,7 @@ class HFCheckpoint:
             return ["model.safetensors"]
         bins = [p.name for p in self.dir.glob("pytorch_model*.bin")]
         hint = f" (found {bins[0]}: re-save it with save_pretrained(safe_serialization=True))" if bins else ""
-        raise ConversionError(f"--src {self.dir}: no model.safetensors or model.safetensors.index.json{hint}")
+        raise ConversionError(f"--input {self.dir}: no model.safetensors or model.safetensors.index.json{hint}")
 
     def _inventory(self) -> dict[str, TensorInfo]:
         out: dict[str, TensorInfo] = {}

@@ -68,10 +68,10 @@ def read_checkpoint_metadata(src: Path) -> dict[str, tuple[tuple[int, ...], torc
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not src.is_dir():
-        raise ConversionError(f"--src {src}: not a directory")
+        raise ConversionError(f"--input {src}: not a directory")
     if not (src / "metadata.json").is_file() or not (src / ".metadata").is_file():
         raise ConversionError(
-            f"--src {src}: not a megatron-core distributed checkpoint (no metadata.json / .metadata)"
+            f"--input {src}: not a megatron-core distributed checkpoint (no metadata.json / .metadata)"
         )
     backend = json.loads((src / "metadata.json").read_text()).get("sharded_backend")
     if backend != "torch_dist":
@@ -130,7 +130,7 @@ def find_hf_config(
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise ConversionError(
-                f"--src {src}: no hf_config.json or model_config.yaml here and none given: pass --hf-config "
+                f"--input {src}: no hf_config.json or model_config.yaml here and none given: pass --hf-config "
                 "(a config.json) or --model-config (a YAML with a model section)"
                 if not model_config
                 else f"--model-config {model_config}: no such file"
@@ -186,7 +186,7 @@ def role_tensors(meta: dict[str, Any], role: str | None, src: Path) -> tuple[dic
     if role is None:
         if roles and not any(k.startswith(_MODEL_PREFIXES) for k in meta):
             raise ConversionError(
-                f"--src {src}: a multi-role loop checkpoint (roles: {', '.join(roles)}): pass --role ROLE"
+                f"--input {src}: a multi-role loop checkpoint (roles: {', '.join(roles)}): pass --role ROLE"
             )
         return meta, ""
     if role not in roles:

@@ -90,8 +90,10 @@ def prune_checkpoint(
     num_layers: int | None = None,
     ffn_hidden_size: int | None = None,
     max_shard_size: str | int = "5GB",
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Prune an HF teacher into an HF student; returns the metadata written to prune_metadata.json."""
+    """Prune an HF teacher into an HF student; returns the metadata written to prune_metadata.json
+    (``dry_run``: every check, nothing written; the layers and width that would be kept)."""
     ckpt = HFCheckpoint(src)
     arch = parse_hf_config(ckpt.config, ignore_sliding_window=True)
     if (keep_layers is None) == (num_layers is None):
@@ -110,6 +112,11 @@ def prune_checkpoint(
     expected = hf_shapes(arch)
     max_bytes = parse_size(max_shard_size)
     dst = check_destination(dst).resolve()
+    if dry_run:
+        ckpt.close()
+        return {"dry_run": True, "source": str(Path(src).resolve()), "output": str(dst),
+                "source_num_layers": arch.num_layers, "kept_layers": keep,
+                "source_ffn_hidden_size": arch.ffn_hidden_size, "ffn_hidden_size": width}  # fmt: skip
     start = time.perf_counter()
     kept_neurons: dict[int, list[int]] = {}
     summary = {"rgkd_prune_kept_layers": ",".join(map(str, keep)), "rgkd_prune_ffn_hidden_size": str(width)}

@@ -57,9 +57,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from rgkd_megatron.config.generation import GenerationSettings
 from rgkd_megatron.data.tokenizer import Tokenizer, file_sha256
 from rgkd_megatron.generation.generate import generate
-from rgkd_megatron.generation.sampling import check_sampling_args
 from rgkd_megatron.parallel.groups import RoleGroups
 from rgkd_megatron.utils.jsonl import iter_jsonl
 from rgkd_megatron.utils.logging import get_logger
@@ -129,40 +129,6 @@ def read_prompt_records(path: str | os.PathLike) -> list[PromptRecord]:
     if not records:
         raise ValueError(f"{path}: no records")
     return records
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How responses are generated (all fields are part of the output's identity)."""
-
-    max_new_tokens: int = 256
-    """Longest response in tokens (EOS included)."""
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1 = off."""
-    top_k: int = 0
-    """Keep the k most likely ids; 0 = off."""
-    seed: int = 0
-    """Batch k is sampled with seed + k (irrelevant when greedy)."""
-    batch_size: int = 8
-    """Responses (prompt samples) per ``generate`` call."""
-    num_samples: int = 1
-    """Responses per prompt (> 1 needs temperature > 0)."""
-
-    def validate(self) -> None:
-        for name in ("max_new_tokens", "batch_size", "num_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
-        check_sampling_args(self.temperature, self.top_k, self.top_p)
-        if self.num_samples > 1 and self.temperature == 0:
-            raise ValueError(
-                f"num_samples: {self.num_samples} samples per prompt need temperature > 0 "
-                "(greedy decoding would give identical samples)"
-            )
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from rgkd_megatron.config.generation import check_sampling_args
+
 __all__ = [
     "check_sampling_args",
     "filter_logits",
@@ -35,16 +37,6 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
 ]
-
-
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError for an out-of-range sampling option."""
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 = disabled)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 = disabled)")
 
 
 def mask_padded_vocab(logits_bv: torch.Tensor, vocab_size: int | None) -> torch.Tensor:

@@ -56,7 +56,7 @@ class CachedTeacher:
             raise ValueError(
                 f"pbkd.kd_topk: {kd_topk}, but the teacher cache {cache_path} holds k={cache_k}; set "
                 f"pbkd.kd_topk={cache_k} (or leave it unset to take the cache's k), or rebuild the cache "
-                f"with --k {kd_topk}"
+                f"with --kd-top-k {kd_topk}"
             )
         prefix = str(work_dir / "prompts_tokenized")
         tokenize_once(prompts_jsonl, tokenizer.path, prefix)

@@ -2,7 +2,7 @@
 
 Every megatron checkpoint a run saves carries its ``model_config.yaml``, ``hf_config.json`` and
 the tokenizer files (``convert.export.write_checkpoint_sidecar``), so
-``tools/convert_checkpoint.py --to hf --src CKPT --dst OUT`` and ``model.load=CKPT`` need nothing
+``tools/convert_checkpoint.py --to hf --input CKPT --output OUT`` and ``model.load=CKPT`` need nothing
 else. At the end the student is saved as ``<run_dir>/student`` (megatron-core, weights only) and,
 unless ``logging.export_hf`` is false, as the Hugging Face checkpoint ``<run_dir>/student_hf``
 (config, tokenizer, chat template, safetensors).

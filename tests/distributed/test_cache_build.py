@@ -158,8 +158,8 @@ def _cli(tmp, out, env_extra=None):
     env.pop("RANK", None)
     cmd = [
         sys.executable, str(ROOT / "tools" / "build_teacher_cache.py"),
-        "--data-prefix", os.path.join(tmp, "ds"), "--teacher-config", os.path.join(tmp, "teacher.yaml"),
-        "--teacher-checkpoint", os.path.join(tmp, "teacher_ckpt"), "--output", out, "--k", str(K), "--dtype", "fp32",
+        "--data-prefix", os.path.join(tmp, "ds"), "--model-config", os.path.join(tmp, "teacher.yaml"),
+        "--teacher", os.path.join(tmp, "teacher_ckpt"), "--output", out, "--kd-top-k", str(K), "--dtype", "fp32",
         "--seq-length", str(SEQ), "--micro-batch-size", "3", "--num-microbatches", "1", "--pad-multiple", "8",
         "--rows-per-shard", "100", "--block-rows", "16", "--no-progress", "--log-level", "WARNING",
     ]  # fmt: skip

@@ -125,7 +125,7 @@ def test_preprocess_names_file_and_line_of_invalid_json(tmp_path):
     data = _sft_file(tmp_path / "bad.jsonl", 5, b'{"prompt": "unterminated\n')
     out = _run(
         *_command("tools/preprocess_data.py"), "--input", str(data), "--tokenizer", str(TOKENIZER),
-        "--output-prefix", str(tmp_path / "ds"),
+        "--output", str(tmp_path / "ds"),
     )  # fmt: skip
     _refused(out, f"{data}:5: invalid JSON", code=1)
     assert _files(tmp_path) == ["bad.jsonl"]
@@ -135,7 +135,7 @@ def test_train_tokenizer_names_file_and_line_of_a_non_utf8_byte(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xc3(", "response": "c"}\n')
     out = _run(
-        *_command("tools/train_tokenizer.py"), "--input", str(data), "--output-dir", str(tmp_path / "tok")
+        *_command("tools/train_tokenizer.py"), "--input", str(data), "--output", str(tmp_path / "tok")
     )
     _refused(out, f"{data}:2: not valid UTF-8")
     assert not (tmp_path / "tok").exists()
@@ -147,7 +147,7 @@ def test_generate_responses_names_file_and_line_of_a_non_utf8_byte(tmp_path):
     output = tmp_path / "out.jsonl"
     out = _run(
         *_command("tools/generate_responses.py"), "--prompts", str(prompts), "--output", str(output),
-        "--tokenizer", str(TOKENIZER), "--load", str(tmp_path / "no_teacher"),
+        "--tokenizer", str(TOKENIZER), "--teacher", str(tmp_path / "no_teacher"),
     )  # fmt: skip
     _refused(out, f"{prompts}:2: not valid UTF-8 (byte 0xe9")
     assert _files(tmp_path) == ["prompts.jsonl"]
@@ -163,20 +163,20 @@ def _summary_run(root: Path, text: str) -> Path:
 
 def test_eval_names_a_corrupt_summary(tmp_path):
     run = _summary_run(tmp_path, '{"method": "pbkd", "final": {"eval_rougeL_vs_teacher": 0.')
-    out = _run(*_command("evaluate"), "--runs", str(run), "--out", str(tmp_path / "report"))
+    out = _run(*_command("evaluate"), "--runs", str(run), "--output", str(tmp_path / "report"))
     _refused(out, f"{run / 'summary.json'}:1: invalid JSON")
     assert not (tmp_path / "report").exists()
 
 
 def test_eval_names_a_summary_that_is_not_a_run_summary(tmp_path):
     run = _summary_run(tmp_path, json.dumps([1, 2, 3]))
-    out = _run(*_command("evaluate"), "--runs", str(run), "--out", str(tmp_path / "report"))
+    out = _run(*_command("evaluate"), "--runs", str(run), "--output", str(tmp_path / "report"))
     _refused(out, f"{run / 'summary.json'}: expected a run summary")
     assert not (tmp_path / "report").exists()
 
 
 def test_eval_names_a_missing_summary(tmp_path):
-    out = _run(*_command("evaluate"), "--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "report"))
+    out = _run(*_command("evaluate"), "--runs", str(tmp_path / "nowhere"), "--output", str(tmp_path / "report"))
     _refused(out, str(tmp_path / "nowhere" / "summary.json"), "missing")
     assert not (tmp_path / "report").exists()
 

@@ -23,7 +23,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tools"))
 
 from cache_synthetic import make_identity, make_rows, write_synthetic_cache  # noqa: E402
 
@@ -74,25 +73,24 @@ def test_resume_with_another_k_is_refused_before_the_teacher_loads(tmp_path, mon
                           "test-tokenizer", "test-source", VOCAB)  # fmt: skip
     (tmp_path / "teacher.yaml").write_text(TEACHER_YAML)
     out = tmp_path / "cache"
-    common = ["--data-prefix", str(tmp_path / "ds"), "--teacher-config", str(tmp_path / "teacher.yaml"),
+    common = ["--data-prefix", str(tmp_path / "ds"), "--model-config", str(tmp_path / "teacher.yaml"),
               "--random-init-seed", "1", "--output", str(out), "--seq-length", str(SEQ), "--rows-per-shard", "40",
               "--no-progress", "--log-level", "WARNING"]  # fmt: skip
     first = _run(
-        [str(REPO / "tools" / "build_teacher_cache.py"), *common, "--k", str(K), "--max-shards", "1"]
+        [str(REPO / "tools" / "build_teacher_cache.py"), *common, "--kd-top-k", str(K), "--max-shards", "1"]
     )
     assert first.returncode == 0, first.stderr
     assert (out / "build.json").exists() and not (out / "manifest.json").exists()  # a build in progress
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import build_teacher_cache
-
     import rgkd_megatron.models.builders as builders
+    from rgkd_megatron.cli import build_teacher_cache
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was built before the k mismatch was found")
 
     monkeypatch.setattr(builders, "build_teacher", no_teacher)
-    code = build_teacher_cache.main([*common, "--k", str(K + 1)])
+    code = build_teacher_cache.main([*common, "--kd-top-k", str(K + 1)])
     err = capsys.readouterr().err
     assert code == 2
     assert str(out / "build.json") in err and "field 'k' = 4" in err and "this build has 5" in err

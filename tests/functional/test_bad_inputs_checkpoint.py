@@ -94,7 +94,7 @@ def test_model_load_of_a_damaged_checkpoint_names_the_file(trained, tmp_path, ho
 def test_convert_to_hf_of_a_truncated_shard_names_the_file(trained, tmp_path):
     ckpt = _damaged_copy(trained[0], tmp_path / "bad", "truncate")
     script = str(REPO / "tools" / "convert_checkpoint.py")
-    out = _run([sys.executable, script, "--to", "hf", "--src", str(ckpt), "--dst", str(tmp_path / "hf")])
+    out = _run([sys.executable, script, "--to", "hf", "--input", str(ckpt), "--output", str(tmp_path / "hf")])
     line = _one_error_line(out)
     assert str(ckpt) in line and f"{SHARD} size" in line
     assert not (tmp_path / "hf").exists()

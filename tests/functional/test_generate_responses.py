@@ -1,4 +1,4 @@
-"""tools/generate_responses.py on a tiny random-init teacher saved as a dist checkpoint.
+"""generate_responses (rgkd_megatron.cli.generate_responses, tools/generate_responses.py) on a tiny random-init teacher saved as a dist checkpoint.
 
 - The tool's file holds one response per prompt, in prompt order, equal to an independent call of
   ``generate`` on all prompts at once (greedy) with the EOS stripped and decoded here: this checks the
@@ -20,10 +20,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -56,7 +54,7 @@ BAD_CASES = [  # (id, prompt lines, extra flags, expected message); run with --d
     ("empty-file", [""], [], "no records"),
     ("too-long", [*OK, '{"prompt": "' + "long " * 60 + '"}'], [], "line 2: the prompt is"),
     ("missing-prompts", OK, ["--prompts", "{tmp}/missing.jsonl"], "missing.jsonl does not exist"),
-    ("missing-ckpt", OK, ["--load", "{tmp}/nope"], "nope: checkpoint directory does not exist"),
+    ("missing-ckpt", OK, ["--teacher", "{tmp}/nope"], "nope: checkpoint directory does not exist"),
     ("bad-flag", OK, ["--max-new-tokens", "0"], "max_new_tokens: expected a positive int"),
     ("bad-samples", OK, ["--num-samples", "0", "--temperature", "1"], "num_samples: expected a positive int"),
     ("greedy-samples", OK, ["--num-samples", "2"], "num_samples: 2 samples per prompt need temperature > 0"),
@@ -66,18 +64,14 @@ BAD_CASES = [  # (id, prompt lines, extra flags, expected message); run with --d
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "_rgkd_tool_generate_responses", REPO / "tools" / "generate_responses.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from rgkd_megatron.cli import generate_responses
+
+    return generate_responses
 
 
 def _argv(tmp: Path, out: str, *extra: str) -> list[str]:
     return [
-        "--prompts", str(tmp / "prompts.jsonl"), "--load", str(tmp / "ckpt"), "--model-config", str(tmp / "model.yaml"),
+        "--prompts", str(tmp / "prompts.jsonl"), "--teacher", str(tmp / "ckpt"), "--model-config", str(tmp / "model.yaml"),
         "--tokenizer", str(TOKENIZER), "--output", str(tmp / out), "--batch-size", str(BATCH),
         "--max-new-tokens", str(MAX_NEW), "--no-progress", "--log-level", "WARNING", *extra,
     ]  # fmt: skip
@@ -177,7 +171,7 @@ def _single_process(rank, world_size, tmp):
     result["expected_samples"] = samples
     teardown_roles()
 
-    tool, eos = _load_tool(), ["--load", str(tmp / "ckpt_eos")]
+    tool, eos = _load_tool(), ["--teacher", str(tmp / "ckpt_eos")]
     result["plain"] = _main(tool, _argv(tmp, "out.jsonl"))
     result["rerun"] = _main(tool, _argv(tmp, "out.jsonl"))
     result["mismatch"] = _main(tool, _argv(tmp, "out.jsonl", "--seed", "5", "--temperature", "1.0"))
@@ -197,7 +191,7 @@ def _two_processes(rank, world_size, tmp):
     return (
         _main(tool, _argv(tmp, "dp2.jsonl")),
         _main(tool, _argv(tmp, "tp2.jsonl", "--tp", "2")),
-        _main(tool, _argv(tmp, "dp2_samples.jsonl", "--load", str(tmp / "ckpt_eos"), *SAMPLES)),
+        _main(tool, _argv(tmp, "dp2_samples.jsonl", "--teacher", str(tmp / "ckpt_eos"), *SAMPLES)),
     )
 
 

@@ -143,9 +143,9 @@ def test_convert_checkpoint_needs_no_extra_flags(trained, tmp_path):
             "tools/convert_checkpoint.py",
             "--to",
             "hf",
-            "--src",
+            "--input",
             str(run / "student"),
-            "--dst",
+            "--output",
             str(tmp_path / "o"),
         ],
         "",
@@ -202,16 +202,16 @@ def test_convert_one_role_of_a_loop_checkpoint(tmp_path):
 
     run = tmp_path / "run"
     (ckpt,) = run_distributed(_save_role_checkpoint, 1, args=(run, str(TOKENIZER)), timeout=300)
-    convert = ["tools/convert_checkpoint.py", "--to", "hf", "--src", ckpt]
-    out = _cli([*convert, "--dst", str(tmp_path / "x")], "")
+    convert = ["tools/convert_checkpoint.py", "--to", "hf", "--input", ckpt]
+    out = _cli([*convert, "--output", str(tmp_path / "x")], "")
     assert (
         out.returncode == 2
         and "multi-role loop checkpoint (roles: policy, reward): pass --role" in out.stderr
     )
-    out = _cli([*convert, "--dst", str(tmp_path / "policy"), "--role", "policy"], "")
+    out = _cli([*convert, "--output", str(tmp_path / "policy"), "--role", "policy"], "")
     assert out.returncode == 0, out.stderr[-3000:]
-    plain = ["tools/convert_checkpoint.py", "--to", "hf", "--src", str(run / "plain"), "--model-config"]
-    out = _cli([*plain, str(run / "config.yaml"), "--vocab-size", "512", "--dst", str(tmp_path / "ref")], "")
+    plain = ["tools/convert_checkpoint.py", "--to", "hf", "--input", str(run / "plain"), "--model-config"]
+    out = _cli([*plain, str(run / "config.yaml"), "--vocab-size", "512", "--output", str(tmp_path / "ref")], "")
     assert out.returncode == 0, out.stderr[-3000:]
     ours, ref = (
         load_file(tmp_path / "policy" / "model.safetensors"),

@@ -156,12 +156,12 @@ def test_cached_teacher_gives_the_live_teacher_losses(tmp_path):
     prefix = tmp_path / "data" / "prompts"
     subprocess.run(
         [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(REPO / "examples" / "data" / "tiny_sft.jsonl"),
-         "--tokenizer", str(tok), "--output-prefix", str(prefix)], check=True, env=env, capture_output=True,
+         "--tokenizer", str(tok), "--output", str(prefix)], check=True, env=env, capture_output=True,
     )  # fmt: skip
     built = subprocess.run(
         [sys.executable, str(REPO / "tools" / "build_teacher_cache.py"), "--data-prefix", str(prefix),
-         "--teacher-config", str(tmp_path / "teacher_model.yaml"), "--teacher-checkpoint", str(tmp_path / "teacher"),
-         "--tokenizer", str(tok), "--output", str(tmp_path / "cache"), "--k", "16", "--seq-length", "160",
+         "--model-config", str(tmp_path / "teacher_model.yaml"), "--teacher", str(tmp_path / "teacher"),
+         "--tokenizer", str(tok), "--output", str(tmp_path / "cache"), "--kd-top-k", "16", "--seq-length", "160",
          "--no-progress"], env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""tools/inspect_cache.py and tools/build_teacher_cache.py as a user runs them (in-process ``main``).
+"""inspect_cache and build_teacher_cache (rgkd_megatron.cli) as a user runs them (in-process ``main``).
 
 The teacher build itself runs in tests/distributed/test_cache_build.py; here: inspect's numbers against
 values computed from the rows the test wrote, its verdict on a corrupted cache, ``--help`` covering
@@ -7,7 +7,7 @@ every flag, and the build tool's checks that run before any process group exists
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 from pathlib import Path
@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"rgkd_megatron.cli.{name}")
 
 
 def test_inspect_reports_size_and_topk_mass_and_rejects_corruption(tmp_path, capsys):
@@ -79,16 +76,16 @@ def test_build_tool_checks_inputs_and_dry_run(tmp_path, capsys):
     )
     (tmp_path / "t.yaml").write_text("model:\n  num_layers: 2\n  hidden_size: 64\n  ffn_hidden_size: 96\n"
                                      "  num_attention_heads: 4\n  max_position_embeddings: 16\n")  # fmt: skip
-    base = ["--data-prefix", str(tmp_path / "ds"), "--teacher-config", str(tmp_path / "t.yaml"),
+    base = ["--data-prefix", str(tmp_path / "ds"), "--model-config", str(tmp_path / "t.yaml"),
             "--random-init-seed", "1", "--output", str(tmp_path / "cache")]  # fmt: skip
-    assert build.main([*base, "--dry-run", "--k", "16", "--rows-per-shard", "10"]) == 0
+    assert build.main([*base, "--dry-run", "--kd-top-k", "16", "--rows-per-shard", "10"]) == 0
     out = capsys.readouterr().out
     assert "plan: 3 shards, 31 rows" in out  # 4 + 16 (30 tokens truncated to 16 + 1) + 11, one shard each
     assert not (tmp_path / "cache").exists()
     tokenizer = str(ROOT / "examples" / "tokenizer" / "tokenizer.json")
     assert build.main([*base, "--dry-run", "--tokenizer", tokenizer]) == 2
     assert "tokenizer_fingerprint" in capsys.readouterr().err
-    assert build.main([*base, "--dry-run", "--k", str(VOCAB + 1)]) == 2
+    assert build.main([*base, "--dry-run", "--kd-top-k", str(VOCAB + 1)]) == 2
     assert "k" in capsys.readouterr().err
     assert build.main([*base, "--dry-run", "--tp", "3"]) == 2  # 4 heads are not divisible by TP=3
     assert "tensor_model_parallel_size" in capsys.readouterr().err

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -200,8 +199,7 @@ def test_version_1_cache_is_still_read(tmp_path):
         assert torch.equal(got.ids, torch.from_numpy(ids[lo:hi]))
         assert torch.equal(got.lse, torch.from_numpy(lse[lo:hi]))
         assert torch.equal(got.tail, torch.from_numpy(tail[lo:hi]))
-    sys.path.insert(0, str(REPO / "tools"))
-    from inspect_cache import inspect
+    from rgkd_megatron.cli.inspect_cache import inspect
 
     stats = inspect(str(tmp_path))
     assert stats["format_version"] == 1 and stats["q8_error_bound_max"] is None
@@ -209,8 +207,7 @@ def test_version_1_cache_is_still_read(tmp_path):
 
 def test_inspect_reports_version_bytes_and_bound(tmp_path):
     _, _, rows = _write(tmp_path, 49_152, "q8")
-    sys.path.insert(0, str(REPO / "tools"))
-    from inspect_cache import _report, inspect
+    from rgkd_megatron.cli.inspect_cache import _report, inspect
 
     stats = inspect(str(tmp_path))
     worst = max(float(np.abs(TeacherCacheReader(tmp_path).get(s).logprobs.numpy() - r[0]).max())

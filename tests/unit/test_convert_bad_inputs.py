@@ -5,7 +5,7 @@ is written, so no process group is needed); one subprocess run checks the real e
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import re
 import subprocess
@@ -37,10 +37,7 @@ CONFIG = {
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_rgkd_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"rgkd_megatron.cli.{name}")
 
 
 def _hf_dir(path: Path, config: dict | None = None, edit=None) -> Path:
@@ -71,7 +68,7 @@ def _run(tool: str, argv: list[str], capsys) -> tuple[int, str]:
 def _convert(tmp_path, capsys, src, *extra):
     dst = tmp_path / "dst"
     code, err = _run(
-        "convert_checkpoint", ["--to", "mcore", "--src", str(src), "--dst", str(dst), *extra], capsys
+        "convert_checkpoint", ["--to", "mcore", "--input", str(src), "--output", str(dst), *extra], capsys
     )
     assert not dst.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     return code, err
@@ -111,8 +108,8 @@ def test_destination_not_empty_is_refused_and_untouched(tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    code, err = _run("convert_checkpoint", ["--to", "mcore", "--src", str(src), "--dst", str(dst)], capsys)
-    assert code == 2 and "--dst" in err and "not empty" in err
+    code, err = _run("convert_checkpoint", ["--to", "mcore", "--input", str(src), "--output", str(dst)], capsys)
+    assert code == 2 and "--output" in err and "not empty" in err
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
 
 
@@ -133,9 +130,9 @@ def test_source_problems(tmp_path, capsys):
 def test_mcore_to_hf_bad_inputs(tmp_path, capsys):
     hf = _hf_dir(tmp_path / "hf")
     dst = tmp_path / "out"
-    code, err = _run("convert_checkpoint", ["--to", "hf", "--src", str(hf), "--dst", str(dst)], capsys)
+    code, err = _run("convert_checkpoint", ["--to", "hf", "--input", str(hf), "--output", str(dst)], capsys)
     assert code == 2 and "not a megatron-core distributed checkpoint" in err and not dst.exists()
-    code, err = _run("convert_checkpoint", ["--to", "hf", "--src", str(tmp_path), "--dst", str(dst)], capsys)
+    code, err = _run("convert_checkpoint", ["--to", "hf", "--input", str(tmp_path), "--output", str(dst)], capsys)
     assert code == 2 and "not a megatron-core" in err
 
 
@@ -174,7 +171,7 @@ def test_gguf_bad_inputs(tmp_path, capsys):
     dst = tmp_path / "out"
 
     def run(src):
-        code, err = _run("import_gguf", ["--src", str(src), "--dst", str(dst), "--no-tokenizer"], capsys)
+        code, err = _run("import_gguf", ["--input", str(src), "--output", str(dst), "--no-tokenizer"], capsys)
         assert code == 2 and not dst.exists(), err
         return err
 
@@ -212,7 +209,7 @@ def test_prune_bad_inputs(tmp_path, capsys):
         (["--keep-layers", "a,b"], "comma-separated"),
     ]
     for extra, expected in cases:
-        code, err = _run("prune_teacher", ["--src", str(src), "--dst", str(dst), *extra], capsys)
+        code, err = _run("prune_teacher", ["--teacher", str(src), "--output", str(dst), *extra], capsys)
         assert code == 2 and expected in err, (extra, err)
         assert not dst.exists()
 
@@ -220,7 +217,7 @@ def test_prune_bad_inputs(tmp_path, capsys):
 def test_cli_exit_status_and_help(tmp_path):
     src = _hf_dir(tmp_path / "src", {**CONFIG, "architectures": ["BertModel"]})
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--to", "mcore", "--src", str(src), "--dst", str(tmp_path / "d")],
+        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--to", "mcore", "--input", str(src), "--output", str(tmp_path / "d")],
         capture_output=True,
         text=True,
     )  # fmt: skip
@@ -229,7 +226,7 @@ def test_cli_exit_status_and_help(tmp_path):
         out = subprocess.run(
             [sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"], capture_output=True, text=True
         )
-        assert out.returncode == 0 and "--dst" in out.stdout
+        assert out.returncode == 0 and "--output" in out.stdout
 
 
 def test_dry_run_prints_mapping_and_sizes_and_writes_nothing(tmp_path, capsys):
@@ -237,7 +234,7 @@ def test_dry_run_prints_mapping_and_sizes_and_writes_nothing(tmp_path, capsys):
         {"lm_head.weight": torch.randn(50, 32)}))  # fmt: skip
     dst = tmp_path / "dst"
     code = _tool("convert_checkpoint").main(
-        ["--to", "mcore", "--src", str(src), "--dst", str(dst), "--tp", "2", "--pp", "2", "--dry-run"]
+        ["--to", "mcore", "--input", str(src), "--output", str(dst), "--tp", "2", "--pp", "2", "--dry-run"]
     )
     out = capsys.readouterr().out
     assert code == 0 and not dst.exists()
@@ -248,3 +245,14 @@ def test_dry_run_prints_mapping_and_sizes_and_writes_nothing(tmp_path, capsys):
     layer = (64 * 32 + 32 * 32 + 2 * 48 * 32 + 32 * 48) // 2 + 2 * 32
     assert f"pp_rank 0: {4096 + layer:,} params" in out
     assert f"pp_rank 1: {layer + 32 + 4096:,} params" in out
+
+
+def test_prune_dry_run_checks_and_writes_nothing(tmp_path, capsys):
+    src = _hf_dir(tmp_path / "src")
+    dst = tmp_path / "out"
+    code = _tool("prune_teacher").main(["--teacher", str(src), "--output", str(dst), "--keep-layers", "1",
+                                        "--dry-run", "--json"])  # fmt: skip
+    meta = json.loads(capsys.readouterr().out)
+    assert code == 0 and meta["dry_run"] and meta["kept_layers"] == [1] and not dst.exists()
+    code = _tool("prune_teacher").main(["--teacher", str(src), "--output", str(dst), "--num-layers", "9", "--dry-run"])
+    assert code == 2 and "--num-layers" in capsys.readouterr().err and not dst.exists()

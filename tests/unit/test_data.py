@@ -48,7 +48,9 @@ def _load_tool(name: str):
 
 @pytest.fixture(scope="module")
 def preprocess():
-    return _load_tool("preprocess_data")
+    from rgkd_megatron.cli import preprocess_data
+
+    return preprocess_data
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +175,9 @@ def test_shipped_data_and_tokenizer_are_reproducible(tmp_path):
     maker.main(["--output", str(tmp_path / "regen.jsonl")])
     assert (tmp_path / "regen.jsonl").read_bytes() == data
 
-    trainer = _load_tool("train_tokenizer")
-    trainer.main(["--input", str(TINY_SFT), "--vocab-size", "512", "--output-dir", str(tmp_path / "tok")])
+    from rgkd_megatron.cli import train_tokenizer as trainer
+
+    trainer.main(["--input", str(TINY_SFT), "--vocab-size", "512", "--output", str(tmp_path / "tok")])
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (
         TOKENIZER_DIR / "tokenizer.json"
     ).read_bytes()
@@ -214,7 +217,7 @@ def test_preprocess_matches_direct_tokenization(tmp_path, preprocess, raw_hf):
     _write_jsonl(src, RECORDS[:2] + [""] + RECORDS[2:])  # a blank line is skipped
     out = tmp_path / "out" / "ds"
     assert (
-        preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output-prefix", str(out)])
+        preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output", str(out)])
         == 0
     )
 
@@ -239,7 +242,7 @@ def test_preprocess_matches_direct_tokenization(tmp_path, preprocess, raw_hf):
 
     # --no-template keeps the raw prompt; two workers give byte-identical output.
     out2 = tmp_path / "raw"
-    args = ["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output-prefix", str(out2)]
+    args = ["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output", str(out2)]
     preprocess.main([*args, "--no-template", "--workers", "2"])
     tokens, prompt_len = IndexedDataset(str(out2))[2]
     assert prompt_len == len(raw_hf.encode(RECORDS[2]["prompt"], add_special_tokens=False).ids)
@@ -250,7 +253,7 @@ def test_preprocess_matches_direct_tokenization(tmp_path, preprocess, raw_hf):
             str(src),
             "--tokenizer",
             str(TOKENIZER_DIR),
-            "--output-prefix",
+            "--output",
             str(out3),
             "--no-template",
         ]
@@ -277,7 +280,7 @@ def test_preprocess_bad_input_names_file_line_field(tmp_path, preprocess, bad_li
     src.write_bytes(src.read_bytes().replace(b"BAD", line))
     out = tmp_path / "ds"
     with pytest.raises(SystemExit) as exc:
-        preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output-prefix", str(out)])
+        preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output", str(out)])
     assert f"{src}{message}" in str(exc.value)
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing written, no temp files left
 
@@ -286,7 +289,7 @@ def test_preprocess_refuses_existing_output(tmp_path, preprocess):
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, RECORDS)
     out = tmp_path / "ds"
-    args = ["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output-prefix", str(out)]
+    args = ["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output", str(out)]
     preprocess.main(args)
     before = Path(f"{out}.bin").read_bytes()
     _write_jsonl(src, RECORDS[:2])

@@ -44,13 +44,13 @@ def test_rows_average_seeds_per_method(tmp_path):
     )
     assert rows["seqkd"]["ROUGE-L vs teacher"] == pytest.approx(0.4)
     out = tmp_path / "out"
-    assert eval_main(["--runs", *map(str, runs), "--out", str(out)]) == 0
+    assert eval_main(["--runs", *map(str, runs), "--output", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "| pbkd | 2 | 0.6000 ± 0.1414" in text and (out / "plot_eval_rougeL_vs_teacher.png").is_file()
 
 
 def test_missing_summary_is_a_clear_error(tmp_path, capsys):
-    assert eval_main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert eval_main(["--runs", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     assert "summary.json: missing" in capsys.readouterr().err
 
 
@@ -81,5 +81,18 @@ def test_root_run_gives_the_starting_row_and_gaps_from_it(tmp_path):
     own = {r["method"]: r for r in results_rows(load_summaries([seqkd]))}
     assert own["seqkd"]["gap closed teacher nll"] == pytest.approx((2.0 - 1.8) / (2.0 - 1.0))
     out = tmp_path / "out"
-    assert eval_main(["--runs", str(heal), str(seqkd), "--root", str(heal), "--out", str(out)]) == 0
+    assert eval_main(["--runs", str(heal), str(seqkd), "--root", str(heal), "--output", str(out)]) == 0
     assert "| initial student | 1 | 0.0500 |" in (out / "report.md").read_text()
+
+
+def test_dry_run_writes_nothing_and_json_gives_the_rows(tmp_path, capsys):
+    runs = [_run(tmp_path, "p1", "pbkd", 0.2, 0.5, 4.0, 3.0, 2.0), _run(tmp_path, "s1", "seqkd", 0.2, 0.4, 4.0, 3.5, 2.0)]
+    out = tmp_path / "out"
+    assert eval_main(["--runs", *map(str, runs), "--output", str(out), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] and plan["methods"] == ["pbkd", "seqkd"] and not out.exists()
+    assert str(out / "report.md") in plan["files"]
+    assert eval_main(["--runs", *map(str, runs), "--output", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["pbkd"]["ROUGE-L vs teacher"] == pytest.approx(0.5) and (out / "report.md").is_file()

@@ -115,7 +115,7 @@ def runs(tmp_path):
 def test_paired_intervals_diagnostics_and_curves(tmp_path, runs):
     dirs, recs = runs
     out = tmp_path / "out"
-    assert eval_main(["--runs", *map(str, dirs), "--out", str(out)]) == 0  # baseline: seqkd
+    assert eval_main(["--runs", *map(str, dirs), "--output", str(out)]) == 0  # baseline: seqkd
     text = (out / "report.md").read_text()
     intervals = json.loads((out / "paired_bootstrap.json").read_text())
     assert intervals["baseline"] == "seqkd" and set(intervals["comparisons"]) == {"pbkd"}
@@ -155,7 +155,7 @@ def test_paired_intervals_diagnostics_and_curves(tmp_path, runs):
 def test_explicit_baseline_and_seed(tmp_path, runs):
     dirs, recs = runs
     out = tmp_path / "out"
-    argv = ["--runs", *map(str, dirs), "--out", str(out), "--baseline", "pbkd", "--bootstrap-seed", "5"]
+    argv = ["--runs", *map(str, dirs), "--output", str(out), "--baseline", "pbkd", "--bootstrap-seed", "5"]
     assert eval_main(argv + ["--bootstrap-resamples", "300"]) == 0
     got = json.loads((out / "paired_bootstrap.json").read_text())["comparisons"]["seqkd"]["rougeL_vs_teacher"]
     d, lo, hi, _ = _direct_ci(recs["seqkd"], recs["pbkd"], "rougeL_teacher", seed=5, resamples=300)
@@ -169,7 +169,7 @@ def test_runs_without_heldout_outputs_still_report(tmp_path):
         _write_run(tmp_path, "k", "kd"),
     ]
     out = tmp_path / "out"
-    assert eval_main(["--runs", *map(str, dirs), "--out", str(out)]) == 0
+    assert eval_main(["--runs", *map(str, dirs), "--output", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "| pbkd | 1 | 0.4000 |" in text and "skipped: baseline seqkd has no heldout_outputs.jsonl" in text
     pbkd_line = next(ln for ln in text.splitlines() if ln.startswith("| pbkd |"))
@@ -181,7 +181,7 @@ def test_method_without_outputs_gets_dashes_in_interval_table(tmp_path, runs):
     dirs, _ = runs
     extra = _write_run(tmp_path, "kd_s0", "kd")
     out = tmp_path / "out"
-    assert eval_main(["--runs", *map(str, dirs), str(extra), "--out", str(out)]) == 0
+    assert eval_main(["--runs", *map(str, dirs), str(extra), "--output", str(out)]) == 0
     table = _section_table((out / "report.md").read_text(), "Paired bootstrap vs seqkd")
     assert table["kd"]["Δ ROUGE-L vs teacher [95% CI]"] == "-" and table["pbkd"]["prompts"] == "8"
 
@@ -190,9 +190,9 @@ def test_prompt_set_mismatch_and_bad_baseline_are_clear_errors(tmp_path, runs, c
     dirs, recs = runs
     path = dirs[1] / "heldout_outputs.jsonl"  # pbkd seed 1 loses prompt 5
     path.write_text("".join(json.dumps(r) + "\n" for r in recs["pbkd"][1] if r["prompt_id"] != 5))
-    assert eval_main(["--runs", *map(str, dirs), "--out", str(tmp_path / "o")]) == 2
+    assert eval_main(["--runs", *map(str, dirs), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "pbkd: run 1 has different held-out prompt ids than run 0: 1 missing [5]" in err
     assert str(dirs[1]) in err
-    assert eval_main(["--runs", *map(str, dirs), "--out", str(tmp_path / "o"), "--baseline", "nope"]) == 2
+    assert eval_main(["--runs", *map(str, dirs), "--output", str(tmp_path / "o"), "--baseline", "nope"]) == 2
     assert "--baseline 'nope' is not among" in capsys.readouterr().err

@@ -158,8 +158,8 @@ def test_sidecar_makes_the_cli_work_without_flags(exported, tmp_path):
 
     out = tmp_path / "cli_hf"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--to", "hf", "--src", str(student)]
-        + ["--dst", str(out)],
+        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--to", "hf", "--input", str(student)]
+        + ["--output", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,7 +9,6 @@ recomputed with numpy from the per-sample hidden states.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -41,10 +40,9 @@ PAIRS = [
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("prune_teacher_tool", REPO / "tools" / "prune_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from rgkd_megatron.cli import prune_teacher
+
+    return prune_teacher
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +162,7 @@ def test_tool_probe_writes_chosen_argmin(teacher, tmp_path, capsys):
     tool = _load_tool()
     probe = root / "pairs.jsonl"
     argv = [
-        "--src",
+        "--teacher",
         str(root / "teacher"),
         "--num-layers",
         "3",
@@ -173,12 +171,12 @@ def test_tool_probe_writes_chosen_argmin(teacher, tmp_path, capsys):
         "--probe-samples",
         "4",
     ]
-    assert tool.main(argv + ["--dst", str(tmp_path / "only"), "--probe-only"]) == 0
+    assert tool.main(argv + ["--output", str(tmp_path / "only"), "--probe-only"]) == 0
     assert not (tmp_path / "only").exists()
     table = capsys.readouterr().out
     assert "teacher (all)" in table and "angular_block" in table and "chosen:" in table
 
-    assert tool.main(argv + ["--dst", str(tmp_path / "student")]) == 0
+    assert tool.main(argv + ["--output", str(tmp_path / "student")]) == 0
     meta = json.loads((tmp_path / "student" / "prune_metadata.json").read_text())
     probe_meta = meta["probe"]
     cands = probe_meta["candidates"]
@@ -207,7 +205,7 @@ def test_tool_probe_bad_file(teacher, tmp_path, capsys, lines, message):
     probe = tmp_path / "pairs.jsonl"
     if lines is not None:
         probe.write_text("\n".join(lines) + "\n")
-    argv = ["--src", str(root / "teacher"), "--dst", str(tmp_path / "out"), "--num-layers", "3"]
+    argv = ["--teacher", str(root / "teacher"), "--output", str(tmp_path / "out"), "--num-layers", "3"]
     assert _load_tool().main(argv + ["--probe", str(probe)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -216,7 +214,7 @@ def test_tool_probe_bad_file(teacher, tmp_path, capsys, lines, message):
 def test_tool_probe_bad_flags(teacher, tmp_path, capsys):
     root, _, _ = teacher
     tool = _load_tool()
-    base = ["--src", str(root / "teacher"), "--dst", str(tmp_path / "out")]
+    base = ["--teacher", str(root / "teacher"), "--output", str(tmp_path / "out")]
     probe = ["--probe", str(root / "pairs.jsonl")]
     for argv in (base + ["--keep-layers", "0,5"] + probe, base + ["--num-layers", "3", "--probe-only"]):
         with pytest.raises(SystemExit) as exc:
