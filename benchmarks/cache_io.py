@@ -202,7 +202,9 @@ def _time_reads(args, directory: str) -> dict:
         e = m["shards"][s]
         lay = layout_of(m, e["num_rows"])
         lo, hi = reader.row_offsets[i] - e["first_row"], reader.row_offsets[i + 1] - e["first_row"]
-        ranges.append((s, [(sec.offset + sec.nbytes(lo), sec.offset + sec.nbytes(hi)) for sec in lay.sections]))
+        ranges.append(
+            (s, [(sec.offset + sec.nbytes(lo), sec.offset + sec.nbytes(hi)) for sec in lay.sections])
+        )
     payload = sum(b - a for _, rs in ranges for a, b in rs)
 
     def raw_pass() -> float:

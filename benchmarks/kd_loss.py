@@ -57,7 +57,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument(
-        "--chunk-size", type=int, default=None, help="token chunk of the sparse and fused losses (default: from the budget)"
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="token chunk of the sparse and fused losses (default: from the budget)",
     )
     p.add_argument(
         "--chunk-budget-mib", type=float, default=DEFAULT_CHUNK_BUDGET_MIB,
@@ -120,7 +123,15 @@ def _make_step(args: argparse.Namespace, T: int, V: int, D: int, k: int):
         if variant == "fused_topk":
             ids, lp, mask = inputs
             loss, _ = fused_linear_topk_kd(
-                hidden, weight, ids, lp, mask, args.kind, temp, args.chunk_size, chunk_budget_mib=args.chunk_budget_mib
+                hidden,
+                weight,
+                ids,
+                lp,
+                mask,
+                args.kind,
+                temp,
+                args.chunk_size,
+                chunk_budget_mib=args.chunk_budget_mib,
             )
         else:
             logits = hidden @ weight.T

@@ -69,7 +69,9 @@ def run(placement: str, nproc: int, args: argparse.Namespace, out: Path) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nproc", type=int, default=2, help="ranks (disaggregated: half policy, half reward)")
+    parser.add_argument(
+        "--nproc", type=int, default=2, help="ranks (disaggregated: half policy, half reward)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iterations-per-round", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
@@ -80,7 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for placement in ("colocated", "disaggregated"):
             results[placement] = run(placement, args.nproc, args, Path(tmp) / placement)
-    print(f"{'placement':<14} {'role':<8} {'compute s/it':>12} {'wait s/it':>10} {'idle':>7} {'pred. idle':>10}")
+    print(
+        f"{'placement':<14} {'role':<8} {'compute s/it':>12} {'wait s/it':>10} {'idle':>7} {'pred. idle':>10}"
+    )
     summary = {}
     for placement, r in results.items():
         for role, t in r["roles"].items():
@@ -97,7 +101,9 @@ def main() -> None:
             "predicted_iteration_s": round(r["predicted_iteration_s"], 4),
             "predicted_over_measured": round(r["predicted_over_measured"], 4),
             "idle_fraction": {role: round(t["idle_fraction"], 4) for role, t in r["roles"].items()},
-            "predicted_idle_fraction": {role: round(t["predicted_idle_fraction"], 4) for role, t in r["roles"].items()},
+            "predicted_idle_fraction": {
+                role: round(t["predicted_idle_fraction"], 4) for role, t in r["roles"].items()
+            },
             "max_rm_lag": r["max_rm_lag"],
         }
     summary["disaggregated_over_colocated_iteration_time"] = round(

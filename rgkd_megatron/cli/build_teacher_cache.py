@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenized dataset prefix (PREFIX.bin/.idx/.json from tools/preprocess_data.py)",
     )
     weights = io.add_mutually_exclusive_group()  # neither: the model.load of --model-config
-    add_teacher_flags(io, weights, old_teacher=("--teacher-checkpoint",), old_model_config=("--teacher-config",))
+    add_teacher_flags(
+        io, weights, old_teacher=("--teacher-checkpoint",), old_model_config=("--teacher-config",)
+    )
     weights.add_argument(
         "--random-init-seed",
         type=int,
@@ -215,7 +217,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "params_dtype": params_dtype,
     }
     # the identity needs nothing of the loaded teacher: check an existing build before loading it
-    identity, offsets = build_identity(options, teacher, dataset, shared_vocab, RoleLayout(tp=tp, pp=pp), device)
+    identity, offsets = build_identity(
+        options, teacher, dataset, shared_vocab, RoleLayout(tp=tp, pp=pp), device
+    )
     if not args.overwrite:
         check_existing(args.output, identity)
     if args.dry_run:
@@ -226,7 +230,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     seed = args.random_init_seed if random_init else 0
     with launched_teacher(args, cfg, load, model_vocab, seed) as (model, groups):
-        teacher["padded_vocab_size"] = padded_vocab_size(model_vocab, cfg.model.make_vocab_size_divisible_by, tp)
+        teacher["padded_vocab_size"] = padded_vocab_size(
+            model_vocab, cfg.model.make_vocab_size_divisible_by, tp
+        )
         identity, offsets = build_identity(options, teacher, dataset, shared_vocab, groups.layout, device)
         return build_teacher_cache(
             model, groups, dataset, args.output, options, identity, offsets, overwrite=args.overwrite

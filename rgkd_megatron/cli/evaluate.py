@@ -192,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         plan = {"dry_run": True, "output": str(out), "runs": len(summaries), "methods": methods,
                 "baseline": baseline, "files": _planned_files(out, comparisons is not None)}  # fmt: skip
-        print(json.dumps(plan) if args.json else
-              f"dry run: {len(summaries)} runs of {', '.join(methods)}; would write " + ", ".join(plan["files"]))
+        print(
+            json.dumps(plan)
+            if args.json
+            else f"dry run: {len(summaries)} runs of {', '.join(methods)}; would write "
+            + ", ".join(plan["files"])
+        )
         return 0
     out.mkdir(parents=True, exist_ok=True)
     sections = []

@@ -119,8 +119,7 @@ def _report(stats: dict) -> str:
         f"tokenizer    {stats['tokenizer_fingerprint'][:16]}...   dataset {stats['dataset_fingerprint'][:16]}...",
         f"vocab        {stats['vocab_size']}   k {stats['k']}   T {stats['temperature']}   dtype {stats['dtype']}   "
         f"seq_length {stats['seq_length']}",
-        f"format       version {stats['format_version']}   ids {stats['ids_dtype']}   "
-        + _bound_line(stats),
+        f"format       version {stats['format_version']}   ids {stats['ids_dtype']}   " + _bound_line(stats),
         f"samples      {stats['samples']}   tokens {stats['rows']}   shards {stats['shards']}   "
         f"{stats['bytes'] / 2**20:.2f} MiB",
         f"bytes/token  {stats['bytes_per_token']:.1f}  (dense fp16: {stats['dense_fp16_bytes_per_token']}, "

@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check and tokenize every record and print the totals, but write nothing",
     )
-    p.add_argument("--json", action="store_true", help="print the written metadata (or the dry-run totals) as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the written metadata (or the dry-run totals) as JSON"
+    )
     return add_common_flags(p)
 
 

@@ -98,7 +98,9 @@ class HFCheckpoint:
             return ["model.safetensors"]
         bins = [p.name for p in self.dir.glob("pytorch_model*.bin")]
         hint = f" (found {bins[0]}: re-save it with save_pretrained(safe_serialization=True))" if bins else ""
-        raise ConversionError(f"--input {self.dir}: no model.safetensors or model.safetensors.index.json{hint}")
+        raise ConversionError(
+            f"--input {self.dir}: no model.safetensors or model.safetensors.index.json{hint}"
+        )
 
     def _inventory(self) -> dict[str, TensorInfo]:
         out: dict[str, TensorInfo] = {}

@@ -92,5 +92,7 @@ def save_lazily(
     Needs a (single-process) torch.distributed group."""
     with disk_errors(checkpoint_dir):
         dist_checkpointing.save(
-            sharded_state_dict, str(checkpoint_dir), sharded_strategy=_LazyTorchDistSaveStrategy(resolve, desc)
+            sharded_state_dict,
+            str(checkpoint_dir),
+            sharded_strategy=_LazyTorchDistSaveStrategy(resolve, desc),
         )

@@ -285,7 +285,9 @@ def convert_mcore_to_hf(
 
         with ProgressBar(total=arch.num_layers + 1, desc="mcore->hf", unit="layer") as bar:
             first, last = globals_[:1], globals_[1:]  # embedding first, final norm/output last (HF order)
-            loaded = _load_slices(src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in first}, prefix)
+            loaded = _load_slices(
+                src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in first}, prefix
+            )
             for r in first:
                 emit(r, loaded[r.key], None)
             for i in range(arch.num_layers):
@@ -297,7 +299,9 @@ def convert_mcore_to_hf(
                 for r in layer_rules:
                     emit(r, loaded[r.key], i)
                 bar.update(1)
-            loaded = _load_slices(src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in last}, prefix)
+            loaded = _load_slices(
+                src, {r.key: (meta[r.key][0], meta[r.key][1], None, 0) for r in last}, prefix
+            )
             for r in last:
                 emit(r, loaded[r.key], None)
             bar.update(1)

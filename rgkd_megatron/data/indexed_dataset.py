@@ -114,7 +114,9 @@ def write_indexed_dataset(
         for i, (token_ids, prompt_len) in enumerate(samples):
             arr = np.asarray(token_ids, dtype=np.int64)
             if arr.ndim != 1 or arr.size == 0:
-                raise ValueError(f"sample {i}: token ids must be a non-empty 1-D sequence, got shape {arr.shape}")
+                raise ValueError(
+                    f"sample {i}: token ids must be a non-empty 1-D sequence, got shape {arr.shape}"
+                )
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= vocab_size:
                 raise ValueError(f"sample {i}: token id {lo if lo < 0 else hi} outside [0, {vocab_size})")
@@ -376,7 +378,9 @@ class IndexedDataset:
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read prompt lengths {prompt_path}: {e}") from e
         if prompt.dtype != np.int64 or prompt.shape != (n,):
-            raise ValueError(f"{prompt_path}: dtype {prompt.dtype} shape {prompt.shape}, expected int64 ({n},)")
+            raise ValueError(
+                f"{prompt_path}: dtype {prompt.dtype} shape {prompt.shape}, expected int64 ({n},)"
+            )
         starts = reader.sequence_pointers // self.dtype.itemsize
         index = np.stack([starts, starts + reader.sequence_lengths.astype(np.int64), prompt], axis=1)
         del reader

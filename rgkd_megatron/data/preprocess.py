@@ -85,7 +85,9 @@ def encode_record(
     A conversation (chat record) is rendered with the tokenizer's chat template."""
     if isinstance(prompt, list):
         if not use_template:
-            raise ValueError("a chat record ('messages') is rendered with the chat template: drop --no-template")
+            raise ValueError(
+                "a chat record ('messages') is rendered with the chat template: drop --no-template"
+            )
         text = tokenizer.render_conversation(prompt)
     else:
         text = tokenizer.apply_prompt_template(prompt) if use_template else prompt

@@ -41,7 +41,9 @@ def load_summaries(run_dirs: Iterable[str | Path]) -> list[dict]:
             raise FileNotFoundError(f"{path}: missing (did the run finish?)")
         summary = read_json(path)
         if not isinstance(summary, dict) or "method" not in summary:
-            raise ValueError(f"{path}: expected a run summary (a JSON object with 'method'), got {str(summary)[:80]}")
+            raise ValueError(
+                f"{path}: expected a run summary (a JSON object with 'method'), got {str(summary)[:80]}"
+            )
         summary["run_dir"] = str(run_dir)
         summaries.append(summary)
     return summaries

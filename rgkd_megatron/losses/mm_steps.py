@@ -63,7 +63,9 @@ def mm_q_objective(
     on_sl, off_sl = slice(0, on_rows), slice(on_rows, 2 * on_rows)
     c_sl = slice(2 * on_rows, 2 * on_rows + pair_rows)
     r_sl = slice(2 * on_rows + pair_rows, 2 * on_rows + 2 * pair_rows)
-    log_p = teacher_bucket_log_probs(topk_logprobs_bsk, with_tail=q_bsc.shape[-1] > topk_logprobs_bsk.shape[-1])
+    log_p = teacher_bucket_log_probs(
+        topk_logprobs_bsk, with_tail=q_bsc.shape[-1] > topk_logprobs_bsk.shape[-1]
+    )
     gap_on = mm_q_gap(q_bsc[on_sl], log_p[on_sl], student_log_q_bsc[on_sl], mask_bs[on_sl], gamma)
     gap_off = mm_q_gap(q_bsc[off_sl], log_p[off_sl], student_log_q_bsc[off_sl], mask_bs[off_sl], gamma)
     v_e = expected_q(log_p, q_bsc)
@@ -111,7 +113,11 @@ def mm_student_objective(
     )  # fmt: skip
     loss = mix_on_off(loss_on, loss_off, beta_mm)
     kl_loss, kl_m = kl_penalty_loss(
-        action_logprobs_bs[on_sl], ref_logprobs_bs[on_sl], mask_bs[on_sl], beta=kl_beta, normalizer=total_on_tokens
+        action_logprobs_bs[on_sl],
+        ref_logprobs_bs[on_sl],
+        mask_bs[on_sl],
+        beta=kl_beta,
+        normalizer=total_on_tokens,
     )
     nll_sum = -(action_logprobs_bs[off_sl] * mask_bs[off_sl]).sum()
     loss = loss + total_rows * (kl_loss + seqkd_alpha * nll_sum / total_off_tokens)

@@ -45,7 +45,9 @@ class DistillTrainer(EvaluationMixin):
         self.heldout_items: list[PromptItem] = heldout_items
         self.run_dir = Path(run_dir)
         self.policy = (
-            PolicyEngine(cfg, models, tokenizer.eos_id, tokenizer.pad_id) if models.policy is not None else None
+            PolicyEngine(cfg, models, tokenizer.eos_id, tokenizer.pad_id)
+            if models.policy is not None
+            else None
         )
         """The student and pi_ref (None on a rank outside the policy's window)."""
         self.teacher = TeacherEngine(models) if models.teacher is not None else None

@@ -70,7 +70,9 @@ class KDTrainer(DistillTrainer):
         items = self._pick(self.train_items, rows, rng)
         prompts = [list(i.prompt_ids) for i in items]
         if self.p.on_policy:
-            responses = self.policy.generate(prompts, self._seed(round_index, 8, self.policy_steps)).response_ids()
+            responses = self.policy.generate(
+                prompts, self._seed(round_index, 8, self.policy_steps)
+            ).response_ids()
         else:
             responses = [list(i.teacher_ids) for i in items]
         batch = collate_sequences(prompts, responses, self.cfg.data.seq_length, self.tok.pad_id)

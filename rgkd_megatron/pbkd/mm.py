@@ -75,7 +75,9 @@ class MMPbKDTrainer(PbKDTrainer):
     def _student_buckets(self, batch):
         """Student bucket log-probs and action log-probs (no grad), for the Q step."""
         with inference_mode(self.policy.unwrapped()):
-            logits = stage_forward(self.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False)
+            logits = stage_forward(
+                self.policy.unwrapped(), self.groups, batch["tokens"], 0, None, gather=False
+            )
             _, log_q, action_lp = mm_bucket_log_probs(
                 logits, batch["topk_ids"], batch["topk_logprobs"], action_ids_t=batch["labels"],
                 tp_group=self.groups.pg_collection.tp, vocab_size=self.models.vocab_size,
@@ -93,7 +95,9 @@ class MMPbKDTrainer(PbKDTrainer):
         rng = self._rng(round_index, salt, self.policy_steps, self.rm_steps)
         items = [self.train_items[i] for i in rng.choice(len(self.train_items), g, replace=False)]
         prompts = [list(i.prompt_ids) for i in items for _ in range(n)]
-        samples = self.policy.generate(prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps))
+        samples = self.policy.generate(
+            prompts, self._seed(round_index, salt + 1, self.policy_steps, self.rm_steps)
+        )
         on = self._rows(prompts, samples.response_ids())
         off = self._rows(
             [list(i.prompt_ids) for i in items for _ in range(n)],

@@ -181,7 +181,9 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         reused = reusable_initial(cfg, heldout_ids) if colocated else None
         if reused is not None:
             initial, records, source = reused
-            trainer.teacher_self_nll = initial.get("eval_teacher_nll_of_teacher")  # same prompts, same teacher
+            trainer.teacher_self_nll = initial.get(
+                "eval_teacher_nll_of_teacher"
+            )  # same prompts, same teacher
             if trainer.reports_reward_gap:
                 initial.update(trainer.evaluate_reward([r["student_ids"] for r in records]))
             logger.info("initial evaluation reused from %s (same student, prompts and settings)", source)

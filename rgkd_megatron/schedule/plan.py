@@ -304,7 +304,9 @@ def build_plan(spec: PlanSpec) -> Plan:
                     b.add(TEACHER, "teacher_score", j, round_, t, batch, [TopK(j).key])
                     update_inputs.append(TopK(j).key)
                 if spec.reward_model:
-                    b.add(REWARD, "score", j, round_, t, [*batch, RMVersion(rm_version).key], [Rewards(j).key])
+                    b.add(
+                        REWARD, "score", j, round_, t, [*batch, RMVersion(rm_version).key], [Rewards(j).key]
+                    )
                     update_inputs.append(Rewards(j).key)
                 b.add(POLICY, "policy_update", j, round_, t, update_inputs, [PolicyVersion(j).key])
             ends.append(len(b.events))

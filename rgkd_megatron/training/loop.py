@@ -187,7 +187,14 @@ def run_training(cfg: RGKDConfig) -> dict[str, float]:
 
 
 def _loop(
-    cfg, engine, data: SFTBatches, valid, start_iter: int, ckpt_root: Path, run_dir: Path, retention: Retention
+    cfg,
+    engine,
+    data: SFTBatches,
+    valid,
+    start_iter: int,
+    ckpt_root: Path,
+    run_dir: Path,
+    retention: Retention,
 ) -> dict:
     rank = dist.get_rank()
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length

@@ -31,7 +31,14 @@ def _distill(run_dir: Path, nproc: int, overrides: list[str], env: dict | None =
     return distill_under_torchrun(run_dir, nproc, [*SMALL, *overrides], env, check)
 
 
-LOSSES = ("rm_loss", "rm_bt_loss", "policy_pg_loss", "policy_kl", "policy_sample_reward_mean", "eval_reward_gap")
+LOSSES = (
+    "rm_loss",
+    "rm_bt_loss",
+    "policy_pg_loss",
+    "policy_kl",
+    "policy_sample_reward_mean",
+    "eval_reward_gap",
+)
 
 
 def test_disaggregated_staleness0_equals_colocated(tmp_path):
@@ -59,7 +66,11 @@ def test_disaggregated_staleness0_equals_colocated(tmp_path):
 
 def test_overlap_keeps_its_staleness_bound(tmp_path):
     run = tmp_path / "overlap"
-    _distill(run, 2, [*disaggregated(policy=(0, 1, 1), reward=(1, 1, 1)), "schedule.overlap=true", "schedule.staleness=1"])
+    _distill(
+        run,
+        2,
+        [*disaggregated(policy=(0, 1, 1), reward=(1, 1, 1)), "schedule.overlap=true", "schedule.staleness=1"],
+    )
     timing = json.loads((run / "schedule_timing.json").read_text())
     assert timing["max_rm_lag"] == 1  # overlapped (one block behind), never more
     steps = {r["step"] for r in metrics_rows(run) if "rm_loss" in r}

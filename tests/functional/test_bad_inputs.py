@@ -134,9 +134,7 @@ def test_preprocess_names_file_and_line_of_invalid_json(tmp_path):
 def test_train_tokenizer_names_file_and_line_of_a_non_utf8_byte(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xc3(", "response": "c"}\n')
-    out = _run(
-        *_command("tools/train_tokenizer.py"), "--input", str(data), "--output", str(tmp_path / "tok")
-    )
+    out = _run(*_command("tools/train_tokenizer.py"), "--input", str(data), "--output", str(tmp_path / "tok"))
     _refused(out, f"{data}:2: not valid UTF-8")
     assert not (tmp_path / "tok").exists()
 
@@ -176,7 +174,9 @@ def test_eval_names_a_summary_that_is_not_a_run_summary(tmp_path):
 
 
 def test_eval_names_a_missing_summary(tmp_path):
-    out = _run(*_command("evaluate"), "--runs", str(tmp_path / "nowhere"), "--output", str(tmp_path / "report"))
+    out = _run(
+        *_command("evaluate"), "--runs", str(tmp_path / "nowhere"), "--output", str(tmp_path / "report")
+    )
     _refused(out, str(tmp_path / "nowhere" / "summary.json"), "missing")
     assert not (tmp_path / "report").exists()
 

@@ -211,7 +211,9 @@ def test_convert_one_role_of_a_loop_checkpoint(tmp_path):
     out = _cli([*convert, "--output", str(tmp_path / "policy"), "--role", "policy"], "")
     assert out.returncode == 0, out.stderr[-3000:]
     plain = ["tools/convert_checkpoint.py", "--to", "hf", "--input", str(run / "plain"), "--model-config"]
-    out = _cli([*plain, str(run / "config.yaml"), "--vocab-size", "512", "--output", str(tmp_path / "ref")], "")
+    out = _cli(
+        [*plain, str(run / "config.yaml"), "--vocab-size", "512", "--output", str(tmp_path / "ref")], ""
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ours, ref = (
         load_file(tmp_path / "policy" / "model.safetensors"),

@@ -144,7 +144,13 @@ def test_sigkill_and_resume_leave_one_metrics_row_per_step(tmp_path):
     first = _train([*common, "train.train_iters=4"])  # the checkpoint of step 4
     assert first.returncode == 0, first.stderr[-3000:]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "rgkd_megatron.cli.train", "--config", str(REPO / "examples" / "tiny_sft.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rgkd_megatron.cli.train",
+        "--config",
+        str(REPO / "examples" / "tiny_sft.yaml"),
+    ]
     proc = subprocess.Popen(
         [*cmd, *common, "train.train_iters=1000", "train.save_interval=1000"], cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -251,4 +251,3 @@ def test_resubmitted_job_resumes_bit_identical(first_job, crashed_job, second_jo
         for line in (second_job["run_dir"] / "metrics.jsonl").read_text().splitlines()
     ]
     assert max(steps) == _expected_steps()
-

@@ -108,7 +108,9 @@ def test_destination_not_empty_is_refused_and_untouched(tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    code, err = _run("convert_checkpoint", ["--to", "mcore", "--input", str(src), "--output", str(dst)], capsys)
+    code, err = _run(
+        "convert_checkpoint", ["--to", "mcore", "--input", str(src), "--output", str(dst)], capsys
+    )
     assert code == 2 and "--output" in err and "not empty" in err
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
 
@@ -132,7 +134,9 @@ def test_mcore_to_hf_bad_inputs(tmp_path, capsys):
     dst = tmp_path / "out"
     code, err = _run("convert_checkpoint", ["--to", "hf", "--input", str(hf), "--output", str(dst)], capsys)
     assert code == 2 and "not a megatron-core distributed checkpoint" in err and not dst.exists()
-    code, err = _run("convert_checkpoint", ["--to", "hf", "--input", str(tmp_path), "--output", str(dst)], capsys)
+    code, err = _run(
+        "convert_checkpoint", ["--to", "hf", "--input", str(tmp_path), "--output", str(dst)], capsys
+    )
     assert code == 2 and "not a megatron-core" in err
 
 
@@ -254,5 +258,7 @@ def test_prune_dry_run_checks_and_writes_nothing(tmp_path, capsys):
                                         "--dry-run", "--json"])  # fmt: skip
     meta = json.loads(capsys.readouterr().out)
     assert code == 0 and meta["dry_run"] and meta["kept_layers"] == [1] and not dst.exists()
-    code = _tool("prune_teacher").main(["--teacher", str(src), "--output", str(dst), "--num-layers", "9", "--dry-run"])
+    code = _tool("prune_teacher").main(
+        ["--teacher", str(src), "--output", str(dst), "--num-layers", "9", "--dry-run"]
+    )
     assert code == 2 and "--num-layers" in capsys.readouterr().err and not dst.exists()

@@ -217,8 +217,7 @@ def test_preprocess_matches_direct_tokenization(tmp_path, preprocess, raw_hf):
     _write_jsonl(src, RECORDS[:2] + [""] + RECORDS[2:])  # a blank line is skipped
     out = tmp_path / "out" / "ds"
     assert (
-        preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output", str(out)])
-        == 0
+        preprocess.main(["--input", str(src), "--tokenizer", str(TOKENIZER_DIR), "--output", str(out)]) == 0
     )
 
     eos = raw_hf.token_to_id(EOS)

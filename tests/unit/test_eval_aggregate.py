@@ -86,7 +86,10 @@ def test_root_run_gives_the_starting_row_and_gaps_from_it(tmp_path):
 
 
 def test_dry_run_writes_nothing_and_json_gives_the_rows(tmp_path, capsys):
-    runs = [_run(tmp_path, "p1", "pbkd", 0.2, 0.5, 4.0, 3.0, 2.0), _run(tmp_path, "s1", "seqkd", 0.2, 0.4, 4.0, 3.5, 2.0)]
+    runs = [
+        _run(tmp_path, "p1", "pbkd", 0.2, 0.5, 4.0, 3.0, 2.0),
+        _run(tmp_path, "s1", "seqkd", 0.2, 0.4, 4.0, 3.5, 2.0),
+    ]
     out = tmp_path / "out"
     assert eval_main(["--runs", *map(str, runs), "--output", str(out), "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)

@@ -82,7 +82,9 @@ def test_micro_batches_add_up_to_the_step_loss():
     kw = dict(total_pg_tokens=int(mask.sum()), kl_beta=0.1, ppo_clip=0.2)
     whole, _ = pbkd_policy_loss(logprobs, mask, adv, ref, pg_rows=4, old_logprobs_bs=old, **kw)
     parts = [
-        pbkd_policy_loss(logprobs[sl], mask[sl], adv[sl], ref[sl], pg_rows=2, old_logprobs_bs=old[sl], **kw)[0]
+        pbkd_policy_loss(logprobs[sl], mask[sl], adv[sl], ref[sl], pg_rows=2, old_logprobs_bs=old[sl], **kw)[
+            0
+        ]
         for sl in (slice(0, 2), slice(2, 4))
     ]
     torch.testing.assert_close(parts[0] + parts[1], whole)

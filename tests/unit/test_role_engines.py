@@ -9,7 +9,14 @@ from rgkd_megatron.pbkd.mm import MMPbKDTrainer
 from rgkd_megatron.pbkd.seqkd import SeqKDTrainer
 from rgkd_megatron.pbkd.trainer import PbKDTrainer
 
-GAME_METHODS = ("rm_step", "collect_round", "judge_round", "score_rollout", "receive_round", "remember_rollout")
+GAME_METHODS = (
+    "rm_step",
+    "collect_round",
+    "judge_round",
+    "score_rollout",
+    "receive_round",
+    "remember_rollout",
+)
 
 
 def test_baselines_do_not_inherit_the_game():
@@ -24,4 +31,3 @@ def test_game_methods_and_their_flags():
     assert all(hasattr(PbKDTrainer, m) for m in GAME_METHODS)
     assert PbKDTrainer.splits_policy_step and PbKDTrainer.reports_reward_gap
     assert not MMPbKDTrainer.splits_policy_step and not MMPbKDTrainer.reports_reward_gap
-

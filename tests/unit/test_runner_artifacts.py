@@ -35,7 +35,9 @@ def test_only_policy_and_rm_versions_are_model_states():
     assert not any(is_model_state(k) for k in ("rollouts@1", "samples@r1", "pairs@r2", "rm@x", "metrics"))
 
 
-@pytest.mark.parametrize("bad", ["rollouts", "rollouts@", "rollouts@r1", "samples@1", "rm@-1", "what@3", "policy@1.5"])
+@pytest.mark.parametrize(
+    "bad", ["rollouts", "rollouts@", "rollouts@r1", "samples@1", "rm@-1", "what@3", "policy@1.5"]
+)
 def test_malformed_keys_are_refused(bad):
     with pytest.raises(ValueError, match="artifact"):
         parse(bad)

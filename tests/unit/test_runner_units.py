@@ -62,7 +62,11 @@ def _single_process_runner(rank, world):
 
     def handler(event, inputs):
         trace.append((event.id, sorted(inputs)))
-        outs = {a: ({"from": event.id}, {"from": event.id}) for a in event.outputs if a.split("@")[0] not in ("policy", "rm")}
+        outs = {
+            a: ({"from": event.id}, {"from": event.id})
+            for a in event.outputs
+            if a.split("@")[0] not in ("policy", "rm")
+        }
         outs["metrics"] = ({f"{event.action}_n": float(event.id)}, None)
         return outs
 
@@ -82,7 +86,9 @@ def test_runner_walks_the_plan_in_order_and_passes_artifacts():
         if key == "reward/score":
             assert any(a.startswith("rollouts@") for a in inputs)
         if key == "policy/policy_update":
-            assert any(a.startswith("rewards@") for a in inputs) and any(a.startswith("rollouts@") for a in inputs)
+            assert any(a.startswith("rewards@") for a in inputs) and any(
+                a.startswith("rollouts@") for a in inputs
+            )
     # at the cut after iteration 2, the round's samples/pairs are still needed by RM step 3
     assert state["iteration"] == 2 and {"samples@r1", "pairs@r1"} <= set(state["artifacts"])
     assert sorted(metrics) == [1, 2, 3]
