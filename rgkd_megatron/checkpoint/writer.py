@@ -28,9 +28,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
@@ -41,8 +41,11 @@ from rgkd_megatron.utils.disk import free_bytes
 _DISK_FULL_TEXT = ("unexpected pos", "no space left", "file write failed", "disk quota")
 
 
-class InProcessTorchDistSaveStrategy(SaveShardedStrategy):
-    """The ``torch_dist`` format written synchronously by this process (no worker processes)."""
+class InProcessTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """The ``torch_dist`` format written synchronously by this process (no worker processes).
+
+    A subclass of megatron-core's own ``torch_dist`` strategy: newer releases (0.19) replace any
+    other strategy passed to ``dist_checkpointing.save`` with their default one."""
 
     def __init__(self) -> None:
         default = get_default_save_sharded_strategy()
@@ -68,7 +71,7 @@ class InProcessTorchDistSaveStrategy(SaveShardedStrategy):
             raise
 
 
-def save_strategy() -> SaveShardedStrategy | None:
+def save_strategy() -> TorchDistSaveShardedStrategy | None:
     """Our in-process writer on the CPU path; None (megatron-core's default) otherwise."""
     return InProcessTorchDistSaveStrategy() if dist.get_backend() == "gloo" else None
 
