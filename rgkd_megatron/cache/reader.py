@@ -43,6 +43,7 @@ import torch
 
 from rgkd_megatron.cache.format import (
     ShardHeader,
+    decode_into,
     decode_logprobs,
     decode_rows,
     read_header,
@@ -359,24 +360,31 @@ class TeacherCacheReader:
             np.empty((b, s), np.float32),
             np.empty((b, s), np.float32),
         )
-        padding = sid < 0
-        if padding.any():
-            for dst in out:
-                dst[padding] = 0
+        parts, valid = [], sid >= 0
         for row in range(b):
             for lo, hi in _runs(sid[row], pos[row]):
                 i, start = int(sid[row, lo]), int(pos[row, lo])
                 i, start, end = self._range(i, start, start + hi - lo)
                 shard, a, z = self._shard_rows(i, start, end)
-                decoded = decode_rows({n: sec[a:z] for n, sec in shard.sections.items()}, self._format)
-                for dst, col in zip(out, decoded):
-                    dst[row, lo:hi] = col
+                parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
+        # the runs' rows, in order, are the valid positions in row-major order: decode them in one
+        # batch, straight into the output when nothing is padding
+        flat = tuple(dst.reshape(b * s, *dst.shape[2:]) for dst in out)
+        if valid.all():
+            decode_into(parts, self._format, flat)
+        else:
+            where = np.flatnonzero(valid)
+            dense = tuple(np.empty((where.size, *dst.shape[1:]), dst.dtype) for dst in flat)
+            decode_into(parts, self._format, dense)
+            for dst, col in zip(flat, dense):
+                dst[~valid.reshape(-1)] = 0
+                dst[where] = col
         return {
             "logprobs": self._logprobs_tensor(out[0]),
             "ids": torch.from_numpy(out[1]),
             "lse": torch.from_numpy(out[2]),
             "tail": torch.from_numpy(out[3]),
-            "valid": torch.from_numpy(sid >= 0),
+            "valid": torch.from_numpy(valid),
         }
 
     def prefetch(self, batches: Iterable[dict], depth: int = 2) -> Iterator[tuple[dict, dict]]:

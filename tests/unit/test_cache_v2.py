@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from rgkd_megatron.cache import TeacherCacheReader
-from rgkd_megatron.cache.format import ShardArrays, ShardHeader, decode_rows, encode_rows, q8_error_bound
+from rgkd_megatron.cache.format import (
+    ShardArrays,
+    ShardHeader,
+    decode_into,
+    decode_rows,
+    encode_rows,
+    q8_error_bound,
+)
 from rgkd_megatron.cache.manifest import new_identity
 from rgkd_megatron.cache.writer import CacheWriter
 from rgkd_megatron.losses import topk_kd_loss
@@ -143,6 +150,118 @@ def test_q8_error_bound_on_hard_rows():
         bound = q8_error_bound(sections[1])
         assert (err <= bound[:, None]).all() and (err <= _documented_bound(lp)[:, None]).all()
         assert np.all(np.diff(dec, axis=1) <= 0)  # still sorted descending
+
+
+def _dense_decode(sections: dict[str, np.ndarray], id_bits: int) -> tuple[np.ndarray, ...]:
+    """Reference decode of version-2 q8 sections, written from the format docstring: log-prob 1 = m,
+    log-prob i >= 2 = m - c_i * s in fp32 (product rounded, then the difference); id = low 16 bits +
+    the high bits read one by one, LSB first; lse / tail widened from fp16."""
+    qp = np.asarray(sections["qparams"]).astype(np.float32)
+    m, s = qp[:, 0], qp[:, 1]
+    codes = np.asarray(sections["logprobs"]).astype(np.float32)
+    lp = np.empty((codes.shape[0], codes.shape[1] + 1), np.float32)
+    lp[:, 0] = m
+    lp[:, 1:] = m[:, None] - (codes * s[:, None]).astype(np.float32)
+    lo = np.asarray(sections["ids"])
+    ids = lo.astype(np.int64)
+    if id_bits > 16:
+        hi, h = np.asarray(sections["ids_hi"]), id_bits - 16
+        for r in range(ids.shape[0]):
+            for j in range(ids.shape[1]):
+                for b in range(h):
+                    bit = j * h + b
+                    ids[r, j] |= ((int(hi[r, bit // 8]) >> (bit % 8)) & 1) << (16 + b)
+    widen = [np.asarray(sections[n]).astype(np.float32) for n in ("lse", "tail")]
+    return (lp, ids.astype(np.int32), *widen)
+
+
+def _assert_bits_equal(got, want) -> None:
+    for g, w in zip(got, want):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.array_equal(g.view(f"u{g.itemsize}"), w.view(f"u{w.itemsize}"))
+
+
+@pytest.mark.parametrize("id_bits", [16, 18])
+@pytest.mark.parametrize("k", [64, 2, 1])
+def test_q8_decode_is_bit_identical_to_a_dense_reference(id_bits, k):
+    """decode_rows and the batched decode_into (several parts, one output) against ``_dense_decode``,
+    bit for bit, on random codes and edge values of (m, s): zero, -0, zero step, fp16 subnormal step,
+    the -87.3 floor, codes 0 and 255."""
+    rng = np.random.default_rng(k + id_bits)
+    n = 300
+    codes = rng.integers(0, 256, (n, k - 1), dtype=np.uint8)
+    codes[:3] = [[0], [255], [128]]
+    m = -rng.exponential(3.0, n).astype(np.float16)
+    m[:6] = [0.0, -0.0, -87.3, -1e-4, -0.0, -5.0]
+    s = (rng.uniform(0, 0.35, n)).astype(np.float16)
+    s[:6] = [0.0, 0.0, 0.3, np.float16(6e-8), 0.01, 0.0]
+    sections = {
+        "logprobs": codes,
+        "qparams": np.stack([m, s], 1),
+        "ids": rng.integers(0, 1 << 16, (n, k), dtype=np.uint16),
+        "lse": rng.normal(5, 3, n).astype(np.float16),
+        "tail": rng.random(n).astype(np.float16),
+    }
+    if id_bits > 16:
+        sections["ids_hi"] = rng.integers(0, 256, (n, -(-k * (id_bits - 16) // 8)), dtype=np.uint8)
+    header = ShardHeader(k, "q8", 8, n, 0, 0, 1, 2, id_bits)
+    want = _dense_decode(sections, id_bits)
+    _assert_bits_equal(decode_rows(sections, header), want)
+    cuts = [0, 1, 1, 57, 200, n]  # an empty part included
+    parts = [{name: a[lo:hi] for name, a in sections.items()} for lo, hi in zip(cuts[:-1], cuts[1:])]
+    out = (
+        np.empty((n, k), np.float32),
+        np.empty((n, k), np.int32),
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+    )
+    decode_into(parts, header, out)
+    _assert_bits_equal(out, want)
+    # and the values the reader decoded before the batched decode: m + code * (-s), two roundings
+    before = np.empty_like(want[0])
+    before[:, 0] = m.astype(np.float32)
+    before[:, 1:] = codes.astype(np.float32) * -s.astype(np.float32)[:, None]
+    before[:, 1:] += m.astype(np.float32)[:, None]
+    _assert_bits_equal(out[:1], (before,))
+
+
+@pytest.mark.parametrize("vocab", [32_000, 151_936])
+def test_reader_get_and_gather_match_the_dense_reference(tmp_path, vocab):
+    """get and gather (runs across samples and shards, padding) against ``_dense_decode`` of the raw
+    sections of the shards, bit for bit."""
+    identity, offsets, rows = _write(tmp_path, vocab, "q8")
+    reader = TeacherCacheReader(tmp_path, vocab_size=vocab)
+    bits = (vocab - 1).bit_length()
+    dense = []  # per shard, the decoded rows
+    for i in range(reader.num_shards):
+        dense.append(_dense_decode(reader.shard_sections(i), bits))
+    firsts = [e["first_row"] for e in reader.manifest["shards"]]
+
+    def ref(sample: int, pos: int) -> list[np.ndarray]:
+        row = int(offsets[sample]) + pos
+        shard = int(np.searchsorted(firsts, row, side="right")) - 1
+        return [col[row - firsts[shard]] for col in dense[shard]]
+
+    for sample in range(reader.num_samples):
+        n = reader.num_rows_of(sample)
+        per_row = [ref(sample, p) for p in range(n)]
+        want = [
+            np.array([r[c] for r in per_row], col.dtype).reshape(n, *col.shape[1:])
+            for c, col in enumerate(dense[0])
+        ]
+        _assert_bits_equal([t.numpy() for t in reader.get(sample)], want)
+    sid = np.array([[0, 0, 1, 1, 1, -1, 4, 4], [5, 5, 5, 5, 3, 3, 3, -1], [-1] * 8])
+    pos = np.array([[3, 4, 0, 1, 2, 0, 10, 11], [0, 1, 2, 3, 7, 8, 9, 0], [0] * 8])
+    batch = reader.gather(sid, pos)
+    assert torch.equal(batch["valid"], torch.from_numpy(sid >= 0))
+    for b in range(sid.shape[0]):
+        for j in range(sid.shape[1]):
+            got = [batch[name][b, j].numpy() for name in ("logprobs", "ids", "lse", "tail")]
+            if sid[b, j] < 0:
+                assert all(not g.any() for g in got)
+            else:
+                _assert_bits_equal([g[None] for g in got], [w[None] for w in ref(sid[b, j], pos[b, j])])
 
 
 # --------------------------------------------------------------------------------------------------
