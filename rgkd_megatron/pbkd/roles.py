@@ -1,7 +1,8 @@
 """The models of a colocated PbKD run and the inference helpers on them.
 
 Colocated placement (docs/design.md, roles and the scheduler): policy, frozen reference policy (the initial student, for the
-KL term), reward model and optional live teacher share one layout on all ranks. Role windows with
+KL term), reward model (methods with an adversary: none for SeqKD / KD) and optional live teacher
+share one layout on all ranks. Role windows with
 their own layouts are the scheduler's job; everything here takes the groups explicitly.
 """
 
@@ -63,6 +64,8 @@ def build_pbkd_models(
     by_role = (
         dict(groups) if isinstance(groups, Mapping) else dict.fromkeys((POLICY, REWARD, TEACHER), groups)
     )
+    if get_method(cfg.pbkd.method).reward_head is None:  # SeqKD / KD: no reward model to build
+        by_role.pop(REWARD, None)
     t, seed = cfg.train, cfg.train.seed
     policy = reward = reference = teacher = None
     pg, rg, tg = by_role.get(POLICY), by_role.get(REWARD), by_role.get(TEACHER)

@@ -1,5 +1,5 @@
 """Role engines and method trainers: the baselines are a DistillTrainer with the policy engine only
-(no judge, preference store, reward engine or RM step); PbKD adds the reward engine, the judge and
+(no judge, preference store, reward engine or RM step, and no reward model built); PbKD adds the reward engine, the judge and
 the store; the engines serve sampling and reward scoring on the trainer's models."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ GAME_ONLY = ("store", "judge", "reward", "rm_step", "judge_round", "score_rollou
 
 
 def _build(rank, world_size, run_dir):
+    from dataclasses import replace
+
     import torch
 
     from rgkd_megatron.config import load_config
@@ -36,7 +38,10 @@ def _build(rank, world_size, run_dir):
     items = load_prompt_set(cfg.pbkd.prompts_path, tok, cfg.data.seq_length // 2, cfg.data.seq_length // 2)
     train, heldout = split_prompts(items, cfg.pbkd.heldout_fraction, cfg.pbkd.heldout_seed)
     models = build_pbkd_models(cfg, groups, tok.vocab_size)
-    seqkd = SeqKDTrainer(cfg, models, tok, train, heldout, f"{run_dir}/seqkd")
+    seqkd_models = build_pbkd_models(
+        replace(cfg, pbkd=replace(cfg.pbkd, method="seqkd")), groups, tok.vocab_size
+    )
+    seqkd = SeqKDTrainer(cfg, seqkd_models, tok, train, heldout, f"{run_dir}/seqkd")
     pbkd = PbKDTrainer(cfg, models, tok, train, heldout, f"{run_dir}/pbkd")
     prompts = [list(i.prompt_ids) for i in train[:3]]
     out = pbkd.policy.generate(prompts, seed=5)
@@ -45,6 +50,8 @@ def _build(rank, world_size, run_dir):
         "seqkd_has": [name for name in GAME_ONLY if hasattr(seqkd, name)],
         "seqkd_state": sorted(seqkd.state_dict()),
         "seqkd_policy": isinstance(seqkd.policy, PolicyEngine) and seqkd.teacher is None,
+        "seqkd_models": (seqkd_models.policy is not None, seqkd_models.reward, seqkd_models.teacher),
+        "pbkd_models": (models.policy is not None, models.reward is not None),
         "pbkd_engines": isinstance(pbkd.policy, PolicyEngine) and isinstance(pbkd.reward, RewardEngine),
         "pbkd_judge": pbkd.judge.name,
         "same_samples": out.response_ids() == seqkd._sample(prompts, seed=5).response_ids(),
@@ -61,6 +68,8 @@ def test_baselines_carry_only_the_policy_engine_and_pbkd_adds_the_game(tmp_path)
     assert got["seqkd_has"] == [], got["seqkd_has"]
     assert got["seqkd_state"] == ["policy_steps"]
     assert got["seqkd_policy"] and got["pbkd_engines"]
+    assert got["seqkd_models"] == (True, None, None)  # SeqKD builds no reward model (nor a teacher)
+    assert got["pbkd_models"] == (True, True)
     assert got["pbkd_judge"] == "teacher_wins"
     assert got["same_samples"] and got["rewards_bounded"] and got["float"]
     assert got["rewards_shape"] == (3,) and got["ref_shape"] == (3, got["max_len"] - 1)
