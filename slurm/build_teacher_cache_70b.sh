@@ -19,19 +19,12 @@
 # CACHE_DIR, TOKENIZER (optional), TOPK (64), CACHE_TP (8), CACHE_PP (1), RGKD_DEVICE, RGKD_PYTHON,
 # RGKD_LOG_ROOT ($CACHE_DIR.logs). The build is resumable: a requeued job continues where it stopped.
 set -euo pipefail
-
-if ! REPO="$(
-  for c in "${RGKD_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)"; do
-    if [ -n "$c" ] && [ -f "$c/slurm/common.sh" ]; then echo "$c"; exit 0; fi
-  done
-  exit 1
-)"; then
-  echo "rgkd: error: cannot find the repository (slurm/common.sh): sbatch from the repository root or export RGKD_REPO" >&2
-  exit 2
-fi
-cd "$REPO"
+# the repository: $RGKD_REPO, the submit directory or this script's parent (sbatch runs a spooled copy)
+for REPO in "${RGKD_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)" ""; do
+  [ -n "$REPO" ] && [ -f "$REPO/slurm/common.sh" ] && break; done
+[ -n "$REPO" ] || { echo "rgkd: error: cannot find the repository (slurm/common.sh): sbatch from the repository root or export RGKD_REPO" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
-source slurm/common.sh
+cd "$REPO" && source slurm/common.sh
 
 dry_run=0
 extra=()

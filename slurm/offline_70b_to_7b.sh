@@ -20,19 +20,12 @@
 # the cache comes from slurm/build_teacher_cache_70b.sh. Same knobs as slurm/online_70b_to_7b.sh
 # (RGKD_RECIPE, RGKD_OVERRIDES, RUN_DIR, RGKD_LOG_ROOT, RGKD_DEVICE, ...; docs/launch.md).
 set -euo pipefail
-
-if ! REPO="$(
-  for c in "${RGKD_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)"; do
-    if [ -n "$c" ] && [ -f "$c/slurm/common.sh" ]; then echo "$c"; exit 0; fi
-  done
-  exit 1
-)"; then
-  echo "rgkd: error: cannot find the repository (slurm/common.sh): sbatch from the repository root or export RGKD_REPO" >&2
-  exit 2
-fi
-cd "$REPO"
+# the repository: $RGKD_REPO, the submit directory or this script's parent (sbatch runs a spooled copy)
+for REPO in "${RGKD_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)" ""; do
+  [ -n "$REPO" ] && [ -f "$REPO/slurm/common.sh" ] && break; done
+[ -n "$REPO" ] || { echo "rgkd: error: cannot find the repository (slurm/common.sh): sbatch from the repository root or export RGKD_REPO" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
-source slurm/common.sh
+cd "$REPO" && source slurm/common.sh
 
 rgkd_distill_main "${BASH_SOURCE[0]}" examples/recipes/offline_70b_to_7b.yaml \
   "STUDENT_CKPT PROMPTS TOKENIZER TEACHER_CACHE" "$@"

@@ -31,19 +31,12 @@
 #   GPU_TYPE, GPUS_PER_NODE   H100-80GB, 8   for --dry-run (and the GPU count check)
 #   RGKD_PYTHON     .venv/bin/python   RGKD_SRUN_ARGS ""   RGKD_AUTO_REQUEUE 1
 set -euo pipefail
-
-if ! REPO="$(
-  for c in "${RGKD_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)"; do
-    if [ -n "$c" ] && [ -f "$c/slurm/common.sh" ]; then echo "$c"; exit 0; fi
-  done
-  exit 1
-)"; then
-  echo "rgkd: error: cannot find the repository (slurm/common.sh): sbatch from the repository root or export RGKD_REPO" >&2
-  exit 2
-fi
-cd "$REPO"
+# the repository: $RGKD_REPO, the submit directory or this script's parent (sbatch runs a spooled copy)
+for REPO in "${RGKD_REPO:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)" ""; do
+  [ -n "$REPO" ] && [ -f "$REPO/slurm/common.sh" ] && break; done
+[ -n "$REPO" ] || { echo "rgkd: error: cannot find the repository (slurm/common.sh): sbatch from the repository root or export RGKD_REPO" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
-source slurm/common.sh
+cd "$REPO" && source slurm/common.sh
 
 rgkd_distill_main "${BASH_SOURCE[0]}" examples/recipes/online_70b_to_7b.yaml \
   "TEACHER_CKPT STUDENT_CKPT PROMPTS TOKENIZER" "$@"

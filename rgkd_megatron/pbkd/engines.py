@@ -24,7 +24,7 @@ from rgkd_megatron.generation.generate import GenerationOutput, generate, score
 from rgkd_megatron.losses.reward import bounded_reward
 from rgkd_megatron.parallel.groups import RoleGroups
 from rgkd_megatron.pbkd.batches import dp_shard, split_rows
-from rgkd_megatron.pbkd.roles import PbKDModels, response_nll, response_nlls, reward_scores
+from rgkd_megatron.pbkd.roles import PbKDModels, mean_nll, response_nlls, reward_scores
 from rgkd_megatron.pbkd.teacher_source import live_teacher_topk
 from rgkd_megatron.training.engine import Engine, train_step
 
@@ -121,4 +121,6 @@ class TeacherEngine:
 
     def loglik(self, prompt_ids: list[int], response_ids: list[int]) -> float:
         """Mean per-token log pi_E(response | prompt)."""
-        return -response_nll(self.model, self.groups, [prompt_ids], [response_ids], self.vocab_size)
+        return -mean_nll(
+            response_nlls(self.model, self.groups, [prompt_ids], [response_ids], self.vocab_size)
+        )

@@ -26,9 +26,13 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class PromptItem:
+    """One prompt of the set with the teacher's response, tokenized."""
+
     prompt_id: int
+    """Position of the record in the prompt set (fixes the held-out split across runs)."""
     prompt: str
     prompt_ids: tuple[int, ...]
+    """The prompt's tokens (the tokenizer's prompt template applied), cut to the last ``data.seq_length / 2``."""
     teacher: str
     teacher_ids: tuple[int, ...]
     """Teacher response ids, followed by EOS unless the response was truncated."""

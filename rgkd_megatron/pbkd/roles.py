@@ -160,14 +160,3 @@ def response_nlls(
 def mean_nll(pairs: list[tuple[float, int]]) -> float:
     """Token-weighted mean NLL of (sum, count) pairs: sum_i s_i / sum_i n_i."""
     return sum(s for s, _ in pairs) / max(sum(n for _, n in pairs), 1)
-
-
-def response_nll(
-    model: torch.nn.Module,
-    groups: RoleGroups,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    vocab_size: int,
-) -> float:
-    """Mean per-token negative log-likelihood of the responses given the prompts under ``model``."""
-    return mean_nll(response_nlls(model, groups, prompts, responses, vocab_size))
