@@ -4,11 +4,11 @@ megatron-core 0.16's unfused ``vocab_parallel_cross_entropy`` reads the global T
 wrong for a role that owns a window of ranks; this computes the same quantity through our
 TP-aware log-sum-exp/gather primitive.
 
-On CPU with a tensor-parallel group of size 1 (the whole vocabulary on this rank) the same quantity
-runs through :class:`_FusedCrossEntropy` instead: one ``log_softmax`` kernel forward and an in-place
-``exp_`` / ``mul_`` backward over the saved log-probs, where the general path makes two passes more
-over [tokens, V] each way (max, shift, exp, sum; shift, exp, scale). GPU and TP > 1 keep the
-general path unchanged.
+On CPU with a tensor-parallel group of size 1 (the whole vocabulary on this rank) and fp32 / fp64
+logits the same quantity runs through :class:`_FusedCrossEntropy` instead: one ``log_softmax``
+kernel forward and an in-place ``exp_`` / ``mul_`` backward over the saved log-probs, where the
+general path makes two passes more over [tokens, V] each way (max, shift, exp, sum; shift, exp,
+scale). GPU and TP > 1 keep the general path unchanged.
 """
 
 from __future__ import annotations
@@ -25,8 +25,14 @@ def _tp_size(tp_group: dist.ProcessGroup | None) -> int:
 
 
 def fused_path_applies(logits: torch.Tensor, tp_group: dist.ProcessGroup | None) -> bool:
-    """The single-rank CPU fast path: the whole vocabulary here (TP size 1), CPU floating logits."""
-    return logits.device.type == "cpu" and logits.dtype.is_floating_point and _tp_size(tp_group) == 1
+    """The single-rank CPU fast path by default: the whole vocabulary here (TP size 1), CPU fp32/fp64
+    logits, where the saved [t, V] log-probs take the place of the logits the general path saves.
+    (bf16/fp16 would hold an fp32 [t, V] copy; the general path bounds that by its chunk budget.)"""
+    return (
+        logits.device.type == "cpu"
+        and logits.dtype in (torch.float32, torch.float64)
+        and _tp_size(tp_group) == 1
+    )
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -84,8 +90,9 @@ def vocab_parallel_cross_entropy(
     Args:
         logits_bsv: [b, s, V/tp] this rank's vocab shard of the logits.
         labels_bs: [b, s] global vocab ids.
-        fused: the single-rank CPU fast path (:class:`_FusedCrossEntropy`); None = where it applies
-            (:func:`fused_path_applies`), False = the general vocab-parallel path.
+        fused: the single-rank fast path (:class:`_FusedCrossEntropy`, any float dtype, computed in
+            fp32); None = where it applies by default (:func:`fused_path_applies`), False = the
+            general vocab-parallel path.
     Returns:
         [b, s] fp32 losses (fp64 for fp64 logits; no reduction), identical on every TP rank.
     """

@@ -70,6 +70,12 @@ def test_default_dispatch_is_the_fused_path_on_cpu_tp1():
     default_ce, default_grad = _ours(logits, labels, mask, fused=None)
     fused_ce, fused_grad = _ours(logits, labels, mask, fused=True)
     assert torch.equal(default_ce, fused_ce) and torch.equal(default_grad, fused_grad)
+    # bf16 keeps the chunk-budgeted general path by default (the fused one would hold fp32 [t, V])
+    logits16 = logits.bfloat16()
+    assert not fused_path_applies(logits16, None)
+    default_ce, default_grad = _ours(logits16, labels, mask, fused=None)
+    general_ce, general_grad = _ours(logits16, labels, mask, fused=False)
+    assert torch.equal(default_ce, general_ce) and torch.equal(default_grad, general_grad)
 
 
 def test_tensor_parallel_keeps_the_general_path(monkeypatch):
