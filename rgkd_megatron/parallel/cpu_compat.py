@@ -30,6 +30,12 @@ On a CPU-only build it installs, once per process:
    ``load_state_dict``): a missing per-param ``step`` KeyError, one shared ``step`` tensor for every
    param after load (torch Adam then increments it once per param: silent drift), and an in-place
    copy into a grad-requiring view. Each param gets its own step tensor from the checkpoint.
+6. ``grad_scale``: without TE/apex megatron-core's ``multi_tensor_scale`` fallback
+   (utils.py ``local_multi_tensor_scale``, used by clip_grads.py's clipping and optimizer.py's
+   copies) computes ``dst.copy_(src * scale)``: a temporary and a second pass per tensor, on
+   [V, h] embeddings a fresh 100+ MB allocation each step. :func:`inplace_multi_tensor_scale` gives
+   the same values (the same fp32 multiply) in place when ``dst is src`` and as a plain copy when
+   ``scale == 1``. Only replaced where the fallback is the one in use.
 
 Select a subset with ``RGKD_CPU_PATCHES=cuda_api,device_mode,...`` (default: all) when debugging.
 """
@@ -45,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 
 from rgkd_megatron.parallel import mcore_version
 
-ALL_PATCHES = ("cuda_api", "device_mode", "rng", "sp_norm", "distopt_torch_adam")
+ALL_PATCHES = ("cuda_api", "device_mode", "rng", "sp_norm", "distopt_torch_adam", "grad_scale")
 _applied: set[str] = set()
 _mode: TorchFunctionMode | None = None
 
@@ -78,6 +84,7 @@ def apply(patches: tuple[str, ...] | None = None) -> tuple[str, ...]:
         "rng": _patch_rng,
         "sp_norm": _patch_sp_norm,
         "distopt_torch_adam": _patch_distopt_torch_adam,
+        "grad_scale": _patch_grad_scale,
     }
     for name in patches:
         if name not in _applied:
@@ -357,3 +364,26 @@ def _patch_distopt_torch_adam() -> None:
 
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     cls.load_state_dict = load_state_dict
+
+
+# -------------------------------------------------------------------------------------- grad_scale
+def inplace_multi_tensor_scale(chunk_size: int, noop_flag: Any, tensor_lists: list, scale: float) -> None:
+    """dst_i = src_i * scale for each pair of ``tensor_lists`` (megatron-core's
+    ``local_multi_tensor_scale`` contract), without its temporary: ``dst.mul_(scale)`` when dst is
+    src, ``dst.copy_(src)`` when scale == 1, else ``dst.copy_(src * scale)``."""
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src is dst:
+            dst.mul_(scale)
+        elif scale == 1.0:
+            dst.copy_(src)
+        else:
+            dst.copy_(src * scale)
+
+
+def _patch_grad_scale() -> None:
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for module in (clip_grads, optimizer):
+        if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = inplace_multi_tensor_scale

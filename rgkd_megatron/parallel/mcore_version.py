@@ -49,6 +49,11 @@ PATCH_TARGETS: dict[str, tuple[str, ...]] = {
         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._set_main_param_and_optimizer_states",
         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
     ),
+    "grad_scale": (
+        "megatron.core.utils:local_multi_tensor_scale",
+        "megatron.core.optimizer.clip_grads:multi_tensor_scale_impl",
+        "megatron.core.optimizer.optimizer:multi_tensor_scale_impl",
+    ),
 }
 
 _warned: set[str] = set()
