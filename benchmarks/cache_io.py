@@ -53,7 +53,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=4, help="samples per teacher forward")
     p.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows per shard")
     p.add_argument("--repeats", type=int, default=3, help="alternated forward/build runs (min reported)")
-    p.add_argument("--read-passes", type=int, default=3, help="timed reader passes (best reported)")
+    p.add_argument(
+        "--read-passes", type=int, default=7, help="alternated rounds of every read path (medians)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
     return p.parse_args(argv)
@@ -237,6 +239,8 @@ def _time_reads(args, directory: str) -> dict:
         "gather": lambda: [reader.gather(b["sample_ids"], b["position_ids"]) for b in batches],
         "gather_reuse": lambda: [reader.gather(b["sample_ids"], b["position_ids"], out=batch_buf) for b in batches],
         "prefetch_reuse": lambda: [t for _, t in reader.prefetch(batches, depth=2, reuse_buffers=True)],
+        "get_compact": lambda: [reader.get_compact(int(i)) for i in order],
+        "get_compact_decode": lambda: [reader.get_compact(int(i)).decode() for i in order],
     }  # fmt: skip
     raw_pass()  # page cache warm for both
     first = timed(passes["get"])[0]  # includes the crc32 verification of every block
@@ -256,12 +260,25 @@ def _time_reads(args, directory: str) -> dict:
 
     out = {"read_payload_bytes": int(payload), "read_passes": args.read_passes}
     for name, key in [("raw", "raw_memmap"), ("get", "reader"), ("get_reuse", "reader_reuse"), ("gather", "gather"),
-                      ("gather_reuse", "gather_reuse"), ("prefetch_reuse", "prefetch_reuse")]:  # fmt: skip
+                      ("gather_reuse", "gather_reuse"), ("prefetch_reuse", "prefetch_reuse"),
+                      ("get_compact", "reader_compact"), ("get_compact_decode", "reader_compact_decode")]:  # fmt: skip
         out[f"{key}_gb_per_s"] = per_byte[name] / float(np.median([t[0] for t in times[name]])) / 1e9
         if name != "raw":
             out[f"{key}_vs_raw"] = float(np.median(ratios(name, 0)))
             out[f"{key}_vs_raw_cpu_time"] = float(np.median(ratios(name, 1)))
     out["reader_first_pass_vs_raw"] = raw_first / first
+    out["paths"] = {
+        "reader": "get(i) per sample, new output tensors (the definition of reader_vs_raw since issue 17)",
+        "reader_reuse": "get(i, out=buf), one reused buffer",
+        "gather": "gather [8, S], new buffers: what the trainer does (pbkd CachedTeacher.buckets)",
+        "gather_reuse": "gather [8, S] into one reused set of buffers",
+        "prefetch_reuse": "prefetch(depth=2, reuse_buffers=True), gathering in its thread",
+        "reader_compact": "get_compact(i): the stored bytes copied, NOT decoded (decode deferred to the "
+        "consumer's device; not wired into the trainer)",
+        "reader_compact_decode": "get_compact(i).decode() on the CPU",
+        "ratios": "medians over --read-passes rounds of (path bytes/s) / (raw bytes/s of the same round); "
+        "*_cpu_time: the same with process CPU time",
+    }
     out["all_vs_raw"] = {name: [round(x, 3) for x in ratios(name, 0)] for name in passes if name != "raw"}
     return {
         **out,

@@ -48,6 +48,7 @@ import torch
 
 from rgkd_megatron.cache.buffers import BATCH_FIELDS, Prefetcher, as_numpy, batch_spec, check_out, empty_batch
 from rgkd_megatron.cache.codec import decode_into, decode_logprobs, decode_rows, storage_dtype
+from rgkd_megatron.cache.compact import CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
@@ -359,6 +360,15 @@ class TeacherCacheReader:
             result = out if out.ids.shape[0] == n else TopKRows(*(t[:n] for t in out))
         decode_into([{name: sec[lo:hi] for name, sec in shard.sections.items()}], self._format, arrays)
         return result
+
+    def get_compact(self, sample_id: int, start: int = 0, end: int | None = None) -> CompactRows:
+        """Rows [start, end) of a sample as stored (copies of the sections, ``compact.py``), to be moved
+        and decoded later (``.to(device).decode()``: the values of ``get``); verified as ``get``."""
+        i, start, end = self._range(sample_id, start, end)
+        shard, lo, hi = self._shard_rows(i, start, end)
+        f = self._format
+        payload = {name: torch.from_numpy(np.array(sec[lo:hi])) for name, sec in shard.sections.items()}
+        return CompactRows(payload, f.k, f.dtype, f.version, f.id_bits)
 
     def _rows_out(self, out: TopKRows, n: int) -> tuple[np.ndarray, ...]:
         """numpy views of the first ``n`` rows of ``get``'s ``out`` after checking it (ValueError)."""

@@ -191,3 +191,38 @@ def test_version_1_cache_reads_into_buffers(tmp_path):
     for name, col in zip(FIELDS, v1["cols"]):
         assert np.array_equal(_bits(got[name][0, :2].numpy()), _bits(col[lo : lo + 2]))
         assert not got[name][0, 2].numpy().any()
+
+
+@pytest.mark.parametrize(("vocab", "dtype"), [(32_000, "q8"), (151_936, "q8"), (151_936, "fp16")])
+def test_compact_rows_decode_to_the_dense_reference(tmp_path, vocab, dtype):
+    """get_compact carries the stored bytes; its torch decode equals get (and, for q8, the dense
+    reference) bit for bit."""
+    _, offsets, _ = _write(tmp_path, vocab, dtype)
+    reader = TeacherCacheReader(tmp_path, vocab_size=vocab)
+    ref = _reference(reader, offsets) if dtype == "q8" else None
+    row_bytes = sum(a.itemsize * int(np.prod(a.shape[1:])) for a in reader.shard_sections(0).values())
+    assert row_bytes == {32_000: 199, 151_936: 215}[vocab] if dtype == "q8" else True
+    for sample in range(len(LENGTHS)):
+        n = reader.num_rows_of(sample)
+        compact = reader.get_compact(sample)
+        assert compact.nbytes == n * row_bytes
+        plain = reader.get(sample)
+        for got in (compact.to("cpu").decode(), compact.decode_torch("cpu")):  # numpy's and torch's decode
+            for g, p in zip(got, plain):
+                assert g.dtype == p.dtype and np.array_equal(_bits(g.numpy()), _bits(p.numpy()))
+        if ref is not None:
+            want = [
+                np.array([ref(sample, p)[c] for p in range(n)]).reshape(n, *got[c].shape[1:])
+                for c in range(4)
+            ]
+            for g, w in zip(got, want):
+                assert np.array_equal(_bits(g.numpy()), _bits(w.astype(g.numpy().dtype)))
+
+
+def test_compact_rows_of_a_version_1_cache(tmp_path):
+    v1 = _v1_cache(tmp_path, 151_936, 5, np.random.default_rng(3))
+    reader = TeacherCacheReader(tmp_path)
+    lo, hi = v1["offsets"][4], v1["offsets"][5]
+    for got in (reader.get_compact(4).decode("cpu"), reader.get_compact(4).decode_torch()):
+        for g, col in zip(got, v1["cols"]):
+            assert np.array_equal(_bits(g.numpy()), _bits(col[lo:hi]))
