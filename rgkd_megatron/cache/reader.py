@@ -37,6 +37,8 @@ Design choices:
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import hashlib
 import os
 import threading
@@ -55,6 +57,21 @@ from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
 
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
+
+
+# The reader's torch calls (views, in-place kernels, checks of out=) are on plain CPU tensors it makes
+# or checks; a torch-function mode active in the caller (``parallel.cpu_compat.CudaToCpuMode`` in CPU
+# runs) would put a Python call in front of each of the ~20 per sample, so reads turn it off.
+_PLAIN_TORCH = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
+
+
+def _plain_torch(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _PLAIN_TORCH():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class CacheCorruptionError(ValueError):
@@ -339,6 +356,7 @@ class TeacherCacheReader:
         bufs = empty_batch(1, num_rows, self.k, self.dtype, pin_memory)
         return TopKRows(*(bufs[name][0] for name in TopKRows._fields))
 
+    @_plain_torch
     def get(
         self, sample_id: int, start: int = 0, end: int | None = None, *, out: TopKRows | None = None
     ) -> TopKRows:
@@ -361,6 +379,7 @@ class TeacherCacheReader:
         decode_into([{name: sec[lo:hi] for name, sec in shard.sections.items()}], self._format, arrays)
         return result
 
+    @_plain_torch
     def get_compact(self, sample_id: int, start: int = 0, end: int | None = None) -> CompactRows:
         """Rows [start, end) of a sample as stored (copies of the sections, ``compact.py``), to be moved
         and decoded later (``.to(device).decode()``: the values of ``get``); verified as ``get``."""
@@ -395,6 +414,7 @@ class TeacherCacheReader:
     def _logprobs_tensor(self, arr: np.ndarray) -> torch.Tensor:
         return decode_logprobs(arr, self.manifest["dtype"])
 
+    @_plain_torch
     def gather(
         self, sample_ids_bs, position_ids_bs, *, out: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:

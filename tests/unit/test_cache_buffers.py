@@ -226,3 +226,32 @@ def test_compact_rows_of_a_version_1_cache(tmp_path):
     for got in (reader.get_compact(4).decode("cpu"), reader.get_compact(4).decode_torch()):
         for g, col in zip(got, v1["cols"]):
             assert np.array_equal(_bits(g.numpy()), _bits(col[lo:hi]))
+
+
+def test_reads_bypass_a_torch_function_mode_of_the_caller(tmp_path):
+    """A mode active in the caller (as cpu_compat.CudaToCpuMode in CPU runs) sees none of the reader's
+    torch calls, and the values are the same."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    _write(tmp_path, 32_000, "q8")
+    reader = TeacherCacheReader(tmp_path, vocab_size=32_000)
+    plain, buf = reader.get(4), reader.empty_rows(SEQ)
+    batch_plain = reader.gather(np.full((1, 4), 4), np.arange(4)[None])
+    out = reader.empty_batch(1, 4)
+    with Counting():
+        got = reader.get(4, out=buf)
+        batch = reader.gather(np.full((1, 4), 4), np.arange(4)[None], out=out)
+        fresh = reader.get(4)
+    assert Counting.calls == 0
+    assert all(torch.equal(f, p) for f, p in zip(fresh, plain))
+    for g, p in zip(got, plain):
+        assert np.array_equal(_bits(g.numpy()), _bits(p.numpy()))
+    for name in batch:
+        assert torch.equal(batch[name], batch_plain[name])
