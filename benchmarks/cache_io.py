@@ -3,12 +3,19 @@
 Three side-by-side ratios (one process; CPU/gloo or one GPU):
 
     bytes_vs_dense_fp16   cache bytes per token (shards + row index) / (2 * V), a dense fp16 distribution
-    reader_vs_raw         TeacherCacheReader.get over every sample in random order (default verification,
-                          blocks already verified: the steady state of training; decoding the q8 codes
-                          and packed ids included) / the same byte ranges (one per section) copied out
-                          of a plain np.memmap of the shard files, same order; both after a
-                          warm-up pass, so the page cache is hot for both. Also reported: the first pass
-                          with crc32 verification (reader_first_pass_vs_raw) and batch ``gather``.
+    reader_vs_raw         TeacherCacheReader.get over every sample in random order, new output tensors
+                          (default verification, blocks already verified: the steady state of training;
+                          decoding the q8 codes and packed ids included) / the same byte ranges (one per
+                          section) copied out of a plain np.memmap of the shard files, same order; both
+                          after a warm-up pass, so the page cache is hot for both. Every read path runs
+                          once per round, --read-passes alternated rounds; each ratio is the median over
+                          the rounds of path vs that round's raw pass (wall time; *_cpu_time: process
+                          CPU time). The other paths (JSON "paths"): get into one reused buffer
+                          (reader_reuse), gather [8, S] with new buffers (gather: what the trainer's
+                          CachedTeacher does) and into reused ones (gather_reuse), the prefetch ring
+                          (prefetch_reuse), the stored payload without decoding (reader_compact) and
+                          decoded on the CPU (reader_compact_decode); the first pass with crc32
+                          verification (reader_first_pass_vs_raw).
     build_vs_forward      build_teacher_cache (teacher forward + vocab-parallel top-k/lse/tail + copy to
                           host + shard writes with sha256/crc32/fsync + manifest) / the teacher forward
                           alone over exactly the same canonical micro-batches (same schedule, same
@@ -313,9 +320,10 @@ def main(argv=None) -> dict:
         f"{'reader.get (verified)':<28}{reads['reader_gb_per_s']:>12.2f} GB/s   {reads['reader_vs_raw']:.2f}x raw"
     )
     print(f"{'reader.get (first, crc32)':<28}{'':>12}        {reads['reader_first_pass_vs_raw']:.2f}x raw")
-    print(
-        f"{'reader.gather [8, S]':<28}{reads['gather_gb_per_s']:>12.2f} GB/s   {reads['gather_vs_raw']:.2f}x raw"
-    )
+    for label, key in [("reader.gather [8, S]", "gather"), ("reader.get into a buffer", "reader_reuse"),
+                       ("gather into buffers", "gather_reuse"), ("prefetch ring", "prefetch_reuse"),
+                       ("get_compact (no decode)", "reader_compact")]:  # fmt: skip
+        print(f"{label:<28}{reads[key + '_gb_per_s']:>12.2f} GB/s   {reads[key + '_vs_raw']:.2f}x raw")
     print(
         f"{'teacher forward only':<28}{build['forward_only_s']:>12.3f} s   ({build['build_tokens']} tokens)"
     )
