@@ -375,7 +375,7 @@ class TeacherCacheReader:
             result = TopKRows(self._logprobs_tensor(arrays[0]), *map(torch.from_numpy, arrays[1:]))
         else:
             arrays = self._rows_out(out, n)
-            result = out if out.ids.shape[0] == n else TopKRows(*(t[:n] for t in out))
+            result = out if all(t.shape[0] == n for t in out) else TopKRows(*(t[:n] for t in out))
         decode_into([{name: sec[lo:hi] for name, sec in shard.sections.items()}], self._format, arrays)
         return result
 
@@ -402,7 +402,8 @@ class TeacherCacheReader:
         )
         if not ok:  # the message names the field
             check_out(out._asdict(), self._rows_spec(n), "get", min_rows=True)
-        cached = self._out_views  # numpy views of the last ``out`` (a reused buffer: the usual case)
+        # numpy views of the last ``out`` (a reused buffer: the usual case); holds that one buffer
+        cached = self._out_views
         if cached is None or cached[0] is not out or cached[1] != [t.data_ptr() for t in out]:
             cached = self._out_views = (out, [t.data_ptr() for t in out], tuple(as_numpy(t) for t in out))
         return tuple(a[:n] for a in cached[2])

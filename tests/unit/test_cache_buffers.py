@@ -66,6 +66,8 @@ def test_get_into_a_reused_buffer_matches_the_dense_reference(tmp_path, vocab):
         ]
         for g, w in zip(got, want):
             assert np.array_equal(_bits(g.numpy()), _bits(w.astype(g.numpy().dtype)))
+        mixed = buf._replace(lse=torch.empty(SEQ + 5))  # fields of different lengths: views of n rows each
+        assert all(len(t) == n for t in reader.get(sample, out=mixed))
         part = reader.get(sample, 1, n, out=buf) if n > 1 else None  # a row range, into the same buffer
         if part is not None:
             assert np.array_equal(_bits(part.logprobs.numpy()), _bits(want[0][1:]))
