@@ -3,12 +3,19 @@
 Three side-by-side ratios (one process; CPU/gloo or one GPU):
 
     bytes_vs_dense_fp16   cache bytes per token (shards + row index) / (2 * V), a dense fp16 distribution
-    reader_vs_raw         TeacherCacheReader.get over every sample in random order (default verification,
-                          blocks already verified: the steady state of training; decoding the q8 codes
-                          and packed ids included) / the same byte ranges (one per section) copied out
-                          of a plain np.memmap of the shard files, same order; both after a
-                          warm-up pass, so the page cache is hot for both. Also reported: the first pass
-                          with crc32 verification (reader_first_pass_vs_raw) and batch ``gather``.
+    reader_vs_raw         TeacherCacheReader.get over every sample in random order, new output tensors
+                          (default verification, blocks already verified: the steady state of training;
+                          decoding the q8 codes and packed ids included) / the same byte ranges (one per
+                          section) copied out of a plain np.memmap of the shard files, same order; both
+                          after a warm-up pass, so the page cache is hot for both. Every read path runs
+                          once per round, --read-passes alternated rounds; each ratio is the median over
+                          the rounds of path vs that round's raw pass (wall time; *_cpu_time: process
+                          CPU time). The other paths (JSON "paths"): get into one reused buffer
+                          (reader_reuse), gather [8, S] with new buffers (gather: what the trainer's
+                          CachedTeacher does) and into reused ones (gather_reuse), the prefetch ring
+                          (prefetch_reuse), the stored payload without decoding (reader_compact) and
+                          decoded on the CPU (reader_compact_decode); the first pass with crc32
+                          verification (reader_first_pass_vs_raw).
     build_vs_forward      build_teacher_cache (teacher forward + vocab-parallel top-k/lse/tail + copy to
                           host + shard writes with sha256/crc32/fsync + manifest) / the teacher forward
                           alone over exactly the same canonical micro-batches (same schedule, same
@@ -53,7 +60,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=4, help="samples per teacher forward")
     p.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows per shard")
     p.add_argument("--repeats", type=int, default=3, help="alternated forward/build runs (min reported)")
-    p.add_argument("--read-passes", type=int, default=3, help="timed reader passes (best reported)")
+    p.add_argument(
+        "--read-passes", type=int, default=7, help="alternated rounds of every read path (medians)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
     return p.parse_args(argv)
@@ -161,7 +170,8 @@ def _write_read_cache(args, work: str) -> str:
     """A cache with the benchmark's k/dtype over --read-samples samples (synthetic rows)."""
     import torch
 
-    from rgkd_megatron.cache.format import ShardArrays, encode_logprobs
+    from rgkd_megatron.cache.codec import encode_logprobs
+    from rgkd_megatron.cache.format import ShardArrays
     from rgkd_megatron.cache.manifest import new_identity
     from rgkd_megatron.cache.writer import CacheWriter
 
@@ -187,6 +197,7 @@ def _write_read_cache(args, work: str) -> str:
 
 
 def _time_reads(args, directory: str) -> dict:
+    """Reader paths vs a raw memmap copy of the same bytes, in alternated passes (module docstring)."""
     from rgkd_megatron.cache.manifest import layout_of
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
@@ -206,42 +217,78 @@ def _time_reads(args, directory: str) -> dict:
             (s, [(sec.offset + sec.nbytes(lo), sec.offset + sec.nbytes(hi)) for sec in lay.sections])
         )
     payload = sum(b - a for _, rs in ranges for a, b in rs)
+    # batches as the trainer asks for them: [b=8, s=seq_length], one sample per row
+    mbs = 8
+    pos = np.tile(np.arange(args.seq_length), (mbs, 1))
+    batches = [
+        {"sample_ids": np.repeat(order[j : j + mbs, None], args.seq_length, axis=1), "position_ids": pos}
+        for j in range(0, len(order) - mbs + 1, mbs)
+    ]
+    gather_bytes = payload * len(batches) * mbs / len(order)
+    rows_buf = reader.empty_rows(max(reader.num_rows_of(int(i)) for i in order))
+    batch_buf = reader.empty_batch(mbs, args.seq_length)
 
-    def raw_pass() -> float:
-        start = time.perf_counter()
+    def timed(fn) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def raw_pass() -> None:
         for s, rs in ranges:
             mm = raw_maps[s]
             for a, b in rs:
                 np.array(mm[a:b])
-        return time.perf_counter() - start
 
-    def reader_pass(r) -> float:
-        start = time.perf_counter()
-        for i in order:
-            r.get(int(i))
-        return time.perf_counter() - start
-
+    passes = {
+        "raw": raw_pass,
+        "get": lambda: [reader.get(int(i)) for i in order],
+        "get_reuse": lambda: [reader.get(int(i), out=rows_buf) for i in order],
+        "gather": lambda: [reader.gather(b["sample_ids"], b["position_ids"]) for b in batches],
+        "gather_reuse": lambda: [reader.gather(b["sample_ids"], b["position_ids"], out=batch_buf) for b in batches],
+        "prefetch_reuse": lambda: [t for _, t in reader.prefetch(batches, depth=2, reuse_buffers=True)],
+        "get_compact": lambda: [reader.get_compact(int(i)) for i in order],
+        "get_compact_decode": lambda: [reader.get_compact(int(i)).decode() for i in order],
+    }  # fmt: skip
     raw_pass()  # page cache warm for both
-    first = reader_pass(reader)  # includes the crc32 verification of every block
-    raw_t = min(raw_pass() for _ in range(args.read_passes))
-    read_t = min(reader_pass(reader) for _ in range(args.read_passes))
-    # batches as the trainer asks for them: [b=8, s=seq_length], one sample per row
-    mbs = 8
-    batches = [order[j : j + mbs] for j in range(0, len(order) - mbs + 1, mbs)]
-    pos = np.tile(np.arange(args.seq_length), (mbs, 1))
-    start = time.perf_counter()
-    for b in batches:
-        reader.gather(np.repeat(b[:, None], args.seq_length, axis=1), pos)
-    gather_t = time.perf_counter() - start
-    gather_bytes = payload * len(batches) * mbs / len(order)
+    first = timed(passes["get"])[0]  # includes the crc32 verification of every block
+    raw_first = timed(raw_pass)[0]
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in passes}
+    for _ in range(args.read_passes):  # alternated, so a change of machine speed hits every path
+        for name, fn in passes.items():
+            times[name].append(timed(fn))
+    per_byte = {
+        name: (gather_bytes if name.startswith(("gather", "prefetch")) else payload) for name in passes
+    }
+
+    def ratios(name: str, clock: int) -> list[float]:
+        """Per round: (bytes / time of the path) / (bytes / time of that round's raw pass)."""
+        raw = [t[clock] for t in times["raw"]]
+        return [(per_byte[name] / t[clock]) / (payload / r) for t, r in zip(times[name], raw)]
+
+    out = {"read_payload_bytes": int(payload), "read_passes": args.read_passes}
+    for name, key in [("raw", "raw_memmap"), ("get", "reader"), ("get_reuse", "reader_reuse"), ("gather", "gather"),
+                      ("gather_reuse", "gather_reuse"), ("prefetch_reuse", "prefetch_reuse"),
+                      ("get_compact", "reader_compact"), ("get_compact_decode", "reader_compact_decode")]:  # fmt: skip
+        out[f"{key}_gb_per_s"] = per_byte[name] / float(np.median([t[0] for t in times[name]])) / 1e9
+        if name != "raw":
+            out[f"{key}_vs_raw"] = float(np.median(ratios(name, 0)))
+            out[f"{key}_vs_raw_cpu_time"] = float(np.median(ratios(name, 1)))
+    out["reader_first_pass_vs_raw"] = raw_first / first
+    out["paths"] = {
+        "reader": "get(i) per sample, new output tensors (the definition of reader_vs_raw since issue 17)",
+        "reader_reuse": "get(i, out=buf), one reused buffer",
+        "gather": "gather [8, S], new buffers: what the trainer does (pbkd CachedTeacher.buckets)",
+        "gather_reuse": "gather [8, S] into one reused set of buffers",
+        "prefetch_reuse": "prefetch(depth=2, reuse_buffers=True), gathering in its thread",
+        "reader_compact": "get_compact(i): the stored bytes copied, NOT decoded (decode deferred to the "
+        "consumer's device; not wired into the trainer)",
+        "reader_compact_decode": "get_compact(i).decode() on the CPU",
+        "ratios": "medians over --read-passes rounds of (path bytes/s) / (raw bytes/s of the same round); "
+        "*_cpu_time: the same with process CPU time",
+    }
+    out["all_vs_raw"] = {name: [round(x, 3) for x in ratios(name, 0)] for name in passes if name != "raw"}
     return {
-        "read_payload_bytes": int(payload),
-        "raw_memmap_gb_per_s": payload / raw_t / 1e9,
-        "reader_gb_per_s": payload / read_t / 1e9,
-        "reader_vs_raw": raw_t / read_t,
-        "reader_first_pass_vs_raw": raw_t / first,
-        "gather_gb_per_s": gather_bytes / gather_t / 1e9,
-        "gather_vs_raw": (gather_bytes / gather_t) / (payload / raw_t),
+        **out,
         "bytes_per_token": reader.bytes_per_row + m["row_index"]["size"] / reader.num_rows,
     }
 
@@ -273,9 +320,10 @@ def main(argv=None) -> dict:
         f"{'reader.get (verified)':<28}{reads['reader_gb_per_s']:>12.2f} GB/s   {reads['reader_vs_raw']:.2f}x raw"
     )
     print(f"{'reader.get (first, crc32)':<28}{'':>12}        {reads['reader_first_pass_vs_raw']:.2f}x raw")
-    print(
-        f"{'reader.gather [8, S]':<28}{reads['gather_gb_per_s']:>12.2f} GB/s   {reads['gather_vs_raw']:.2f}x raw"
-    )
+    for label, key in [("reader.gather [8, S]", "gather"), ("reader.get into a buffer", "reader_reuse"),
+                       ("gather into buffers", "gather_reuse"), ("prefetch ring", "prefetch_reuse"),
+                       ("get_compact (no decode)", "reader_compact")]:  # fmt: skip
+        print(f"{label:<28}{reads[key + '_gb_per_s']:>12.2f} GB/s   {reads[key + '_vs_raw']:.2f}x raw")
     print(
         f"{'teacher forward only':<28}{build['forward_only_s']:>12.3f} s   ({build['build_tokens']} tokens)"
     )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.format import ShardArrays, encode_logprobs
+from rgkd_megatron.cache.codec import encode_logprobs
+from rgkd_megatron.cache.format import ShardArrays
 from rgkd_megatron.cache.manifest import new_identity
 from rgkd_megatron.cache.writer import CacheWriter
 

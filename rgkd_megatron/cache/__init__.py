@@ -2,6 +2,7 @@
 and tail mass, sharded, keyed by (dataset, sample id, token offset), built once and read many times.
 
 - ``format``: the binary shard format (header, column sections, per-block crc32), atomic shard writes.
+- ``codec``: the row encodings (storage dtypes, q8 log-probs, packed ids), encode / decode.
 - ``manifest``: keying, shard plan, fingerprints, manifest I/O, compatibility checks.
 - ``topk``: the vocab-parallel top-k / log-sum-exp / tail computation on teacher logits.
 - ``writer``: the cache directory during a build (resume, commit, finalise).

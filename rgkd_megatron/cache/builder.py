@@ -35,7 +35,8 @@ from megatron.core.pipeline_parallel.schedules import (
     forward_backward_pipelining_without_interleaving,
 )
 
-from rgkd_megatron.cache.format import ShardArrays, encode_logprobs
+from rgkd_megatron.cache.codec import encode_logprobs
+from rgkd_megatron.cache.format import ShardArrays
 from rgkd_megatron.cache.manifest import load_manifest, new_identity
 from rgkd_megatron.cache.options import BuildOptions
 from rgkd_megatron.cache.topk import teacher_topk

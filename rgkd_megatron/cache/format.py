@@ -1,5 +1,7 @@
 """Binary format of one teacher top-k cache shard: header, column sections, block checksums.
 
+The row encodings (q8 log-probs, packed ids, widening on read) are in ``codec.py``.
+
 A shard holds ``R`` consecutive cache rows (one row per token position, see ``manifest.py`` for how
 rows map to (sample id, token offset)). Little-endian; every section starts at a multiple of 64
 bytes (zero padding in between); the header is 128 bytes: struct ``HEADER`` (magic, version, k,
@@ -56,8 +58,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
+from rgkd_megatron.cache.codec import F16, F32, IDS, STORAGE, U8, U16, encode_rows, storage_dtype
 from rgkd_megatron.utils.disk import ensure_free_bytes, no_space_errors
 
 __all__ = [
@@ -70,14 +72,8 @@ __all__ = [
     "ShardHeader",
     "ShardLayout",
     "block_crcs",
-    "decode_into",
-    "decode_logprobs",
-    "decode_rows",
-    "encode_logprobs",
-    "encode_rows",
     "fsync_dir",
     "id_bits_for",
-    "q8_error_bound",
     "read_header",
     "shard_layout",
     "write_shard",
@@ -91,46 +87,11 @@ ID_BITS = struct.Struct("<I")  # version 2: right after HEADER
 HEADER_SIZE = 128
 ALIGN = 64
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "q8": 3}
-# the log-probs as ShardArrays hold them (q8: fp32, quantised at write time; bf16: raw bits)
-_STORAGE = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "q8": np.dtype("<f4")}
-_IDS = np.dtype("<i4")
-_F32 = np.dtype("<f4")
-_F16 = np.dtype("<f2")
-_U8 = np.dtype("u1")
-_U16 = np.dtype("<u2")
-_LP_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # the KD losses clamp teacher log-probs here
-
-
-def storage_dtype(name: str) -> np.dtype:
-    """numpy dtype of the log-probs in ShardArrays / reads for a cache dtype name (bf16: uint16 bits;
-    q8: fp32, the decoded values)."""
-    if name not in _STORAGE:
-        raise ValueError(f"dtype={name!r}: expected one of {sorted(_STORAGE)}")
-    return _STORAGE[name]
 
 
 def id_bits_for(vocab_size: int) -> int:
     """Bits an id of a vocabulary of ``vocab_size`` needs (at least 1)."""
     return max(1, int(vocab_size - 1).bit_length())
-
-
-def encode_logprobs(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
-    """Log-probs (any float tensor, any device) -> numpy in the ShardArrays dtype of ``dtype`` (fp16 is
-    clamped to its finite range; bf16 is rounded to nearest and kept as its raw uint16 bits; q8 stays
-    fp32 here and is quantised when the shard is written)."""
-    if dtype in ("fp32", "q8"):
-        return logprobs.float().cpu().numpy()
-    if dtype == "fp16":
-        return logprobs.float().clamp(min=torch.finfo(torch.float16).min).half().cpu().numpy()
-    if dtype == "bf16":
-        return logprobs.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
-    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_STORAGE)}")
-
-
-def decode_logprobs(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """ShardArrays/read array -> torch tensor of dtype float16 / bfloat16 / float32 (shares memory)."""
-    t = torch.from_numpy(array)
-    return t.view(torch.bfloat16) if dtype == "bf16" else t
 
 
 def _align(n: int) -> int:
@@ -195,10 +156,10 @@ def _section_specs(k: int, dtype: str, version: int, id_bits: int) -> list[tuple
         if dtype == "q8":
             raise ValueError("dtype 'q8' needs cache format version 2")
         return [
-            ("logprobs", _STORAGE[dtype], (k,)),
-            ("ids", _IDS, (k,)),
-            ("lse", _F32, ()),
-            ("tail", _F32, ()),
+            ("logprobs", STORAGE[dtype], (k,)),
+            ("ids", IDS, (k,)),
+            ("lse", F32, ()),
+            ("tail", F32, ()),
         ]
     if version != 2:
         raise ValueError(f"cache format version {version}: this reader supports {SUPPORTED_VERSIONS}")
@@ -206,13 +167,13 @@ def _section_specs(k: int, dtype: str, version: int, id_bits: int) -> list[tuple
         raise ValueError(f"id_bits {id_bits}: expected 1..24 (vocabularies up to 16,777,216)")
     specs: list[tuple[str, np.dtype, tuple]] = []
     if dtype == "q8":
-        specs += [("logprobs", _U8, (k - 1,)), ("qparams", _F16, (2,))]
+        specs += [("logprobs", U8, (k - 1,)), ("qparams", F16, (2,))]
     else:
-        specs.append(("logprobs", _STORAGE[dtype], (k,)))
-    specs.append(("ids", _U16, (k,)))
+        specs.append(("logprobs", STORAGE[dtype], (k,)))
+    specs.append(("ids", U16, (k,)))
     if id_bits > 16:
-        specs.append(("ids_hi", _U8, (-(-k * (id_bits - 16) // 8),)))
-    meta = _F16 if dtype == "q8" else _F32
+        specs.append(("ids_hi", U8, (-(-k * (id_bits - 16) // 8),)))
+    meta = F16 if dtype == "q8" else F32
     return specs + [("lse", meta, ()), ("tail", meta, ())]
 
 
@@ -272,148 +233,13 @@ class ShardArrays:
     def empty(cls, num_rows: int, k: int, dtype: str) -> ShardArrays:
         return cls(
             np.zeros((num_rows, k), storage_dtype(dtype)),
-            np.zeros((num_rows, k), _IDS),
-            np.zeros(num_rows, _F32),
-            np.zeros(num_rows, _F32),
+            np.zeros((num_rows, k), IDS),
+            np.zeros(num_rows, F32),
+            np.zeros(num_rows, F32),
         )
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return self.logprobs, self.ids, self.lse, self.tail
-
-
-# --------------------------------------------------------------------------------------------------
-# version-2 encodings: q8 log-probs and packed ids
-
-
-def _quantise_q8(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes [n, k-1] uint8, qparams [n, 2] fp16) of descending log-probs [n, k] (module docstring)."""
-    lp = np.maximum(np.asarray(lp, dtype=np.float32), _LP_FLOOR)
-    lp = np.where(np.isnan(lp), _LP_FLOOR, lp)
-    m16 = lp[:, 0].astype(_F16)
-    m = m16.astype(np.float32)
-    span = np.maximum(m - lp.min(axis=1), 0.0)
-    s16 = (span / 255).astype(_F16)
-    short = s16.astype(np.float32) * 255 < span  # round the step up so that every code fits 0..255
-    s16[short] = np.nextafter(s16[short], np.float16(np.inf))
-    s = s16.astype(np.float32)
-    delta = m[:, None] - lp[:, 1:]
-    codes = np.divide(delta, s[:, None], out=np.zeros_like(delta), where=s[:, None] > 0)
-    codes = np.clip(np.rint(codes), 0, 255).astype(_U8)
-    return codes, np.stack([m16, s16], axis=1)
-
-
-def _dequantise_q8(codes: np.ndarray, qparams: np.ndarray) -> np.ndarray:
-    """[n, k] fp32 log-probs from codes [n, k-1] and (m, s) [n, 2]: m, then m - code * s."""
-    out = np.empty((codes.shape[0], codes.shape[1] + 1), np.float32)
-    out[:, 0] = 0
-    out[:, 1:] = codes
-    _dequantise_q8_into(out, qparams.astype(np.float32))
-    return out
-
-
-def _dequantise_q8_into(out: np.ndarray, qparams: np.ndarray) -> None:
-    """In place: ``out`` [n, k] fp32 holds the codes as floats (column 0 zero: the row maximum, then
-    the codes of log-probs 2..k); with (m, s) [n, 2] fp32 it becomes ``m - code * s`` in fp32 with
-    two roundings (the product, then the difference), so column 0 is m exactly (s is finite and
-    >= 0, as the writer stores it).
-
-    Two in-place torch kernels over the contiguous batch (torch's broadcasting kernels are faster
-    than numpy's on [n, 64] rows), views taken in numpy: on a 512-row sample the per-call overhead
-    is a large part of the cost."""
-    t = torch.from_numpy(out)
-    t.mul_(torch.from_numpy(qparams[:, 1:2]))
-    torch.sub(torch.from_numpy(qparams[:, 0:1]), t, out=t)
-
-
-def q8_error_bound(qparams: np.ndarray) -> np.ndarray:
-    """Per row: the largest |decoded - original| log-prob of a q8 row, ``max(s / 2, |m - fp16(m)|)``
-    (the fp16 rounding of m is at most half an fp16 ulp of |m|); from the stored (m, s)."""
-    q = np.asarray(qparams).astype(np.float32)
-    m16 = q[:, 0].astype(_F16)
-    half_ulp = np.abs(np.spacing(np.abs(m16)).astype(np.float32)) / 2
-    return np.maximum(q[:, 1] / 2, half_ulp) + 1e-6 * np.abs(q[:, 0])
-
-
-def _pack_ids(ids: np.ndarray, id_bits: int) -> list[np.ndarray]:
-    ids = np.asarray(ids, dtype=np.int64)
-    out = [(ids & 0xFFFF).astype(_U16)]
-    if id_bits > 16:
-        hi_bits = id_bits - 16
-        bits = ((ids >> 16)[..., None] >> np.arange(hi_bits)) & 1  # [n, k, h], LSB first
-        out.append(np.packbits(bits.reshape(ids.shape[0], -1).astype(_U8), axis=1, bitorder="little"))
-    return out
-
-
-def _unpack_ids(lo: np.ndarray, hi: np.ndarray | None, id_bits: int) -> np.ndarray:
-    ids = lo.astype(_IDS)
-    if hi is not None:
-        n, k, h = lo.shape[0], lo.shape[1], id_bits - 16
-        bits = np.unpackbits(hi, axis=1, count=k * h, bitorder="little").reshape(n, k, h)
-        ids |= (bits.astype(_IDS) << np.arange(16, id_bits, dtype=_IDS)).sum(-1, dtype=_IDS)
-    return ids
-
-
-def encode_rows(arrays: ShardArrays, header: ShardHeader) -> list[np.ndarray]:
-    """ShardArrays -> the section arrays of ``header``'s version, in file order."""
-    if header.version == 1:
-        return list(arrays.columns())
-    meta = _F16 if header.dtype == "q8" else _F32
-    if header.dtype == "q8":
-        codes, qparams = _quantise_q8(arrays.logprobs)
-        out = [codes, qparams]
-    else:
-        out = [arrays.logprobs]
-    out += _pack_ids(arrays.ids, header.id_bits)
-    lse = np.clip(arrays.lse, np.finfo(meta).min, np.finfo(meta).max).astype(meta)
-    return out + [lse, arrays.tail.astype(meta)]
-
-
-def decode_rows(sections: dict[str, np.ndarray], header: ShardHeader) -> tuple[np.ndarray, ...]:
-    """Section arrays (row slices of one shard, keyed by name) -> (logprobs, ids, lse, tail) as
-    ShardArrays holds them (logprobs in ``storage_dtype``, ids int32, lse / tail fp32); new arrays."""
-    n = len(sections["ids"])
-    out = (
-        np.empty((n, header.k), storage_dtype(header.dtype)),
-        np.empty((n, header.k), _IDS),
-        np.empty(n, _F32),
-        np.empty(n, _F32),
-    )
-    decode_into([sections], header, out)
-    return out
-
-
-def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tuple[np.ndarray, ...]) -> None:
-    """Decode the rows of ``parts`` (section arrays keyed by name, as in ``decode_rows``), one after
-    the other, into ``out`` = (logprobs [N, k] in ``storage_dtype``, ids [N, k] int32, lse [N] fp32,
-    tail [N] fp32), N the parts' rows together: one copy of each section (widened on the fly where
-    the stored type is narrower) and one batched q8 decode, whatever the number of parts."""
-    if not parts:
-        return
-    logprobs, ids, lse, tail = out
-
-    def put(name: str, dst: np.ndarray) -> np.ndarray:
-        row = 0
-        for p in parts:
-            src = p[name]
-            np.copyto(dst[row : row + len(src)], src)  # np.concatenate(out=) is ~10x slower when it casts
-            row += len(src)
-        return dst
-
-    if header.version == 2 and header.dtype == "q8":
-        logprobs[:, 0] = 0  # code 0: the row maximum
-        put("logprobs", logprobs[:, 1:])  # the codes, cast to fp32 as they are copied
-        _dequantise_q8_into(logprobs, put("qparams", np.empty((len(ids), 2), _F32)))
-    else:
-        put("logprobs", logprobs)
-    if header.version == 2 and header.id_bits > 16:
-        lo = put("ids", np.empty(ids.shape, _U16))
-        ids[...] = _unpack_ids(
-            lo, put("ids_hi", np.empty((len(ids), parts[0]["ids_hi"].shape[1]), _U8)), header.id_bits
-        )
-    else:
-        put("ids", ids)
-    put("lse", lse)
-    put("tail", tail)
 
 
 def block_crcs(columns, num_rows: int, block_rows: int) -> np.ndarray:
@@ -432,9 +258,9 @@ def _check_arrays(arrays: ShardArrays, header: ShardHeader) -> None:
     r, k = header.num_rows, header.k
     expected = {
         "logprobs": ((r, k), storage_dtype(header.dtype)),
-        "ids": ((r, k), _IDS),
-        "lse": ((r,), _F32),
-        "tail": ((r,), _F32),
+        "ids": ((r, k), IDS),
+        "lse": ((r,), F32),
+        "tail": ((r,), F32),
     }
     for name, (shape, dtype) in expected.items():
         arr = getattr(arrays, name)

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from rgkd_megatron.cache.codec import storage_dtype
 from rgkd_megatron.cache.format import (
     FORMAT_VERSION,
     SUPPORTED_VERSIONS,
@@ -59,7 +60,6 @@ from rgkd_megatron.cache.format import (
     id_bits_for,
     read_header,
     shard_layout,
-    storage_dtype,
 )
 
 __all__ = [

@@ -5,6 +5,7 @@ Usage::
     cache = TeacherCacheReader("cache_dir", tokenizer_fingerprint=tok.fingerprint,
                                vocab_size=tok.vocab_size, dataset_fingerprint=ds.fingerprint)
     rows = cache.get(sample_id, 0, 100)          # TopKRows of rows 0..99 (offsets 1..100 predicted)
+    rows = cache.get(sample_id, out=buf)         # into buf = cache.empty_rows(seq_length), reused
     teacher = cache.gather(batch["sample_ids"], batch["position_ids"])   # [b, s, k] for a batch
     for batch, teacher in cache.prefetch(batches): ...                    # gathered in a thread
 
@@ -27,13 +28,19 @@ Design choices:
   error, never silently zero.
 - ``prefetch`` runs ``gather`` for the next ``depth`` batches in a daemon thread (numpy copies and
   crc32 release the GIL); an error in the thread is raised in the consumer.
+- Output buffers (``buffers.py``): ``get(..., out=reader.empty_rows(n))`` and ``gather(..., out=
+  reader.empty_batch(b, s))`` decode into the caller's tensors (checked field by field) instead of
+  new memory, bit for bit the same values; ``prefetch(..., reuse_buffers=True)`` cycles a ring of
+  ``depth + 1 + keep`` batches of buffers, each batch intact until ``keep`` further batches are taken.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import functools
 import hashlib
 import os
-import queue
 import threading
 import zlib
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -41,19 +48,30 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.format import (
-    ShardHeader,
-    decode_into,
-    decode_logprobs,
-    decode_rows,
-    read_header,
-    storage_dtype,
-)
+from rgkd_megatron.cache.buffers import BATCH_FIELDS, Prefetcher, as_numpy, batch_spec, check_out, empty_batch
+from rgkd_megatron.cache.codec import decode_into, decode_logprobs, decode_rows, storage_dtype
+from rgkd_megatron.cache.compact import CompactRows
+from rgkd_megatron.cache.format import ShardHeader, read_header
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
 
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
+
+
+# The reader's torch calls (views, in-place kernels, checks of out=) are on plain CPU tensors it makes
+# or checks; a torch-function mode active in the caller (``parallel.cpu_compat.CudaToCpuMode`` in CPU
+# runs) would put a Python call in front of each of the ~20 per sample, so reads turn it off.
+_PLAIN_TORCH = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
+
+
+def _plain_torch(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _PLAIN_TORCH():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class CacheCorruptionError(ValueError):
@@ -76,6 +94,7 @@ class _Shard:
         self.layout = layout_of(manifest, entry["num_rows"])
         self.block_rows = manifest["block_rows"]
         self.verified = np.zeros(-(-entry["num_rows"] // self.block_rows), dtype=bool)
+        self.all_verified = False  # every block verified: reads skip the per-block check
         self.sections: dict[str, np.ndarray] | None = None  # raw section arrays, file order
         self.crcs: np.ndarray | None = None
 
@@ -122,13 +141,15 @@ class TeacherCacheReader:
         self._format = ShardHeader(
             m["k"], m["dtype"], m["block_rows"], 0, 0, 0, 0, m["version"], id_bits_of(m)
         )
+        self._storage = storage_dtype(m["dtype"])
+        self._k = int(m["k"])
+        self._out_views: tuple | None = None
+        self._out_dtypes = (_TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
         self.row_offsets = self._load_row_index()
         self._shards = [
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
         ]
-        self._shard_first_sample = np.array(
-            [e["first_sample"] for e in self.manifest["shards"]], dtype=np.int64
-        )
+        self._shard_first_sample = [int(e["first_sample"]) for e in self.manifest["shards"]]
         for shard in self._shards:
             self._check_file(shard)
         if verify == "full":
@@ -164,6 +185,7 @@ class TeacherCacheReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock")
+        state["_out_views"] = None
         state["_shards"] = [_Shard(s.path, s.entry, self.manifest) for s in self._shards]
         return state
 
@@ -229,6 +251,7 @@ class TeacherCacheReader:
                 )
             if mark_verified:
                 shard.verified[:] = True
+                shard.all_verified = True
 
     # ----------------------------------------------------------------------------------------- access
     def _check_sample(self, sample_id: int) -> int:
@@ -278,12 +301,14 @@ class TeacherCacheReader:
                     f"{samples[0]}..{samples[1]}) fails its crc32 check: the shard is corrupted"
                 )
             shard.verified[b] = True
+        shard.all_verified = bool(shard.verified.all())
 
     def _shard_rows(self, i: int, start: int, end: int) -> tuple[_Shard, int, int]:
-        shard = self._shards[int(np.searchsorted(self._shard_first_sample, i, side="right")) - 1]
-        lo = int(self.row_offsets[i] - shard.entry["first_row"]) + start
-        self._open(shard)
-        if self.verify != "none":
+        shard = self._shards[bisect.bisect_right(self._shard_first_sample, i) - 1]
+        lo = int(self.row_offsets[i]) - shard.entry["first_row"] + start
+        if shard.sections is None:
+            self._open(shard)
+        if not shard.all_verified and self.verify != "none":
             self._verify_blocks(shard, lo, lo + end - start)
         return shard, lo, lo + end - start
 
@@ -325,23 +350,80 @@ class TeacherCacheReader:
         shard, lo, hi = self._shard_rows(i, start, end)
         return decode_rows({n: a[lo:hi] for n, a in shard.sections.items()}, self._format)
 
-    def get(self, sample_id: int, start: int = 0, end: int | None = None) -> TopKRows:
-        """Rows [start, end) of a sample (default: all) as torch tensors; row t predicts token t + 1."""
-        logprobs, ids, lse, tail = self.get_numpy(sample_id, start, end)
-        return TopKRows(
-            self._logprobs_tensor(logprobs),
-            torch.from_numpy(ids),
-            torch.from_numpy(lse),
-            torch.from_numpy(tail),
+    def empty_rows(self, num_rows: int, pin_memory: bool = False) -> TopKRows:
+        """Uninitialised output buffers for ``get(..., out=)`` of up to ``num_rows`` rows (pinned when
+        asked; needs CUDA)."""
+        bufs = empty_batch(1, num_rows, self.k, self.dtype, pin_memory)
+        return TopKRows(*(bufs[name][0] for name in TopKRows._fields))
+
+    @_plain_torch
+    def get(
+        self, sample_id: int, start: int = 0, end: int | None = None, *, out: TopKRows | None = None
+    ) -> TopKRows:
+        """Rows [start, end) of a sample (default: all) as torch tensors; row t predicts token t + 1.
+
+        ``out``: a ``TopKRows`` of contiguous CPU tensors (``empty_rows``) with at least ``end - start``
+        rows (logprobs [>= n, k] in ``dtype``, ids [>= n, k] int32, lse / tail [>= n] fp32): the rows
+        are decoded into them and views of their first n rows are returned; no memory is allocated.
+        A ValueError names a field of the wrong shape / dtype. The values are those of ``out=None``."""
+        i, start, end = self._range(sample_id, start, end)
+        shard, lo, hi = self._shard_rows(i, start, end)
+        n = hi - lo
+        if out is None:
+            arrays = (np.empty((n, self.k), self._storage), np.empty((n, self.k), np.int32),
+                      np.empty(n, np.float32), np.empty(n, np.float32))  # fmt: skip
+            result = TopKRows(self._logprobs_tensor(arrays[0]), *map(torch.from_numpy, arrays[1:]))
+        else:
+            arrays = self._rows_out(out, n)
+            result = out if all(t.shape[0] == n for t in out) else TopKRows(*(t[:n] for t in out))
+        decode_into([{name: sec[lo:hi] for name, sec in shard.sections.items()}], self._format, arrays)
+        return result
+
+    @_plain_torch
+    def get_compact(self, sample_id: int, start: int = 0, end: int | None = None) -> CompactRows:
+        """Rows [start, end) of a sample as stored (copies of the sections, ``compact.py``), to be moved
+        and decoded later (``.to(device).decode()``: the values of ``get``); verified as ``get``."""
+        i, start, end = self._range(sample_id, start, end)
+        shard, lo, hi = self._shard_rows(i, start, end)
+        f = self._format
+        payload = {name: torch.from_numpy(np.array(sec[lo:hi])) for name, sec in shard.sections.items()}
+        return CompactRows(payload, f.k, f.dtype, f.version, f.id_bits)
+
+    def _rows_out(self, out: TopKRows, n: int) -> tuple[np.ndarray, ...]:
+        """numpy views of the first ``n`` rows of ``get``'s ``out`` after checking it (ValueError)."""
+        if not isinstance(out, TopKRows):
+            raise ValueError(f"get: out must be a TopKRows (reader.empty_rows), got {type(out).__name__}")
+        lp, ids, lse, tail = out
+        ok = all(torch.is_tensor(t) and t.device.type == "cpu" and t.is_contiguous() for t in out) and (
+            (lp.dtype, ids.dtype, lse.dtype, tail.dtype) == self._out_dtypes
+            and lp.shape[1:] == ids.shape[1:] == (self._k,)
+            and lse.dim() == tail.dim() == 1
+            and min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0]) >= n
         )
+        if not ok:  # the message names the field
+            check_out(out._asdict(), self._rows_spec(n), "get", min_rows=True)
+        # numpy views of the last ``out`` (a reused buffer: the usual case); holds that one buffer
+        cached = self._out_views
+        if cached is None or cached[0] is not out or cached[1] != [t.data_ptr() for t in out]:
+            cached = self._out_views = (out, [t.data_ptr() for t in out], tuple(as_numpy(t) for t in out))
+        return tuple(a[:n] for a in cached[2])
+
+    def _rows_spec(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        spec = batch_spec(1, n, self.k, self.dtype)
+        return {name: (shape[1:], dt) for name, (shape, dt) in spec.items() if name != "valid"}
 
     def _logprobs_tensor(self, arr: np.ndarray) -> torch.Tensor:
         return decode_logprobs(arr, self.manifest["dtype"])
 
-    def gather(self, sample_ids_bs, position_ids_bs) -> dict[str, torch.Tensor]:
+    @_plain_torch
+    def gather(
+        self, sample_ids_bs, position_ids_bs, *, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Teacher rows for a batch laid out as ``rgkd_megatron.data.batching`` makes it.
 
-        Args: sample_ids_bs / position_ids_bs: [b, s] int tensors or arrays (sample id -1 = padding).
+        Args: sample_ids_bs / position_ids_bs: [b, s] int tensors or arrays (sample id -1 = padding);
+        ``out``: buffers to decode into (``empty_batch``, same fields / shapes / dtypes as the result,
+        contiguous CPU tensors; a ValueError names a field that differs); returned filled.
         Returns: {'logprobs' [b, s, k] cache dtype, 'ids' [b, s, k] int32, 'lse' [b, s] fp32,
         'tail' [b, s] fp32, 'valid' [b, s] bool}; padding positions are zero and not valid.
         """
@@ -353,13 +435,11 @@ class TeacherCacheReader:
         )
         if sid.shape != pos.shape or sid.ndim != 2:
             raise ValueError(f"sample_ids {sid.shape} and position_ids {pos.shape} must both be [b, s]")
-        b, s, k = sid.shape[0], sid.shape[1], self.k
-        out = (
-            np.empty((b, s, k), storage_dtype(self.manifest["dtype"])),
-            np.empty((b, s, k), np.int32),
-            np.empty((b, s), np.float32),
-            np.empty((b, s), np.float32),
-        )
+        b, s = sid.shape
+        if out is None:
+            out = self.empty_batch(b, s)
+        else:
+            check_out(out, batch_spec(b, s, self.k, self.dtype), "gather")
         parts, valid = [], sid >= 0
         for row in range(b):
             for lo, hi in _runs(sid[row], pos[row]):
@@ -369,7 +449,8 @@ class TeacherCacheReader:
                 parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
         # the runs' rows, in order, are the valid positions in row-major order: decode them in one
         # batch, straight into the output when nothing is padding
-        flat = tuple(dst.reshape(b * s, *dst.shape[2:]) for dst in out)
+        flat = tuple(as_numpy(out[name]).reshape(b * s, *out[name].shape[2:]) for name in BATCH_FIELDS[:4])
+        as_numpy(out["valid"])[...] = valid
         if valid.all():
             decode_into(parts, self._format, flat)
         else:
@@ -379,18 +460,29 @@ class TeacherCacheReader:
             for dst, col in zip(flat, dense):
                 dst[~valid.reshape(-1)] = 0
                 dst[where] = col
-        return {
-            "logprobs": self._logprobs_tensor(out[0]),
-            "ids": torch.from_numpy(out[1]),
-            "lse": torch.from_numpy(out[2]),
-            "tail": torch.from_numpy(out[3]),
-            "valid": torch.from_numpy(valid),
-        }
+        return out
 
-    def prefetch(self, batches: Iterable[dict], depth: int = 2) -> Iterator[tuple[dict, dict]]:
+    def empty_batch(self, b: int, s: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Uninitialised output buffers for ``gather(..., out=)`` of a [b, s] batch (pinned when asked)."""
+        return empty_batch(b, s, self.k, self.dtype, pin_memory)
+
+    def prefetch(
+        self,
+        batches: Iterable[dict],
+        depth: int = 2,
+        *,
+        reuse_buffers: bool = False,
+        keep: int = 1,
+        pin_memory: bool = False,
+    ) -> Iterator[tuple[dict, dict]]:
         """Yield ``(batch, gather(batch['sample_ids'], batch['position_ids']))``, gathering ``depth``
-        batches ahead in a background thread."""
-        return _Prefetcher(self, batches, depth)
+        batches ahead in a background thread.
+
+        ``reuse_buffers=True`` gathers into a ring of ``depth + 1 + keep`` buffers: a yielded teacher
+        batch stays intact until ``keep`` further batches have been taken, then it is overwritten
+        (``buffers.Prefetcher``); copy what must live longer. Default: new buffers for every batch.
+        ``pin_memory`` pins the ring buffers (with CUDA) for faster, asynchronous host-to-device copies."""
+        return Prefetcher(self, batches, depth, reuse_buffers, keep, pin_memory)
 
 
 def _runs(sid: np.ndarray, pos: np.ndarray) -> list[tuple[int, int]]:
@@ -401,53 +493,3 @@ def _runs(sid: np.ndarray, pos: np.ndarray) -> list[tuple[int, int]]:
     brk = np.flatnonzero((sid[1:] != sid[:-1]) | (pos[1:] != pos[:-1] + 1)) + 1
     bounds = np.concatenate([[0], brk, [n]])
     return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if sid[lo] >= 0]
-
-
-class _Prefetcher:
-    _DONE = object()
-
-    def __init__(self, reader: TeacherCacheReader, batches: Iterable[dict], depth: int):
-        if depth < 1:
-            raise ValueError(f"depth={depth}: must be >= 1")
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(reader, iter(batches)), daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, reader: TeacherCacheReader, batches: Iterator[dict]) -> None:
-        try:
-            for batch in batches:
-                if not self._put((batch, reader.gather(batch["sample_ids"], batch["position_ids"]))):
-                    return
-            self._put(self._DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put(exc)
-
-    def __iter__(self) -> _Prefetcher:
-        return self
-
-    def __next__(self) -> tuple[dict, dict]:
-        item = self._queue.get()
-        if item is self._DONE:
-            self.close()
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def __del__(self) -> None:
-        self._stop.set()

@@ -58,7 +58,7 @@ def _topk_mass(logprobs: np.ndarray, dtype: str) -> np.ndarray:
 
 def inspect(directory: str, verify: bool = True, bins: int = 10, max_rows: int = 1_000_000) -> dict:
     """Statistics of a cache (raises CacheCorruptionError / ValueError on a bad cache when verifying)."""
-    from rgkd_megatron.cache.format import q8_error_bound
+    from rgkd_megatron.cache.codec import q8_error_bound
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
     reader = TeacherCacheReader(directory, verify="blocks" if verify else "none")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rgkd_megatron.cache.format import decode_logprobs, encode_logprobs
+from rgkd_megatron.cache.codec import decode_logprobs, encode_logprobs
 from rgkd_megatron.cache.topk import teacher_topk
 
 

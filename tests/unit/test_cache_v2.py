@@ -20,14 +20,8 @@ import pytest
 import torch
 
 from rgkd_megatron.cache import TeacherCacheReader
-from rgkd_megatron.cache.format import (
-    ShardArrays,
-    ShardHeader,
-    decode_into,
-    decode_rows,
-    encode_rows,
-    q8_error_bound,
-)
+from rgkd_megatron.cache.codec import decode_into, decode_rows, encode_rows, q8_error_bound
+from rgkd_megatron.cache.format import ShardArrays, ShardHeader
 from rgkd_megatron.cache.manifest import new_identity
 from rgkd_megatron.cache.writer import CacheWriter
 from rgkd_megatron.losses import topk_kd_loss

@@ -1,0 +1,195 @@
+"""Encodings of the teacher top-k cache's rows: log-prob storage dtypes, q8 quantisation, packed ids.
+
+``format.py`` lays the encoded sections out in a shard; this module turns rows (ShardArrays: log-probs,
+ids int32, lse / tail fp32) into section arrays and back.
+
+- q8 (format version 2): per row the maximum log-prob m and a step s (fp16, s rounded up so every
+  code fits) and one uint8 code per other log-prob; decoded ``lp_1 = m``, ``lp_i = m - c_i * s`` in
+  fp32 with two roundings (the product, then the difference).
+- ids: the low 16 bits as uint16, the high ``id_bits - 16`` bits (when the vocabulary needs them)
+  bit-packed LSB first.
+- Decoding writes into caller-given arrays (``decode_into``): a reader reuses its output buffers and
+  decodes several row ranges (parts) in one batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # format.py imports this module
+    from rgkd_megatron.cache.format import ShardArrays, ShardHeader
+
+__all__ = [
+    "decode_into",
+    "decode_logprobs",
+    "decode_rows",
+    "encode_logprobs",
+    "encode_rows",
+    "q8_error_bound",
+    "storage_dtype",
+]
+
+# the log-probs as ShardArrays hold them (q8: fp32, quantised at write time; bf16: raw bits)
+STORAGE = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "q8": np.dtype("<f4")}
+IDS = np.dtype("<i4")
+F32 = np.dtype("<f4")
+F16 = np.dtype("<f2")
+U8 = np.dtype("u1")
+U16 = np.dtype("<u2")
+_LP_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # the KD losses clamp teacher log-probs here
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """numpy dtype of the log-probs in ShardArrays / reads for a cache dtype name (bf16: uint16 bits;
+    q8: fp32, the decoded values)."""
+    if name not in STORAGE:
+        raise ValueError(f"dtype={name!r}: expected one of {sorted(STORAGE)}")
+    return STORAGE[name]
+
+
+def encode_logprobs(logprobs: torch.Tensor, dtype: str) -> np.ndarray:
+    """Log-probs (any float tensor, any device) -> numpy in the ShardArrays dtype of ``dtype`` (fp16 is
+    clamped to its finite range; bf16 is rounded to nearest and kept as its raw uint16 bits; q8 stays
+    fp32 here and is quantised when the shard is written)."""
+    if dtype in ("fp32", "q8"):
+        return logprobs.float().cpu().numpy()
+    if dtype == "fp16":
+        return logprobs.float().clamp(min=torch.finfo(torch.float16).min).half().cpu().numpy()
+    if dtype == "bf16":
+        return logprobs.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORAGE)}")
+
+
+def decode_logprobs(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """ShardArrays/read array -> torch tensor of dtype float16 / bfloat16 / float32 (shares memory)."""
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if dtype == "bf16" else t
+
+
+def _quantise_q8(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [n, k-1] uint8, qparams [n, 2] fp16) of descending log-probs [n, k] (module docstring)."""
+    lp = np.maximum(np.asarray(lp, dtype=np.float32), _LP_FLOOR)
+    lp = np.where(np.isnan(lp), _LP_FLOOR, lp)
+    m16 = lp[:, 0].astype(F16)
+    m = m16.astype(np.float32)
+    span = np.maximum(m - lp.min(axis=1), 0.0)
+    s16 = (span / 255).astype(F16)
+    short = s16.astype(np.float32) * 255 < span  # round the step up so that every code fits 0..255
+    s16[short] = np.nextafter(s16[short], np.float16(np.inf))
+    s = s16.astype(np.float32)
+    delta = m[:, None] - lp[:, 1:]
+    codes = np.divide(delta, s[:, None], out=np.zeros_like(delta), where=s[:, None] > 0)
+    codes = np.clip(np.rint(codes), 0, 255).astype(U8)
+    return codes, np.stack([m16, s16], axis=1)
+
+
+def _dequantise_q8_into(out: np.ndarray, qparams: np.ndarray) -> None:
+    """In place: ``out`` [n, k] fp32 holds the codes as floats (column 0 zero: the row maximum, then
+    the codes of log-probs 2..k); with (m, s) [n, 2] fp32 it becomes ``m - code * s`` in fp32 with
+    two roundings (the product, then the difference), so column 0 is m exactly (s is finite and
+    >= 0, as the writer stores it).
+
+    Two in-place torch kernels over the contiguous batch (torch's broadcasting kernels are faster
+    than numpy's on [n, 64] rows), views taken in numpy: on a 512-row sample the per-call overhead
+    is a large part of the cost."""
+    t = torch.from_numpy(out)
+    t.mul_(torch.from_numpy(qparams[:, 1:2]))
+    torch.sub(torch.from_numpy(qparams[:, 0:1]), t, out=t)
+
+
+def q8_error_bound(qparams: np.ndarray) -> np.ndarray:
+    """Per row: the largest |decoded - original| log-prob of a q8 row, ``max(s / 2, |m - fp16(m)|)``
+    (the fp16 rounding of m is at most half an fp16 ulp of |m|); from the stored (m, s)."""
+    q = np.asarray(qparams).astype(np.float32)
+    m16 = q[:, 0].astype(F16)
+    half_ulp = np.abs(np.spacing(np.abs(m16)).astype(np.float32)) / 2
+    return np.maximum(q[:, 1] / 2, half_ulp) + 1e-6 * np.abs(q[:, 0])
+
+
+def _pack_ids(ids: np.ndarray, id_bits: int) -> list[np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int64)
+    out = [(ids & 0xFFFF).astype(U16)]
+    if id_bits > 16:
+        hi_bits = id_bits - 16
+        bits = ((ids >> 16)[..., None] >> np.arange(hi_bits)) & 1  # [n, k, h], LSB first
+        out.append(np.packbits(bits.reshape(ids.shape[0], -1).astype(U8), axis=1, bitorder="little"))
+    return out
+
+
+def _unpack_ids(lo: np.ndarray, hi: np.ndarray | None, id_bits: int) -> np.ndarray:
+    ids = lo.astype(IDS)
+    if hi is not None:
+        n, k, h = lo.shape[0], lo.shape[1], id_bits - 16
+        bits = np.unpackbits(hi, axis=1, count=k * h, bitorder="little").reshape(n, k, h)
+        ids |= (bits.astype(IDS) << np.arange(16, id_bits, dtype=IDS)).sum(-1, dtype=IDS)
+    return ids
+
+
+def encode_rows(arrays: ShardArrays, header: ShardHeader) -> list[np.ndarray]:
+    """ShardArrays -> the section arrays of ``header``'s version, in file order."""
+    if header.version == 1:
+        return list(arrays.columns())
+    meta = F16 if header.dtype == "q8" else F32
+    if header.dtype == "q8":
+        codes, qparams = _quantise_q8(arrays.logprobs)
+        out = [codes, qparams]
+    else:
+        out = [arrays.logprobs]
+    out += _pack_ids(arrays.ids, header.id_bits)
+    lse = np.clip(arrays.lse, np.finfo(meta).min, np.finfo(meta).max).astype(meta)
+    return out + [lse, arrays.tail.astype(meta)]
+
+
+def decode_rows(sections: dict[str, np.ndarray], header: ShardHeader) -> tuple[np.ndarray, ...]:
+    """Section arrays (row slices of one shard, keyed by name) -> (logprobs, ids, lse, tail) as
+    ShardArrays holds them (logprobs in ``storage_dtype``, ids int32, lse / tail fp32); new arrays."""
+    n = len(sections["ids"])
+    out = (
+        np.empty((n, header.k), storage_dtype(header.dtype)),
+        np.empty((n, header.k), IDS),
+        np.empty(n, F32),
+        np.empty(n, F32),
+    )
+    decode_into([sections], header, out)
+    return out
+
+
+def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tuple[np.ndarray, ...]) -> None:
+    """Decode the rows of ``parts`` (section arrays keyed by name, as in ``decode_rows``), one after
+    the other, into ``out`` = (logprobs [N, k] in ``storage_dtype``, ids [N, k] int32, lse [N] fp32,
+    tail [N] fp32), N the parts' rows together: one copy of each section (widened on the fly where
+    the stored type is narrower) and one batched q8 decode, whatever the number of parts."""
+    if not parts:
+        return
+    logprobs, ids, lse, tail = out
+    one = parts[0] if len(parts) == 1 else None  # one row range (``get``): one copyto per section
+
+    def put(name: str, dst: np.ndarray) -> np.ndarray:
+        if one is not None:
+            np.copyto(dst, one[name])
+            return dst
+        row = 0
+        for p in parts:
+            src = p[name]
+            np.copyto(dst[row : row + len(src)], src)  # np.concatenate(out=) is ~10x slower when it casts
+            row += len(src)
+        return dst
+
+    if header.version == 2 and header.dtype == "q8":
+        logprobs[:, 0] = 0  # code 0: the row maximum
+        put("logprobs", logprobs[:, 1:])  # the codes, cast to fp32 as they are copied
+        _dequantise_q8_into(logprobs, put("qparams", np.empty((len(ids), 2), F32)))
+    else:
+        put("logprobs", logprobs)
+    if header.version == 2 and header.id_bits > 16:
+        lo = put("ids", np.empty(ids.shape, U16))
+        ids[...] = _unpack_ids(
+            lo, put("ids_hi", np.empty((len(ids), parts[0]["ids_hi"].shape[1]), U8)), header.id_bits
+        )
+    else:
+        put("ids", ids)
+    put("lse", lse)
+    put("tail", tail)
