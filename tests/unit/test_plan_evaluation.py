@@ -194,3 +194,45 @@ def test_timing_report_covers_the_roles_that_train():
     roles, report = run_distributed(_teacher_only_evaluates, 1)[0]
     assert roles == ("policy", "teacher")  # the teacher only evaluates
     assert set(report["roles"]) == {"policy"} and set(report["phase_times"]) == {"policy/policy_update"}
+
+
+def _resumed_at_a_round_end(rank, world):
+    from rgkd_megatron.schedule.runner import PlanRunner
+
+    plan = build_plan(PlanSpec(2, 1, 1, 1).with_evaluation(reward=True, teacher=False))
+    ran = []
+
+    def handler(event, inputs):
+        ran.append((event.key, event.iteration))
+        return {a: ({"responses": []},) * 2 for a in event.outputs if not parse(a).model_state}
+
+    handlers = dict.fromkeys(("collect", "rm_update", "rollout", "score", "policy_update", EVALUATE), handler)
+    windows = dict.fromkeys(("policy", "reward"), range(1))
+    first = PlanRunner(plan, handlers, windows, None)
+    first.run(0)
+    first.run(1)
+    first.drain()
+    state = first.cut_state()
+    before = list(ran)
+    resumed = PlanRunner(plan, handlers, windows, None)  # a new process resuming at the cut
+    resumed.restore(json.loads(json.dumps(state)))
+    resumed.run(2)
+    return before, ran[len(before) :], state
+
+
+def test_a_run_resumed_at_a_round_end_does_not_evaluate_it_again():
+    before, after, state = run_distributed(_resumed_at_a_round_end, 1)[0]
+    evaluated = [(k, t) for k, t in before if k.endswith("/evaluate")]
+    assert evaluated == [
+        ("policy/evaluate", 0),
+        ("reward/evaluate", 0),
+        ("policy/evaluate", 1),
+        ("reward/evaluate", 1),
+    ]
+    assert [(k, t) for k, t in after if k.endswith("/evaluate")] == [
+        ("policy/evaluate", 2),
+        ("reward/evaluate", 2),
+    ]
+    assert not any(
+        parse(a).kind == "heldout" for a in state["artifacts"]
+    )  # nothing of an evaluation crosses a cut
