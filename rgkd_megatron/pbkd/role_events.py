@@ -25,7 +25,7 @@ import torch
 from rgkd_megatron.methods import POLICY, TEACHER
 from rgkd_megatron.schedule.artifacts import Heldout, Pairs, Rewards, Rollouts, Samples, is_model_state
 from rgkd_megatron.schedule.payloads import HeldoutResponses, RewardBatch, RolloutBatch
-from rgkd_megatron.schedule.plan import Event
+from rgkd_megatron.schedule.plan import EVALUATE, Event
 from rgkd_megatron.schedule.runner import Handler, PlanRunner
 
 ENGINE_KEYS = ("grad_norm", "lr", "update_skipped")
@@ -126,7 +126,7 @@ def make_handlers(
         "teacher_score": _nothing,
         "score": score,
         "policy_update": policy_update,
-        "evaluate": evaluate,
+        EVALUATE: evaluate,
     }
 
 
