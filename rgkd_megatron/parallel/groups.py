@@ -25,6 +25,8 @@ from megatron.core import parallel_state
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from rgkd_megatron.config.roles import window_data_parallel_size
+
 _DIM_NAMES = ["tp", "cp", "dp", "pp"]
 
 
@@ -99,13 +101,14 @@ class RoleGroups:
 
 
 def layout_for_world(tp: int, pp: int, world_size: int) -> RoleLayout:
-    """The layout of a role spanning all ``world_size`` ranks (DP derived)."""
+    """The layout of a role spanning all ``world_size`` ranks (DP from
+    ``config.roles.window_data_parallel_size``, the one place it is computed)."""
     if world_size % (tp * pp) != 0:
         raise ValueError(
             f"world size {world_size} is not a multiple of tensor_model_parallel_size * "
             f"pipeline_model_parallel_size = {tp} * {pp}"
         )
-    return RoleLayout(tp=tp, pp=pp, dp=world_size // (tp * pp))
+    return RoleLayout(tp=tp, pp=pp, dp=window_data_parallel_size(world_size, tp, pp))
 
 
 def build_role_groups(layout: RoleLayout, timeout_minutes: int = 30) -> RoleGroups:

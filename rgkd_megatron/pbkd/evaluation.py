@@ -31,16 +31,19 @@ class EvaluationMixin:
     """The teacher's NLL of its own held-out responses (computed once, or taken from a reused evaluation)."""
 
     def evaluate(self, items: list[PromptItem] | None = None) -> dict:
-        """Every evaluation metric on this rank (colocated: all models here)."""
+        """Every evaluation metric on this rank (colocated: all models here), in the order of the
+        plan's ``evaluate`` events: policy, teacher, reward."""
         items = items or self.heldout_items
         metrics, responses = self.evaluate_policy(items)
+        if self.teacher is not None:
+            metrics.update(self.evaluate_teacher(responses, items))
         if self.reports_reward_gap:
             metrics.update(self.evaluate_reward(responses, items))
         return metrics
 
     def evaluate_policy(self, items: list[PromptItem] | None = None) -> tuple[dict, list[list[int]]]:
-        """Policy side: greedy responses on held-out prompts, ROUGE-L, length and the diagnostics,
-        the teacher's NLL of them (when the teacher is on this rank). Returns (metrics, responses)."""
+        """Policy side: greedy responses on held-out prompts, ROUGE-L, length and the diagnostics.
+        Returns (metrics, responses)."""
         items = items or self.heldout_items
         out = self.policy.generate([list(i.prompt_ids) for i in items], seed=0, greedy=True)
         responses = out.response_ids()
@@ -65,8 +68,6 @@ class EvaluationMixin:
              "student_ids": list(r), "finished": bool(f), "rougeL_teacher": float(s)}
             for i, t, r, f, s in zip(items, texts, responses, finished, rouge)
         ]  # fmt: skip
-        if self.teacher is not None:
-            metrics.update(self.evaluate_teacher(responses, items))
         return metrics, responses
 
     def evaluate_teacher(self, responses: list[list[int]], items: list[PromptItem] | None = None) -> dict:

@@ -77,40 +77,27 @@ def _check_runner_support(cfg: RGKDConfig, plan: Plan) -> None:
         )
 
 
-def _evaluate(trainer, transport: RoleTransport | None, windows, tag: int) -> dict[str, float]:
-    """Evaluation at a cut, collective. Colocated: everything here. Disaggregated: the policy
-    window samples greedy responses and sends them to the reward window (reward gap) and the
-    teacher window (teacher NLL), when those are placed."""
-    rank = dist.get_rank()
-    if transport is None:
-        metrics = trainer.evaluate()
-    else:
-        metrics = {}
-        consumers = [REWARD] if trainer.reports_reward_gap and REWARD in windows else []
-        if TEACHER in windows and trainer.cfg.pbkd.teacher_load:
-            consumers.append(TEACHER)
-        if rank in windows[POLICY]:
-            metrics, responses = trainer.evaluate_policy()
-            for role in consumers:
-                transport.send({"responses": responses}, POLICY, role, tag=tag)
-        for role in consumers:
-            if rank in windows[role]:
-                responses = transport.recv(POLICY, role, tag=tag)["responses"]
-                evaluate = trainer.evaluate_reward if role == REWARD else trainer.evaluate_teacher
-                metrics = evaluate(responses)
-        transport.flush()
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, metrics)
-    return {k: v for m in gathered for k, v in m.items()}
+def _plan(cfg: RGKDConfig, windows: dict[str, range]) -> Plan:
+    """The run's plan: training and the held-out evaluation (the reward gap where the trainer
+    reports it and the reward role is placed, the teacher's NLL where the teacher is placed)."""
+    spec = PlanSpec.from_config(cfg).with_evaluation(
+        reward=trainer_class(cfg.pbkd.method).reports_reward_gap and REWARD in windows,
+        teacher=TEACHER in windows and bool(cfg.pbkd.teacher_load),
+    )
+    return build_plan(spec)
 
 
 def _split_heldout(metrics: dict) -> tuple[dict, list[dict] | None]:
-    """(the metrics without the private per-prompt keys, the per-prompt held-out records)."""
+    """(the metrics without the private per-prompt keys, the per-prompt held-out records; a
+    record keeps its ``teacher_nll`` when there is no new one, e.g. a reused evaluation's)."""
     records = metrics.pop("_records", None)
     nll = metrics.pop("_teacher_nll_items", None)
     if records is not None:
-        for record, value in zip(records, nll or [None] * len(records)):
-            record["teacher_nll"] = value
+        for i, record in enumerate(records):
+            if nll is None:
+                record.setdefault("teacher_nll", None)
+            else:
+                record["teacher_nll"] = nll[i]
     return metrics, records
 
 
@@ -123,9 +110,11 @@ def _write_heldout(path: Path, records: list[dict] | None) -> None:
     os.replace(tmp, path)
 
 
-def _gather_metrics(runner: PlanRunner) -> dict[int, dict[str, float]]:
+def _gather_metrics(runner: PlanRunner, evaluation: bool = False) -> dict[int, dict]:
+    """Collective: every rank's metrics since the last call, per iteration, merged in rank order
+    (training events' metrics, or with ``evaluation`` the evaluation events')."""
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, runner.pop_metrics())
+    dist.all_gather_object(gathered, runner.pop_metrics(evaluation))
     merged: dict[int, dict[str, float]] = {}
     for part in gathered:
         for step, m in part.items():
@@ -149,9 +138,9 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     rank = dist.get_rank()
     if rank == 0:
         save_resolved_config(cfg, str(run_dir))
-    plan = build_plan(PlanSpec.from_config(cfg))
-    _check_runner_support(cfg, plan)
+    _check_runner_support(cfg, build_plan(PlanSpec.from_config(cfg)))
     groups, windows = _role_groups(cfg, world)
+    plan = _plan(cfg, windows)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     items = load_prompt_set(
         cfg.pbkd.prompts_path, tokenizer, cfg.data.seq_length // 2, cfg.data.seq_length // 2
@@ -164,11 +153,9 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
     colocated = cfg.placement.mode == "colocated"
     transport = None if colocated else RoleTransport(windows)
     runner = PlanRunner(plan, None, windows, transport)
-    register_handlers(runner, trainer)
     engines = {role: e for role, e in ((POLICY, models.policy), (REWARD, models.reward)) if e is not None}
     ckpt_root = run_dir / "checkpoints"
     total = plan.spec.iterations
-    eval_tag = len(plan.events)  # tags above every event id
     latest = select_resume_checkpoint(ckpt_root)
     retention = Retention(cfg.train.keep_last_checkpoints, cfg.train.keep_checkpoint_every, latest)
     if latest is not None:
@@ -177,18 +164,17 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
         runner.restore(state["runner"])
         initial, final = state["initial"], dict(state["final"])
         logger.info("resumed from checkpoint %s (iteration %d of %d)", latest, runner.iteration, total)
+        register_handlers(runner, trainer)
     else:
         reused = reusable_initial(cfg, heldout_ids) if colocated else None
-        if reused is not None:
-            initial, records, source = reused
-            trainer.teacher_self_nll = initial.get(
-                "eval_teacher_nll_of_teacher"
-            )  # same prompts, same teacher
-            if trainer.reports_reward_gap:
-                initial.update(trainer.evaluate_reward([r["student_ids"] for r in records]))
+        if reused is not None:  # the plan's initial evaluation takes it (see pbkd/role_events.py)
+            metrics, records, source = reused
+            trainer.teacher_self_nll = metrics.get("eval_teacher_nll_of_teacher")  # same prompts, teacher
             logger.info("initial evaluation reused from %s (same student, prompts and settings)", source)
-        else:
-            initial, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag))
+        register_handlers(runner, trainer, reused[:2] if reused is not None else None)
+        runner.run(0)
+        runner.drain()
+        initial, records = _split_heldout(_gather_metrics(runner, evaluation=True).get(0, {}))
         _write_heldout(run_dir / "heldout_outputs_initial.jsonl", records)
         logger.info("initial student: %s", initial)
         final = dict(initial)
@@ -225,7 +211,7 @@ def run_distillation(cfg: RGKDConfig) -> dict[str, float]:
                 metrics_logger.log(step, {**m, "round": (step - 1) // per_round + 1})
                 bar.note(**{k: v for k, v in m.items() if k.endswith("loss") and isinstance(v, float)})
             if round_end:
-                evaluation, records = _split_heldout(_evaluate(trainer, transport, windows, eval_tag + t))
+                evaluation, records = _split_heldout(_gather_metrics(runner, evaluation=True).get(t, {}))
                 _write_heldout(run_dir / "heldout_outputs.jsonl", records)
                 final.update(evaluation, round_time_s=time.perf_counter() - round_started)
                 final.update(round=(t - 1) // per_round + 1)

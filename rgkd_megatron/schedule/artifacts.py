@@ -10,6 +10,7 @@ Data artifacts move between role windows (``schedule/runner.py``, ``schedule/tra
 | :class:`TopK` | ``topk@j`` | teacher ``teacher_score`` of step j | the teacher's top-k |
 | :class:`Samples` | ``samples@rR`` | policy ``collect`` of round R | the round's student samples |
 | :class:`Pairs` | ``pairs@rR`` | ``collect`` or teacher ``judge`` of round R | the round's preference pairs |
+| :class:`Heldout` | ``heldout@t`` | policy ``evaluate`` after iteration t (0: initial) | greedy held-out responses |
 
 Model states stay with their role: :class:`PolicyVersion` (``policy@v``, after v policy steps) and
 :class:`RMVersion` (``rm@v``, after v RM steps). Events, plan checks and checkpoints (the runner's
@@ -87,6 +88,15 @@ class Pairs(Artifact):
 
 
 @dataclass(frozen=True)
+class Heldout(Artifact):
+    """The policy's greedy held-out responses after ``iteration`` iterations (0: the initial
+    student), evaluated by the reward (reward gap) and teacher (its NLL) roles."""
+
+    iteration: int
+    kind: ClassVar[str] = "heldout"
+
+
+@dataclass(frozen=True)
 class PolicyVersion(Artifact):
     """The policy after ``version`` policy steps (stays on the policy role)."""
 
@@ -105,7 +115,7 @@ class RMVersion(Artifact):
 
 
 KINDS: dict[str, type[Artifact]] = {
-    cls.kind: cls for cls in (Rollouts, Rewards, TopK, Samples, Pairs, PolicyVersion, RMVersion)
+    cls.kind: cls for cls in (Rollouts, Rewards, TopK, Samples, Pairs, Heldout, PolicyVersion, RMVersion)
 }
 
 

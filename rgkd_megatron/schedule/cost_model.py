@@ -47,7 +47,7 @@ from typing import Any
 
 from rgkd_megatron.config.pbkd import live_kd_topk
 from rgkd_megatron.methods import POLICY, REWARD, TEACHER, get_method
-from rgkd_megatron.schedule.plan import Plan, PlanSpec, build_plan, simulate
+from rgkd_megatron.schedule.plan import EVALUATE, Plan, PlanSpec, build_plan, simulate
 
 BF16_BYTES = 2
 GRAD_BYTES = 4  # fp32 main gradients, reduced over DP
@@ -359,6 +359,8 @@ def phase_breakdown(sc: Scenario) -> dict[str, dict[str, float]]:
                 links = min(r.gpus, sc.roles[POLICY].gpus)
                 part["comm"] += nbytes / (links * sc.gpu.ib_gb_s * 1e9 * sc.efficiency.comm_efficiency)
             out[key] = _combine(part)
+        elif action == EVALUATE:  # held-out evaluation: not part of the iteration time predicted here
+            out[key] = _combine()
         else:  # pragma: no cover - an action this model does not know
             raise ValueError(f"no cost estimate for {key}")
     return out

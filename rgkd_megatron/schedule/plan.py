@@ -12,10 +12,16 @@ Actions (role: action):
   KD step, reference forward included);
 - reward: ``rm_update`` (one RM / Q step), ``score`` (rewards of a policy step's rollouts);
 - teacher: ``judge`` (round pairs, with ``pbkd.judge=teacher_loglik``), ``teacher_score``
-  (top-k of a policy step's batch, white-box methods).
+  (top-k of a policy step's batch, white-box methods);
+- evaluation (``PlanSpec.evaluate``, the run's plan): policy ``evaluate`` (greedy held-out
+  responses ``heldout@t`` and the policy-side metrics) before iteration 1 (t = 0, the initial
+  student) and at the end of every round (after the round's last iteration, the trailing RM blocks
+  included), then teacher ``evaluate`` (its NLL of them) and reward ``evaluate`` (the reward gap)
+  when those roles report them. They sit at the end of the cut (``Plan.cut``), so a checkpoint at
+  a cut holds their results and a resumed run never repeats them.
 
 Artifacts (``schedule/artifacts.py``, named in events by their keys): data (``rollouts@j``,
-``rewards@j``, ``topk@j``, ``samples@rR``, ``pairs@rR``) moves between roles; model states
+``rewards@j``, ``topk@j``, ``samples@rR``, ``pairs@rR``, ``heldout@t``) moves between roles; model states
 (``policy@v`` after v policy steps, ``rm@v`` after v RM steps) stay with their role. A model state is consumed only by its own role, and only
 while the role is at that version (no snapshots are kept).
 
@@ -45,13 +51,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from rgkd_megatron.config.roles import schedule_errors, validate_schedule
 from rgkd_megatron.methods import POLICY, REWARD, ROLES, TEACHER, get_method
 from rgkd_megatron.schedule.artifacts import (
     INITIAL_STATES,
+    Heldout,
     Pairs,
     PolicyVersion,
     Rewards,
@@ -66,7 +73,9 @@ if TYPE_CHECKING:
     from rgkd_megatron.config.schema import RGKDConfig
 
 ROUND_ACTIONS = ("collect", "judge")
-"""Actions that happen once per round (the rest once per step)."""
+"""Actions that happen once per round (the rest once per step, except ``EVALUATE``)."""
+EVALUATE = "evaluate"
+"""The held-out evaluation's action (every role): once at the start and once per round end."""
 _STATE_OWNER = {"policy": POLICY, "rm": REWARD}
 _INITIAL = INITIAL_STATES
 
@@ -80,13 +89,15 @@ class Event:
     role: str
     """policy, reward or teacher."""
     action: str
-    """collect, rollout, policy_update, rm_update, score, judge or teacher_score."""
+    """collect, rollout, policy_update, rm_update, score, judge, teacher_score or evaluate."""
     step: int
-    """1-based global index of the RM step (rm_update) or policy step (the rest); 0 for round events."""
+    """1-based global index of the RM step (rm_update) or policy step (the rest); 0 for round and
+    evaluation events."""
     round: int
-    """1-based online round."""
+    """1-based online round (0: the initial evaluation)."""
     iteration: int
-    """1-based global iteration (round r, iteration i -> (r-1) * iterations_per_round + i)."""
+    """1-based global iteration (round r, iteration i -> (r-1) * iterations_per_round + i); 0: the
+    initial evaluation."""
     inputs: tuple[str, ...]
     """Artifacts read (data from other roles, or this role's model state at that version)."""
     outputs: tuple[str, ...]
@@ -128,6 +139,13 @@ class PlanSpec:
     """Policy steps sample from the student (on-policy)."""
     teacher_scores: bool = False
     """The TEACHER role scores each policy step's batch (white-box: top-k log-probs)."""
+    evaluate: bool = False
+    """Held-out evaluation events at the start and at every round end (``rgkd-distill``'s plan;
+    the plans of the cost model and ``rgkd-plan`` describe training only)."""
+    evaluate_reward: bool = False
+    """With ``evaluate``: the REWARD role reports the reward gap of the held-out responses."""
+    evaluate_teacher: bool = False
+    """With ``evaluate``: the TEACHER role reports its NLL of the held-out responses."""
 
     @property
     def effective_staleness(self) -> int:
@@ -136,6 +154,15 @@ class PlanSpec:
     @property
     def iterations(self) -> int:
         return self.rounds * self.iterations_per_round
+
+    def with_evaluation(self, reward: bool, teacher: bool) -> PlanSpec:
+        """This spec with the held-out evaluation events (``reward`` / ``teacher``: those roles
+        evaluate the policy's responses too)."""
+        return replace(self, evaluate=True, evaluate_reward=reward, evaluate_teacher=teacher)
+
+    def without_evaluation(self) -> PlanSpec:
+        """This spec, training events only."""
+        return replace(self, evaluate=False, evaluate_reward=False, evaluate_teacher=False)
 
     def errors(self) -> list[str]:
         """Problems, each naming the config field (``config.roles.schedule_errors``)."""
@@ -174,7 +201,14 @@ class Plan:
     iteration_ends: tuple[int, ...] = ()
     """``iteration_ends[t-1]``: number of events built for iterations 1..t; the prefix
     ``events[:iteration_ends[t-1]]`` is a consistent cut (nothing in it depends on a later event),
-    where the runner may synchronise, evaluate and checkpoint. The last entry is ``len(events)``."""
+    where the runner may synchronise and checkpoint. The last entry is ``len(events)``."""
+
+    def cut(self, iteration: int) -> int:
+        """Number of events up to the cut after ``iteration``: ``iteration_ends[iteration - 1]``;
+        for 0, the initial evaluation (the leading events of iteration 0, none without evaluation)."""
+        if iteration == 0:
+            return next((e.id for e in self.events if e.iteration != 0), len(self.events))
+        return self.iteration_ends[iteration - 1]
 
     @property
     def serial(self) -> bool:
@@ -193,6 +227,8 @@ class Plan:
         per_iteration: dict[str, dict[str, float]] = {}
         per_round: dict[str, dict[str, float]] = {}
         for (role, action), n in sorted(counts.items(), key=lambda kv: ROLES.index(kv[0][0])):
+            if action == EVALUATE:
+                continue
             if action in ROUND_ACTIONS:
                 per_round.setdefault(role, {})[action] = n / self.spec.rounds
             else:
@@ -208,6 +244,7 @@ class Plan:
             "events": len(self.events),
             "per_iteration": per_iteration,
             "per_round": per_round,
+            "evaluations": counts[(POLICY, EVALUATE)],
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +316,16 @@ def build_plan(spec: PlanSpec) -> Plan:
         for i in range((block - 1) * k_r + 1, block * k_r + 1):
             b.add(REWARD, "rm_update", i, round_, block, [RMVersion(i - 1).key, *data], [RMVersion(i).key])
 
+    def evaluation(t: int, round_: int) -> None:
+        heldout = [Heldout(t).key]
+        b.add(POLICY, EVALUATE, 0, round_, t, [PolicyVersion(t * spec.k_p).key], heldout)
+        if spec.evaluate_teacher:
+            b.add(TEACHER, EVALUATE, 0, round_, t, heldout, [])
+        if spec.evaluate_reward:
+            b.add(REWARD, EVALUATE, 0, round_, t, [*heldout, RMVersion(blocks_done * k_r).key], [])
+
+    if spec.evaluate:
+        evaluation(0, 0)
     t = 0
     ends: list[int] = []
     for round_ in range(1, spec.rounds + 1):
@@ -309,11 +356,15 @@ def build_plan(spec: PlanSpec) -> Plan:
                     )
                     update_inputs.append(Rewards(j).key)
                 b.add(POLICY, "policy_update", j, round_, t, update_inputs, [PolicyVersion(j).key])
+            if spec.evaluate and t % iters == 0 and t < spec.iterations:
+                evaluation(t, round_)
             ends.append(len(b.events))
     while blocks_done < t:
         blocks_done += 1
         rm_block(blocks_done)
-    ends[-1] = len(b.events)  # the trailing RM blocks belong to the last iteration
+    if spec.evaluate:  # after the trailing RM blocks: every model at its final version
+        evaluation(t, spec.rounds)
+    ends[-1] = len(b.events)  # the trailing RM blocks (and the last evaluation) belong to the last iteration
     return Plan(spec, tuple(b.events), tuple(ends))
 
 
@@ -341,7 +392,9 @@ def check_plan(plan: Plan) -> list[str]:
     - every ``score`` uses an RM at most ``staleness`` iterations' blocks (staleness * k_r steps)
       older than the colocated order would (the RM steps of iterations <= its own), and never newer;
     - a serial plan (colocated / no overlap / staleness 0) chains every event to the previous one;
-    - the numbers of policy and RM steps are what the schedule asks for.
+    - the numbers of policy and RM steps are what the schedule asks for;
+    - evaluations (``spec.evaluate``) happen at iteration 0 and at every round end, at the end of
+      their cut (nothing but evaluation between them and ``plan.cut``).
     """
     spec, events = plan.spec, plan.events
     problems: list[str] = []
@@ -402,6 +455,24 @@ def check_plan(plan: Plan) -> list[str]:
     for action, n in expected.items():
         if counts[action] != n:
             problems.append(f"plan has {counts[action]} {action} events, the schedule asks for {n}")
+    return problems + _evaluation_problems(plan)
+
+
+def _evaluation_problems(plan: Plan) -> list[str]:
+    spec, events = plan.spec, plan.events
+    evaluated = [e.iteration for e in events if e.key == f"{POLICY}/{EVALUATE}"]
+    every_round = range(spec.iterations_per_round, spec.iterations + 1, spec.iterations_per_round)
+    wanted = [0, *every_round] if spec.evaluate else []
+    problems = []
+    if evaluated != wanted:
+        problems.append(f"plan evaluates after iterations {evaluated}, expected {wanted}")
+    for e in events:
+        if e.action == EVALUATE and plan.iteration_ends and e.iteration <= len(plan.iteration_ends):
+            after = events[e.id : plan.cut(e.iteration)]
+            if not after or any(x.action != EVALUATE for x in after):
+                problems.append(
+                    f"event {e.id} ({e.key}): not at the end of the cut after iteration {e.iteration}"
+                )
     return problems
 
 
@@ -415,6 +486,6 @@ from rgkd_megatron.schedule.simulate import (  # noqa: E402
 )
 
 __all__ = [
-    "ROUND_ACTIONS", "Durations", "Event", "Plan", "PlanSpec", "RoleTime", "Simulation", "build_plan",
+    "EVALUATE", "ROUND_ACTIONS", "Durations", "Event", "Plan", "PlanSpec", "RoleTime", "Simulation", "build_plan",
     "check_plan", "predict_from_measurements", "simulate", "validate_schedule",
 ]  # fmt: skip

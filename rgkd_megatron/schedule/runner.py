@@ -9,10 +9,15 @@ the plan's dependencies point backwards and sends never block, this needs no glo
 ``schedule.overlap`` the REWARD window runs the RM step on batch t+1 while the POLICY window
 still trains on batch t, and the staleness bound is the plan's.
 
-The runner times every event: *compute* (the handler) per (role, action) and *wait* (blocked on
-inputs) per role. ``iteration_ends`` of the plan are consistent cuts: ``run`` returns at one, and
-``cut_state``/``restore`` give what a checkpoint at that cut must hold besides the models
-(artifacts produced before the cut and consumed after it).
+The runner times every training event: *compute* (the handler) per (role, action) and *wait*
+(blocked on inputs) per role; evaluation events (``evaluate``) are timed apart (``evaluation_s``),
+so the iteration times measure training alone, as the cost model predicts them. The plan's cuts
+(``Plan.cut``: ``iteration_ends``, and 0 for the initial evaluation) are consistent: ``run``
+returns at one, and ``cut_state``/``restore`` give what a checkpoint at that cut must hold besides
+the models (artifacts produced before the cut and consumed after it).
+
+Metrics returned by handlers (the ``"metrics"`` output) are kept per iteration, those of training
+events (``pop_metrics()``) apart from those of evaluation events (``pop_metrics(evaluation=True)``).
 
 Handlers are registered on the runner (``register``), one per action: ``fn(event, inputs) ->
 {artifact key: (local, wire)}``; ``local`` is what consumers on this rank get, ``wire`` the
@@ -32,7 +37,7 @@ from typing import Any
 import torch.distributed as dist
 
 from rgkd_megatron.schedule.artifacts import RMVersion, is_model_state, parse
-from rgkd_megatron.schedule.plan import Event, Plan, predict_from_measurements
+from rgkd_megatron.schedule.plan import EVALUATE, Event, Plan, build_plan, predict_from_measurements
 from rgkd_megatron.schedule.transport import RoleTransport
 
 Handler = Callable[[Event, dict[str, Any]], dict[str, tuple[Any, Any]]]
@@ -42,12 +47,14 @@ FAULT_ENV = "RGKD_FAULT_AFTER_EVENT"
 
 @dataclass
 class Timings:
-    """Seconds per (role, action) of compute, per role of waiting, and of walking the plan."""
+    """Seconds per (role, action) of compute, per role of waiting, and of walking the plan
+    (training events; evaluation events count in ``evaluation`` only)."""
 
     compute: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     wait: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     loop: float = 0.0
     iterations: int = 0
+    evaluation: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +62,7 @@ class Timings:
             "wait": dict(self.wait),
             "loop": self.loop,
             "iterations": self.iterations,
+            "evaluation": self.evaluation,
         }
 
 
@@ -92,6 +100,7 @@ class PlanRunner:
         self.position = 0
         self.iteration = 0
         self.metrics: dict[int, dict[str, float]] = defaultdict(dict)
+        self.evaluations: dict[int, dict[str, Any]] = defaultdict(dict)
         self.timings = Timings()
         self.max_rm_lag = 0
         """Largest lag (in RM blocks) of a score event's RM behind the colocated order, seen here."""
@@ -142,20 +151,24 @@ class PlanRunner:
                 self.wire.pop(artifact, None)
 
     # ------------------------------------------------------------------ execution
-    def _execute(self, event: Event) -> None:
+    def _execute(self, event: Event) -> float:
+        """Run ``event``; returns its seconds when it is an evaluation event (else 0)."""
         started = time.perf_counter()
         inputs = {a: self._fetch(a, event.role) for a in event.inputs if not is_model_state(a)}
         ready = time.perf_counter()
         outputs = self.handlers[event.action](event, inputs) or {}
         done = time.perf_counter()
-        self.timings.wait[event.role] += ready - started
-        self.timings.compute[event.key].append(done - ready)
+        evaluation = event.action == EVALUATE
+        if not evaluation:
+            self.timings.wait[event.role] += ready - started
+            self.timings.compute[event.key].append(done - ready)
         metrics = outputs.pop("metrics", None)
         if metrics is not None:
-            self.metrics[event.iteration].update(metrics[0])
+            (self.evaluations if evaluation else self.metrics)[event.iteration].update(metrics[0])
         self._publish(event, outputs)
         if self._fault is not None and event.id == self._fault:
             os.kill(os.getpid(), signal.SIGKILL)
+        return time.perf_counter() - started if evaluation else 0.0
 
     def check_rm_version(self, event: Event, rm_steps: int) -> None:
         """Called by the score handler: the RM must be at the version the plan names."""
@@ -172,13 +185,15 @@ class PlanRunner:
             self.max_rm_lag = max(self.max_rm_lag, (colocated_steps - version) // k_r)
 
     def run(self, until_iteration: int) -> None:
-        """Run this rank's events up to the cut after ``until_iteration``."""
-        end = self.plan.iteration_ends[until_iteration - 1]
+        """Run this rank's events up to the cut after ``until_iteration`` (0: the initial evaluation)."""
+        end = self.plan.cut(until_iteration)
         started = time.perf_counter()
+        evaluation = 0.0
         for event in self.plan.events[self.position : end]:
             if event.role in self.my_roles:
-                self._execute(event)
-        self.timings.loop += time.perf_counter() - started
+                evaluation += self._execute(event)
+        self.timings.evaluation += evaluation
+        self.timings.loop += time.perf_counter() - started - evaluation
         self.timings.iterations += until_iteration - self.iteration
         self.position, self.iteration = end, until_iteration
         self._release(end)
@@ -206,9 +221,12 @@ class PlanRunner:
         self.wire = dict(state["artifacts"])
         self.local = dict(self.wire)
 
-    def pop_metrics(self) -> dict[int, dict[str, float]]:
-        out = dict(self.metrics)
-        self.metrics.clear()
+    def pop_metrics(self, evaluation: bool = False) -> dict[int, dict[str, Any]]:
+        """Metrics per iteration kept since the last call: of training events, or (``evaluation``)
+        of evaluation events (iteration 0: the initial evaluation)."""
+        kept = self.evaluations if evaluation else self.metrics
+        out = dict(kept)
+        kept.clear()
         return out
 
     # ------------------------------------------------------------------ timing report
@@ -234,11 +252,13 @@ class PlanRunner:
         iterations = max(t["iterations"] for t in gathered) or 1
         measured = max(loop.values()) / iterations
         means = {key: sum(v) / len(v) for key, v in compute.items() if v}
-        predicted = predict_from_measurements(self.plan, means, unmeasured=0.0)  # resumed: some never ran
+        spec = self.plan.spec
+        training = build_plan(spec.without_evaluation()) if spec.evaluate else self.plan  # as the cost model
+        predicted = predict_from_measurements(training, means, unmeasured=0.0)  # resumed: some never ran
         colocated = len({(r.start, r.stop) for r in self.windows.values()}) == 1
         total_compute = sum(role_compute.values())
         roles = {}
-        for role in self.plan.roles:
+        for role in training.roles:  # the roles with training events (as before evaluation joined the plan)
             busy = (total_compute if colocated else role_compute[role]) / iterations
             roles[role] = {
                 "compute_s": role_compute[role] / iterations,
@@ -255,4 +275,5 @@ class PlanRunner:
             "phase_times": means,
             "roles": roles,
             "max_rm_lag": max(t["max_rm_lag"] for t in gathered),
+            "evaluation_s": max(t["evaluation"] for t in gathered),
         }

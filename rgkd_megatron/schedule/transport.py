@@ -1,7 +1,8 @@
-"""Moving data artifacts (rollouts, rewards, round pairs, eval responses) between role windows.
+"""Moving data artifacts (rollouts, rewards, round pairs, held-out responses) between role windows.
 
 Design:
-- A payload is a flat ``dict[str, Tensor | JSON-able]``. ``pack`` turns it into a header (a JSON
+- A payload is a flat ``dict[str, Tensor | JSON-able]`` (the typed payloads of ``payloads.py``
+  give and read it: ``to_wire`` / ``from_wire``). ``pack`` turns it into a header (a JSON
   description: keys, dtypes, shapes, and the JSON-able values) plus a list of contiguous tensors;
   ``unpack`` is its inverse. No pickle is involved: a header is JSON bytes in a uint8 tensor.
 - Every rank of a role holds the same data (generation and scoring end with a broadcast inside the

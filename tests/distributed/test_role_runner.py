@@ -80,8 +80,9 @@ def test_overlap_keeps_its_staleness_bound(tmp_path):
 @pytest.mark.parametrize(
     ("fault", "overlap"),
     [
-        (("RGKD_FAULT_AFTER_EVENT", "12:1"), False),  # the reward rank, scoring in iteration 3
-        (("RGKD_FAULT_AFTER_EVENT", "7:0"), True),  # the policy rank, updating in iteration 2 (overlapped)
+        # event ids of the run's plan, evaluation events included (initial + end of round 1: 2 each)
+        (("RGKD_FAULT_AFTER_EVENT", "16:1"), False),  # the reward rank, scoring in iteration 3
+        (("RGKD_FAULT_AFTER_EVENT", "9:0"), True),  # the policy rank, updating in iteration 2 (overlapped)
         (("RGKD_FAULT_IN_SAVE", "3:1"), False),  # the reward rank, half-way through checkpoint 3
     ],
 )

@@ -277,3 +277,19 @@ def test_sections_load_from_yaml_and_reject_unknown_keys(tmp_path):
         load_config(None, ["placement.policy.tpp=2"], validate=False)
     with pytest.raises(ValueError, match=r"placement.mode: expected one of 'colocated', 'disaggregated'"):
         load_config(None, ["placement.mode=split"], validate=False)
+
+
+@pytest.mark.parametrize(("tp", "pp", "world"), [(1, 1, 1), (2, 1, 8), (1, 2, 4), (2, 2, 16), (4, 1, 4)])
+def test_world_layout_and_config_agree_on_data_parallel_size(tp, pp, world):
+    from rgkd_megatron.config.roles import data_parallel_size
+    from rgkd_megatron.parallel.groups import layout_for_world
+
+    cfg = load_config(
+        None,
+        [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"],
+        validate=False,
+    )
+    expected = world // tp // pp  # the replicas of a TP x PP model in the world
+    assert layout_for_world(tp, pp, world).dp == data_parallel_size(cfg, world) == expected
+    with pytest.raises(ValueError, match="world size 6 is not a multiple"):
+        layout_for_world(2, 2, 6)

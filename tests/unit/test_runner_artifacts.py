@@ -7,6 +7,7 @@ import pytest
 
 from rgkd_megatron.schedule.artifacts import (
     KINDS,
+    Heldout,
     Pairs,
     PolicyVersion,
     Rewards,
@@ -24,10 +25,11 @@ def test_keys_round_trip_through_the_one_parser():
     for artifact, key in [
         (Rollouts(3), "rollouts@3"), (Rewards(3), "rewards@3"), (TopK(7), "topk@7"),
         (Samples(2), "samples@r2"), (Pairs(1), "pairs@r1"), (PolicyVersion(0), "policy@0"), (RMVersion(12), "rm@12"),
+        (Heldout(0), "heldout@0"),
     ]:  # fmt: skip
         assert artifact.key == str(artifact) == key
         assert parse(key) == artifact
-    assert set(KINDS) == {"rollouts", "rewards", "topk", "samples", "pairs", "policy", "rm"}
+    assert set(KINDS) == {"rollouts", "rewards", "topk", "samples", "pairs", "heldout", "policy", "rm"}
 
 
 def test_only_policy_and_rm_versions_are_model_states():
