@@ -25,11 +25,16 @@ from typing import ClassVar
 
 @dataclass(frozen=True)
 class Artifact:
-    """Base of the artifact kinds: ``kind`` names it, ``prefix`` marks a round index ("r")."""
+    """Base of the artifact kinds, which set ``kind`` (the key's name), ``prefix`` ("r" before a
+    round index) and ``model_state`` as class keywords: ``class Pairs(Artifact, kind="pairs", prefix="r")``."""
 
     kind: ClassVar[str] = ""
     prefix: ClassVar[str] = ""
     model_state: ClassVar[bool] = False
+
+    def __init_subclass__(cls, kind: str = "", prefix: str = "", model_state: bool = False, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kind, cls.prefix, cls.model_state = kind, prefix, model_state
 
     @property
     def index(self) -> int:
@@ -46,72 +51,66 @@ class Artifact:
 
 
 @dataclass(frozen=True)
-class Rollouts(Artifact):
-    """The n samples per prompt of policy step ``step`` (policy -> reward)."""
+class Rollouts(Artifact, kind="rollouts"):
+    """The n samples per prompt of policy step ``step`` (policy -> reward). Payload
+    ``payloads.RolloutBatch``; the reward role scores them and keeps them as fresh RM data."""
 
     step: int
-    kind: ClassVar[str] = "rollouts"
 
 
 @dataclass(frozen=True)
-class Rewards(Artifact):
-    """The rewards of policy step ``step``'s rollouts (reward -> policy)."""
+class Rewards(Artifact, kind="rewards"):
+    """The rewards of policy step ``step``'s rollouts (reward -> policy), ``payloads.RewardBatch``."""
 
     step: int
-    kind: ClassVar[str] = "rewards"
 
 
 @dataclass(frozen=True)
-class TopK(Artifact):
-    """The teacher's top-k of policy step ``step``'s batch (teacher -> policy)."""
+class TopK(Artifact, kind="topk"):
+    """The teacher's top-k of policy step ``step``'s batch (teacher -> policy). Today the white-box
+    methods read the teacher inside their fused policy step (colocated only), so the event that
+    produces it is a no-op and it carries nothing."""
 
     step: int
-    kind: ClassVar[str] = "topk"
 
 
 @dataclass(frozen=True)
-class Samples(Artifact):
+class Samples(Artifact, kind="samples", prefix="r"):
     """The student samples of round ``round`` (policy -> teacher judge, reward)."""
 
     round: int
-    kind: ClassVar[str] = "samples"
-    prefix: ClassVar[str] = "r"
 
 
 @dataclass(frozen=True)
-class Pairs(Artifact):
-    """The preference pairs judged in round ``round`` (-> reward)."""
+class Pairs(Artifact, kind="pairs", prefix="r"):
+    """The preference pairs judged in round ``round`` (-> reward), appended to the preference
+    store by the RM's first step of the round."""
 
     round: int
-    kind: ClassVar[str] = "pairs"
-    prefix: ClassVar[str] = "r"
 
 
 @dataclass(frozen=True)
-class Heldout(Artifact):
+class Heldout(Artifact, kind="heldout"):
     """The policy's greedy held-out responses after ``iteration`` iterations (0: the initial
-    student), evaluated by the reward (reward gap) and teacher (its NLL) roles."""
+    student), evaluated by the reward (reward gap) and teacher (its NLL) roles; payload
+    ``payloads.HeldoutResponses``."""
 
     iteration: int
-    kind: ClassVar[str] = "heldout"
 
 
 @dataclass(frozen=True)
-class PolicyVersion(Artifact):
+class PolicyVersion(Artifact, kind="policy", model_state=True):
     """The policy after ``version`` policy steps (stays on the policy role)."""
 
     version: int
-    kind: ClassVar[str] = "policy"
-    model_state: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class RMVersion(Artifact):
-    """The reward model after ``version`` RM steps (stays on the reward role)."""
+class RMVersion(Artifact, kind="rm", model_state=True):
+    """The reward model after ``version`` RM steps (stays on the reward role; ``score`` events
+    check they read the version the plan names)."""
 
     version: int
-    kind: ClassVar[str] = "rm"
-    model_state: ClassVar[bool] = True
 
 
 KINDS: dict[str, type[Artifact]] = {

@@ -5,36 +5,24 @@ from __future__ import annotations
 
 import pytest
 
-from rgkd_megatron.schedule.artifacts import (
-    KINDS,
-    Heldout,
-    Pairs,
-    PolicyVersion,
-    Rewards,
-    RMVersion,
-    Rollouts,
-    Samples,
-    TopK,
-    is_model_state,
-    parse,
-)
+from rgkd_megatron.schedule import artifacts as art
 from rgkd_megatron.schedule.plan import PlanSpec, build_plan
 
 
 def test_keys_round_trip_through_the_one_parser():
     for artifact, key in [
-        (Rollouts(3), "rollouts@3"), (Rewards(3), "rewards@3"), (TopK(7), "topk@7"),
-        (Samples(2), "samples@r2"), (Pairs(1), "pairs@r1"), (PolicyVersion(0), "policy@0"), (RMVersion(12), "rm@12"),
-        (Heldout(0), "heldout@0"),
+        (art.Rollouts(3), "rollouts@3"), (art.Rewards(3), "rewards@3"), (art.TopK(7), "topk@7"),
+        (art.Samples(2), "samples@r2"), (art.Pairs(1), "pairs@r1"), (art.PolicyVersion(0), "policy@0"),
+        (art.RMVersion(12), "rm@12"), (art.Heldout(0), "heldout@0"),
     ]:  # fmt: skip
         assert artifact.key == str(artifact) == key
-        assert parse(key) == artifact
-    assert set(KINDS) == {"rollouts", "rewards", "topk", "samples", "pairs", "heldout", "policy", "rm"}
+        assert art.parse(key) == artifact
+    assert set(art.KINDS) == {"rollouts", "rewards", "topk", "samples", "pairs", "heldout", "policy", "rm"}
 
 
 def test_only_policy_and_rm_versions_are_model_states():
-    assert is_model_state("policy@4") and is_model_state("rm@0")
-    assert not any(is_model_state(k) for k in ("rollouts@1", "samples@r1", "pairs@r2", "rm@x", "metrics"))
+    assert art.is_model_state("policy@4") and art.is_model_state("rm@0")
+    assert not any(art.is_model_state(k) for k in ("rollouts@1", "samples@r1", "pairs@r2", "rm@x", "metrics"))
 
 
 @pytest.mark.parametrize(
@@ -42,7 +30,7 @@ def test_only_policy_and_rm_versions_are_model_states():
 )
 def test_malformed_keys_are_refused(bad):
     with pytest.raises(ValueError, match="artifact"):
-        parse(bad)
+        art.parse(bad)
 
 
 def test_every_artifact_of_a_plan_parses():
@@ -51,7 +39,15 @@ def test_every_artifact_of_a_plan_parses():
         rollouts=True, teacher_scores=True,
     )  # fmt: skip
     plan = build_plan(spec)
-    kinds = {type(parse(a)) for e in plan.events for a in (*e.inputs, *e.outputs)}
-    assert kinds == {Rollouts, Rewards, TopK, Samples, Pairs, PolicyVersion, RMVersion}
+    kinds = {type(art.parse(a)) for e in plan.events for a in (*e.inputs, *e.outputs)}
+    assert kinds == {
+        art.Rollouts,
+        art.Rewards,
+        art.TopK,
+        art.Samples,
+        art.Pairs,
+        art.PolicyVersion,
+        art.RMVersion,
+    }
     score = next(e for e in plan.events if e.action == "score")
-    assert Rollouts(score.step).key in score.inputs and Rewards(score.step).key in score.outputs
+    assert art.Rollouts(score.step).key in score.inputs and art.Rewards(score.step).key in score.outputs
