@@ -35,7 +35,8 @@ def attach_q_head(model: nn.Module, bound: float) -> BilinearQHead:
         bound=bound,
         ghost=True,
         zero_init=True,
-    )
+    ).to(embedding.dtype)  # the model's params dtype: megatron's mixed-precision optimizer numbers its
+    # fp32 master copies over the float16 params only, so an fp32 head in a bf16 model breaks its checkpoint
     head.action_bias.tensor_model_parallel = True
     head.action_bias.partition_dim = 0
     head.action_bias.partition_stride = 1

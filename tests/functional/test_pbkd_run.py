@@ -142,6 +142,19 @@ def test_mm_pbkd_q_player_separates_teacher_from_student(tmp_path):
     assert "eval_reward_gap" not in final and "mms_loss" in final
 
 
+def test_mm_pbkd_bf16_saves_and_resumes_its_checkpoint(tmp_path):
+    """A bf16 student: the Q head follows the model's dtype, so megatron's mixed-precision optimizer
+    (which numbers its fp32 master copies over the bf16 params only) can save and load the loop
+    checkpoint; a second launch resumes from it instead of training again."""
+    extra = ("model.params_dtype=bf16", "pbkd.iterations_per_round=2")
+    first = run_distributed(_kd_with_live_teacher, 1, args=(str(tmp_path), "mm_pbkd", False, extra))[0]
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    again = run_distributed(_kd_with_live_teacher, 1, args=(str(tmp_path), "mm_pbkd", False, extra, False))[0]
+    assert [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")] == rows  # nothing re-run
+    assert again["mmq_loss"] == first["mmq_loss"]
+
+
 def test_cached_teacher_gives_the_live_teacher_losses(tmp_path):
     """fkl from the precomputed top-k cache (tools/build_teacher_cache.py) equals fkl from the live
     teacher on the same batches, up to the cache's fp16 log-probs."""
