@@ -125,12 +125,24 @@ def first_job(slurm_cluster, runs_root):
 
 
 CRASH_NAME = "rgkd-ci-tiny-online-crash"
-FAULT = "11:2"  # plan event 11 (the reward window scores iteration 3's rollouts) on rank 2: SIGKILL
+
+
+def _fault() -> str:
+    """``EVENT:RANK`` for a SIGKILL of rank 2 after the reward window scores iteration 3's rollouts,
+    the event id taken from the recipe's plan as rgkd-distill builds it (training + the held-out
+    evaluation, the reward gap on the reward window; the recipe places no teacher)."""
+    from rgkd_megatron.config import load_config
+    from rgkd_megatron.schedule.plan import PlanSpec, build_plan
+
+    cfg = load_config(str(REPO / "examples" / "recipes" / "tiny_online.yaml"), [], validate=False)
+    plan = build_plan(PlanSpec.from_config(cfg).with_evaluation(reward=True, teacher=False))
+    (event,) = [e for e in plan.events if (e.role, e.action, e.iteration) == ("reward", "score", 3)]
+    return f"{event.id}:2"
 
 
 @pytest.fixture(scope="module")
 def crashed_job(first_job, runs_root):
-    return _submit_and_wait(runs_root, "crashed", CRASH_NAME, RGKD_FAULT_AFTER_EVENT=FAULT)
+    return _submit_and_wait(runs_root, "crashed", CRASH_NAME, RGKD_FAULT_AFTER_EVENT=_fault())
 
 
 @pytest.fixture(scope="module")
