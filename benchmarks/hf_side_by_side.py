@@ -8,11 +8,12 @@ temporary directory. Both sides load the same HF folder: transformers with ``fro
 (SDPA attention), ours through ``rgkd_megatron.convert.hf_load.load_weights`` into a megatron-core
 ``GPTModel`` (local spec).
 
-- generation (first, on the loaded weights): the same prompts (the student: tokenized English
-  prompts cut to one length; synthetic: random ids), greedy, no stop id, ``--new-tokens`` each;
-  ``model.generate(use_cache=True)`` against ``rgkd_megatron.generation.generate`` (KV cache).
-  Whether the greedy tokens agree on the first ``--compare-tokens`` positions is printed, not
-  asserted (near-ties of a random model may legitimately flip).
+- generation (first, on the loaded weights), once per ``--gen-batches`` size (1, 4 and 8 prompts
+  by default): the same prompts (the student: tokenized English prompts cut to one length;
+  synthetic: random ids), greedy, no stop id, ``--new-tokens`` each; ``model.generate(use_cache=True)``
+  against ``rgkd_megatron.generation.generate`` (KV cache). transformers runs without our CPU
+  layer's device mode (as it would in a user's process). Whether the greedy tokens agree on the
+  first ``--compare-tokens`` positions is printed, not asserted (near-ties may legitimately flip).
 - training: the same micro-batches (masked next-token CE on the last three quarters of each row),
   AdamW with the same settings (no decay on 1-D params, global-norm clipping, constant LR): a plain
   loop over the transformers model (``plain_llama.plain_train_step``) against ``build_engine`` +
@@ -24,6 +25,7 @@ Tokens/s of each side and ours / transformers ratios; the LAST line printed is a
 
     python benchmarks/hf_side_by_side.py                          # the student, ~4 minutes
     python benchmarks/hf_side_by_side.py --synthetic --layers 2   # quick run, no files needed
+    python benchmarks/hf_side_by_side.py --skip-training          # generation only
 """
 
 from __future__ import annotations
@@ -76,7 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed training steps per side")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per side")
     add_adamw_args(p)
-    p.add_argument("--gen-batch", type=int, default=4, help="prompts per generate call")
+    p.add_argument(
+        "--gen-batches",
+        default="1,4,8",
+        help="prompts per generate call, one comparison each (the JSON's "
+        "'generation' is the one at 4 when listed, else the first)",
+    )
+    p.add_argument("--skip-training", action="store_true", help="generation only")
     p.add_argument("--prompt-length", type=int, default=8, help="tokens per prompt (at most)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per prompt")
     p.add_argument("--compare-tokens", type=int, default=16, help="greedy tokens compared per prompt")
@@ -86,8 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.layers and not args.synthetic:
         p.error("--layers applies to --synthetic only (the student's depth is its own)")
-    if args.gen_batch > len(PROMPTS):
-        p.error(f"--gen-batch: at most {len(PROMPTS)} (the built-in prompts)")
+    args.gen_batches = [int(x) for x in args.gen_batches.split(",") if x]
+    if not args.gen_batches or not all(1 <= b <= len(PROMPTS) for b in args.gen_batches):
+        p.error(f"--gen-batches: each in [1, {len(PROMPTS)}] (the built-in prompts), got {args.gen_batches}")
     return args
 
 
@@ -103,14 +112,14 @@ def _synthetic_folder(args, root: Path) -> Path:
     return folder
 
 
-def _prompts(args, folder: Path, vocab: int, synthetic: bool) -> list[list[int]]:
+def _prompts(args, folder: Path, vocab: int, synthetic: bool, batch: int) -> list[list[int]]:
     if synthetic:
         g = torch.Generator().manual_seed(args.seed + 2)
-        return torch.randint(0, vocab, (args.gen_batch, args.prompt_length), generator=g).tolist()
+        return torch.randint(0, vocab, (batch, args.prompt_length), generator=g).tolist()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    ids = [tok(text)["input_ids"] for text in PROMPTS[: args.gen_batch]]
+    ids = [tok(text)["input_ids"] for text in PROMPTS[:batch]]
     length = min(args.prompt_length, *(len(x) for x in ids))  # one length: no padding on either side
     return [x[:length] for x in ids]
 
@@ -150,7 +159,7 @@ def _generation(args, hf, engine, groups, prompts: list[list[int]], vocab: int) 
     hf.generation_config.pad_token_id = 0
 
     def run_hf() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), torch._C.DisableTorchFunction():  # cpu_compat's CUDA->CPU mode is ours
             out = hf.generate(
                 input_ids=prompt_bl, attention_mask=torch.ones_like(prompt_bl), max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
@@ -184,6 +193,7 @@ def _generation(args, hf, engine, groups, prompts: list[list[int]], vocab: int) 
     cpu_seconds = {k: statistics.median(v) for k, v in cpu_times.items()}
     generated = len(prompts) * args.new_tokens
     return {
+        "batch": len(prompts),
         "hf_tokens_per_s": round(generated / seconds["hf"], 1),
         "ours_tokens_per_s": round(generated / seconds["ours"], 1),
         "ratio_ours_over_hf": round(seconds["hf"] / seconds["ours"], 4),
@@ -275,9 +285,11 @@ def main(argv=None) -> dict:
         groups = init_role(layout_for_world(1, 1, 1), seed=args.seed)
         engine, opt_cfg, fields = _build_ours(folder, args, groups)
         vocab = fields["vocab_size"]
-        prompts = _prompts(args, folder, vocab, synthetic)
-        gen = _generation(args, hf, engine, groups, prompts, vocab)
-        train = _training(args, hf, engine, opt_cfg, vocab)
+        by_batch = [
+            _generation(args, hf, engine, groups, _prompts(args, folder, vocab, synthetic, b), vocab)
+            for b in args.gen_batches
+        ]
+        train = None if args.skip_training else _training(args, hf, engine, opt_cfg, vocab)
     teardown_roles()
     torch.distributed.destroy_process_group()
 
@@ -286,27 +298,22 @@ def main(argv=None) -> dict:
         f"HF transformers vs ours, CPU fp32, {student}: hidden {fields['hidden_size']}, vocab {vocab}; "
         f"torch threads {torch.get_num_threads()}"
     )
-    print(
-        f"training  ({args.micro_batch_size} x {args.seq_length} tokens, {args.warmup_steps} warm-up + "
-        f"{args.steps} timed steps): hf {train['hf_tokens_per_s']:.1f} tok/s, ours "
-        f"{train['ours_tokens_per_s']:.1f} tok/s, ours/hf {train['ratio_ours_over_hf']:.3f} (medians), "
-        f"{train['ratio_ours_over_hf_from_min']:.3f} (min), {train['ratio_ours_over_hf_cpu']:.3f} (CPU time); first-step loss hf "
-        f"{train['first_step_loss']['hf']:.6f} ours {train['first_step_loss']['ours']:.6f}"
-    )
-    print(
-        f"generation ({len(prompts)} prompts x {len(prompts[0])} tokens, {args.new_tokens} new, greedy, KV "
-        f"cache): hf {gen['hf_tokens_per_s']:.1f} tok/s, ours {gen['ours_tokens_per_s']:.1f} tok/s, "
-        f"ours/hf {gen['ratio_ours_over_hf']:.3f} (CPU time {gen['ratio_ours_over_hf_cpu']:.3f})"
-    )
-    agree = gen["greedy_rows_agree"] == gen["greedy_rows"]
-    print(
-        f"greedy tokens, first {gen['greedy_compared_tokens']} per prompt: {gen['greedy_rows_agree']}/"
-        f"{gen['greedy_rows']} prompts agree ({'AGREE' if agree else 'DIFFER'}); first differing "
-        f"position per prompt: {gen['greedy_first_difference']}"
-    )
+    if train is not None:
+        _print_training(args, train)
+    for gen in by_batch:
+        print(
+            f"generation ({gen['batch']} prompts x {args.prompt_length} tokens at most, {args.new_tokens} new, "
+            f"greedy, KV cache): hf {gen['hf_tokens_per_s']:.1f} tok/s, ours {gen['ours_tokens_per_s']:.1f} "
+            f"tok/s, ours/hf {gen['ratio_ours_over_hf']:.3f} (CPU time {gen['ratio_ours_over_hf_cpu']:.3f}); "
+            f"greedy tokens, first {gen['greedy_compared_tokens']}: {gen['greedy_rows_agree']}/"
+            f"{gen['greedy_rows']} prompts agree, first differing position {gen['greedy_first_difference']}"
+        )
+    gen = next((g for g in by_batch if g["batch"] == 4), by_batch[0])
+    agree = all(g["greedy_rows_agree"] == g["greedy_rows"] for g in by_batch)
     result = {
         "training": train,
         "generation": gen,
+        "generation_by_batch": by_batch,
         "greedy_agree": agree,
         "student": "synthetic" if synthetic else str(folder),
         "config": {k: v for k, v in vars(args).items() if k != "model_dir"}
@@ -315,6 +322,16 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result))
     return result
+
+
+def _print_training(args, train: dict) -> None:
+    print(
+        f"training  ({args.micro_batch_size} x {args.seq_length} tokens, {args.warmup_steps} warm-up + "
+        f"{args.steps} timed steps): hf {train['hf_tokens_per_s']:.1f} tok/s, ours "
+        f"{train['ours_tokens_per_s']:.1f} tok/s, ours/hf {train['ratio_ours_over_hf']:.3f} (medians), "
+        f"{train['ratio_ours_over_hf_from_min']:.3f} (min), {train['ratio_ours_over_hf_cpu']:.3f} (CPU time); first-step loss hf "
+        f"{train['first_step_loss']['hf']:.6f} ours {train['first_step_loss']['ours']:.6f}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ if [ "$#" -eq 0 ] && [ "${RGKD_SKIP_NEWEST_MCORE:-0}" != 1 ]; then
     touch "${target}/.complete"
   fi
   echo "[test] distributed equivalence tests on megatron-core ${newest}"
-  PYTHONPATH="$target" .venv/bin/python -m pytest -q tests/unit/test_mcore_version.py \
+  PYTHONPATH="$target" .venv/bin/python -m pytest -q tests/unit/test_mcore_version.py tests/unit/test_cpu_shortcuts.py \
     tests/distributed/test_layout_equivalence.py tests/distributed/test_pbkd_tp.py \
     tests/distributed/test_checkpoint_resume.py tests/functional/test_bad_inputs_checkpoint.py
 fi

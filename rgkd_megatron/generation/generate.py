@@ -61,6 +61,7 @@ from megatron.core.utils import unwrap_model
 
 from rgkd_megatron.generation.sampling import check_sampling_args, sample_next_tokens
 from rgkd_megatron.losses.topk_kd import vocab_parallel_topk_logits
+from rgkd_megatron.parallel.cpu_compat import plain_torch
 from rgkd_megatron.parallel.groups import RoleGroups
 
 __all__ = [
@@ -150,11 +151,15 @@ def generate(
     context = StaticInferenceContext(b, total_len) if use_kv_cache else None
 
     pos, cached, steps = int(prompt_len_b.min()), 0, 0
+    # a decode step on one rank allocates nothing (the KV cache exists after the prefill): no device
+    # mode there on CPU (cpu_compat.plain_torch; a no-op context on GPU)
+    plain_decode = context is not None and groups.layout.tp == 1 and groups.layout.pp == 1
     with inference_mode(gpt):
         while True:
             # feed [cached, pos) with the cache (the whole prefix without); get the logits at pos
             start = cached if context is not None else 0
-            logits_bsv = stage_forward(gpt, groups, tokens_bl[:, start:pos], start, context, gather=True)
+            with plain_torch() if plain_decode and steps > 0 else contextlib.nullcontext():
+                logits_bsv = stage_forward(gpt, groups, tokens_bl[:, start:pos], start, context, gather=True)
             steps += 1
             if context is not None:
                 context.increment_sequence_len_offset(pos - cached)

@@ -79,11 +79,12 @@ class SdpaDotProductAttention(DotProductAttention):
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
             )
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        # [s, b, n, hn] -> [b, n, s, hn]; query head i reads kv head i // groups (as megatron)
+        # [s, b, n, hn] -> [b, n, s, hn]; query head i reads kv head i // groups (as megatron's
+        # repeat_interleave; SDPA's enable_gqa reads them in place, no [b, n, sk, hn] copies)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        context = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=self.softmax_scale)
+        context = F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=groups > 1
+        )
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 

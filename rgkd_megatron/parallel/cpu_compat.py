@@ -36,6 +36,12 @@ On a CPU-only build it installs, once per process:
    [V, h] embeddings a fresh 100+ MB allocation each step. :func:`inplace_multi_tensor_scale` gives
    the same values (the same fp32 multiply) in place when ``dst is src`` and as a plain copy when
    ``scale == 1``. Only replaced where the fallback is the one in use.
+7. ``tp_shortcuts``: exact shortcuts past megatron-core's autograd wrappers where they compute
+   nothing (a linear layer without a gradient, TP region mappings on one rank, viewless tensors
+   without grad mode; ``parallel/cpu_shortcuts.py``): a decode step's Python overhead.
+
+:func:`plain_torch` runs a block without the device mode (for hot loops that create no tensor on a
+device: the cache reader, decode steps of generation).
 
 Select a subset with ``RGKD_CPU_PATCHES=cuda_api,device_mode,...`` (default: all) when debugging.
 """
@@ -49,9 +55,17 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from rgkd_megatron.parallel import mcore_version
+from rgkd_megatron.parallel import cpu_shortcuts, mcore_version
 
-ALL_PATCHES = ("cuda_api", "device_mode", "rng", "sp_norm", "distopt_torch_adam", "grad_scale")
+ALL_PATCHES = (
+    "cuda_api",
+    "device_mode",
+    "rng",
+    "sp_norm",
+    "distopt_torch_adam",
+    "grad_scale",
+    "tp_shortcuts",
+)
 _applied: set[str] = set()
 _mode: TorchFunctionMode | None = None
 
@@ -85,6 +99,7 @@ def apply(patches: tuple[str, ...] | None = None) -> tuple[str, ...]:
         "sp_norm": _patch_sp_norm,
         "distopt_torch_adam": _patch_distopt_torch_adam,
         "grad_scale": _patch_grad_scale,
+        "tp_shortcuts": cpu_shortcuts.install,
     }
     for name in patches:
         if name not in _applied:
@@ -245,6 +260,14 @@ class CudaToCpuMode(TorchFunctionMode):
         if "pin_memory" in kwargs:
             kwargs["pin_memory"] = False
         return func(*args, **kwargs)
+
+
+def plain_torch() -> contextlib.AbstractContextManager:
+    """A context without the device mode (every torch call dispatched directly, ~1 us less each):
+    for code that never asks for a CUDA device. A no-op context when the mode is not active."""
+    if _mode is None:
+        return contextlib.nullcontext()
+    return torch._C.DisableTorchFunction()
 
 
 def _enter_device_mode() -> None:

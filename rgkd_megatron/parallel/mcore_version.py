@@ -22,6 +22,8 @@ import warnings
 
 from packaging.version import Version
 
+from rgkd_megatron.parallel import cpu_shortcuts
+
 TESTED_MIN = "0.16.1"  # the newest release with a wheel for Python 3.11
 TESTED_MAX = "0.19.2"  # the newest release tested (built from its sdist on Python 3.11)
 ALLOW_ENV = "RGKD_ALLOW_UNTESTED_MCORE"
@@ -54,6 +56,9 @@ PATCH_TARGETS: dict[str, tuple[str, ...]] = {
         "megatron.core.optimizer.clip_grads:multi_tensor_scale_impl",
         "megatron.core.optimizer.optimizer:multi_tensor_scale_impl",
     ),
+    "tp_shortcuts": cpu_shortcuts.LINEAR_TARGETS
+    + cpu_shortcuts.TP_REGION_TARGETS
+    + cpu_shortcuts.VIEWLESS_TARGETS,
 }
 
 _warned: set[str] = set()

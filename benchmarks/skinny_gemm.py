@@ -1,0 +1,109 @@
+"""Few-row products against large weights on the CPU: ``x @ W^T`` (megatron's and transformers'
+orientation) vs ``(W @ x^T)^T`` (``parallel.cpu_shortcuts.no_grad_product``'s choice for 2-4 rows
+and weights of 16 MiB or more), fp32, one process.
+
+For each weight shape [N, K] and row count M: the median time of each orientation over alternated
+repeats, the ratio (``x @ W^T`` time / chosen time: > 1 means the shortcut is faster), the largest
+relative difference of the two results, and whether ``no_grad_product`` takes the weight-major path
+there. The LAST line printed is a JSON object.
+
+    OMP_NUM_THREADS=1 python benchmarks/skinny_gemm.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+SHAPES = ((49152, 576), (32000, 1024), (32000, 2048), (151936, 896), (1728, 576), (3072, 576))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--rows", default="1,2,3,4,6,8", help="row counts M")
+    p.add_argument("--repeats", type=int, default=7, help="alternated timings per orientation (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch default")
+    return p.parse_args(argv)
+
+
+def _input_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w.t()
+
+
+def _weight_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mm(w, x.t()).t().contiguous()
+
+
+def _median_ms(fn, repeats: int, other) -> tuple[float, float]:
+    """Median ms of ``fn`` and of ``other`` over alternated calls (after one warm-up each)."""
+    fn(), other()
+    a, b = [], []
+    for _ in range(repeats):
+        for f, out in ((fn, a), (other, b)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(a) * 1e3, statistics.median(b) * 1e3
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from rgkd_megatron.parallel.cpu_shortcuts import WEIGHT_MAJOR_MIN_BYTES, WEIGHT_MAJOR_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    rows = [int(m) for m in args.rows.split(",")]
+    results = []
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=g)
+        big = w.numel() * 4 >= WEIGHT_MAJOR_MIN_BYTES
+        for m in rows:
+            x = torch.randn(m, k, generator=g)
+            ref = (x.double() @ w.double().t()).float()
+            input_major, weight_major = _input_major(x, w), _weight_major(x, w)
+            scale = ref.abs().max().item()
+            t_in, t_w = _median_ms(partial(_input_major, x, w), args.repeats, partial(_weight_major, x, w))
+            chosen = big and m in WEIGHT_MAJOR_ROWS
+            results.append({
+                "n": n, "k": k, "m": m, "weight_mib": round(w.numel() * 4 / 2**20, 1),
+                "input_major_ms": round(t_in, 3), "weight_major_ms": round(t_w, 3),
+                "weight_major_speedup": round(t_in / t_w, 3), "shortcut_takes_weight_major": chosen,
+                "shortcut_speedup": round(t_in / (t_w if chosen else t_in), 3),
+                "max_rel_diff_input_major": (input_major - ref).abs().max().item() / scale,
+                "max_rel_diff_weight_major": (weight_major - ref).abs().max().item() / scale,
+            })  # fmt: skip
+            r = results[-1]
+            print(
+                f"W [{n:>6}, {k:>4}] {r['weight_mib']:>6.1f} MiB  M={m}: x@W^T {t_in:8.2f} ms  W@x^T {t_w:8.2f} ms  "
+                f"x{r['weight_major_speedup']:.2f}  {'<- shortcut' if chosen else ''}"
+            )
+    chosen = [r["shortcut_speedup"] for r in results if r["shortcut_takes_weight_major"]]
+    summary = {
+        "benchmark": "skinny_gemm",
+        "torch_threads": torch.get_num_threads(),
+        "shortcut_speedup_min": min(chosen),
+        "shortcut_speedup_median": statistics.median(chosen),
+        "max_rel_diff_weight_major": max(r["max_rel_diff_weight_major"] for r in results),
+        "max_rel_diff_input_major": max(r["max_rel_diff_input_major"] for r in results),
+        "results": results,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Shortcuts past megatron-core's autograd wrappers where they compute nothing (CPU only).
+
+Installed by ``cpu_compat.apply`` as the ``tp_shortcuts`` patch (never on a CUDA build). On a CPU a
+decode step of a small model spends a measurable share of its time in Python wrappers that, in the
+cases below, return what a plain torch call returns; each replacement calls megatron's original
+for every other case.
+
+1. ``linear``: ``ColumnParallelLinear`` / ``RowParallelLinear`` run their matmul through the autograd
+   Functions ``LinearWithGradAccumulationAndAsyncCommunication`` / ``LinearWithFrozenWeight``
+   (tensor_parallel/layers.py). Their forward without sequence parallelism is
+   ``y = x @ W^T (+ b)`` (``torch.matmul(input, weight.t())``, then ``output + bias``); the rest is
+   bookkeeping for the backward. When no gradient can flow (grad mode off, or no input requires a
+   gradient) the shortcut makes the same two calls, except for a decode step's few rows against a
+   large weight (``no_grad_product``: the same sums in the order MKL runs fastest, fp32 rounding
+   apart).
+2. ``tp_regions``: ``copy_to`` / ``reduce_from`` / ``gather_from_tensor_model_parallel_region``
+   (tensor_parallel/mappings.py) are the identity, forward and backward, on a TP group of one rank
+   (megatron's own ``_reduce`` / ``_gather_along_last_dim`` / ``_split_along_last_dim`` return their
+   input there); the shortcut returns the input without the autograd Function around it.
+3. ``viewless``: ``make_viewless_tensor(keep_graph=True)`` wraps ``_kernel_make_viewless_tensor``
+   in an autograd Function whose backward is the identity; with grad mode off there is no graph to
+   keep, so the kernel is called directly (the same new tensor over the same storage).
+
+Measured by ``benchmarks/hf_side_by_side.py`` (generation) and ``benchmarks/step_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "install",
+    "no_grad_product",
+    "shortcut_linear",
+    "shortcut_tp_region",
+    "shortcut_viewless",
+    "uninstall",
+]
+
+LINEAR_TARGETS = (
+    "megatron.core.tensor_parallel.layers:linear_with_grad_accumulation_and_async_allreduce",
+    "megatron.core.tensor_parallel.layers:linear_with_frozen_weight",
+)
+TP_REGION_TARGETS = (
+    "megatron.core.tensor_parallel.layers:copy_to_tensor_model_parallel_region",
+    "megatron.core.tensor_parallel.layers:reduce_from_tensor_model_parallel_region",
+    "megatron.core.tensor_parallel.layers:gather_from_tensor_model_parallel_region",
+)
+VIEWLESS_TARGETS = (
+    "megatron.core.utils:_kernel_make_viewless_tensor",
+    "megatron.core.transformer.transformer_block:make_viewless_tensor",
+    "megatron.core.transformer.transformer_layer:make_viewless_tensor",
+)
+
+
+def _needs_graph(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# weight-major products (below): weights at least this large (past the caches: the product is
+# memory-bound) and inputs of this many rows (a decode step's batch)
+WEIGHT_MAJOR_MIN_BYTES = 16 << 20
+WEIGHT_MAJOR_ROWS = (2, 3, 4)
+
+
+def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for x [..., K], W [N, K] -> [..., N], as megatron's ``torch.matmul(input,
+    weight.t())`` except for few rows against a large fp32 weight: then ``(W @ x^T)^T``.
+
+    Why: MKL's sgemm takes 2-3x the time of one matrix-vector product for ``x @ W^T`` with 2-4 rows
+    and a weight that does not fit in the caches (it reads W more than once), while ``W @ x^T``
+    streams W once (``benchmarks/skinny_gemm.py`` prints both orientations per shape; e.g. the
+    SmolLM2 vocabulary projection [49152, 576], 4 rows: 15-20 ms -> 6-10 ms on one core). The same
+    sums in another order: the result differs from ``torch.matmul`` by fp32 rounding only
+    (~1e-7 relative), so only inference calls (no gradient) take this path."""
+    rows = input.numel() // max(input.shape[-1], 1)
+    if (
+        rows in WEIGHT_MAJOR_ROWS
+        and weight.dtype == torch.float32 == input.dtype
+        and weight.dim() == 2
+        and weight.numel() * weight.element_size() >= WEIGHT_MAJOR_MIN_BYTES
+    ):
+        x_mk = input.reshape(rows, input.shape[-1])
+        return torch.mm(weight, x_mk.t()).t().contiguous().view(*input.shape[:-1], weight.shape[0])
+    return torch.matmul(input, weight.t())
+
+
+def shortcut_linear(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``original`` (one of megatron's linear entry points, same signature) with its no-gradient,
+    no-sequence-parallel case computed as ``torch.matmul(input, weight.t()) (+ bias)``."""
+
+    @functools.wraps(original)  # also its attributes (megatron reads ``.warned`` through the name)
+    def linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+               *args: Any, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        if sequence_parallel or kwargs.get("gtp_remat_size", 1) != 1 or _needs_graph(input, weight, bias):
+            return original(
+                input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                *args, **kwargs,
+            )  # fmt: skip
+        output = no_grad_product(input, weight)
+        return output if bias is None else output + bias
+
+    return linear
+
+
+def shortcut_tp_region(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``original(input_, group)`` (a TP region mapping) returning ``input_`` itself when the group
+    has one rank (identity forward and backward there)."""
+
+    @functools.wraps(original)
+    def region(input_: torch.Tensor, group: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if group is not None and group.size() == 1:
+            return input_
+        return original(input_, group, *args, **kwargs)
+
+    return region
+
+
+def shortcut_viewless(original: Callable[..., torch.Tensor], kernel: Callable[..., torch.Tensor]):
+    """``original`` (megatron's ``make_viewless_tensor``) calling ``kernel`` directly when grad mode
+    is off (no graph to keep)."""
+
+    @functools.wraps(original)
+    def make_viewless_tensor(inp: torch.Tensor, requires_grad: bool, keep_graph: bool) -> torch.Tensor:
+        if inp._base is None:
+            return inp
+        if not torch.is_grad_enabled():
+            return kernel(inp, requires_grad)
+        return original(inp, requires_grad, keep_graph)
+
+    return make_viewless_tensor
+
+
+def _sites() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import transformer_block, transformer_layer
+
+    def viewless(f: Callable) -> Callable:
+        return shortcut_viewless(f, utils._kernel_make_viewless_tensor)
+
+    return (
+        [(layers, t.rpartition(":")[2], shortcut_linear) for t in LINEAR_TARGETS]
+        + [(layers, t.rpartition(":")[2], shortcut_tp_region) for t in TP_REGION_TARGETS]
+        + [(m, "make_viewless_tensor", viewless) for m in (transformer_block, transformer_layer)]
+    )
+
+
+def install() -> None:
+    """Replace the targets above in megatron-core's module namespaces (idempotent)."""
+    for module, name, wrap in _sites():
+        if not hasattr(getattr(module, name), "__wrapped__"):
+            setattr(module, name, wrap(getattr(module, name)))
+
+
+def uninstall() -> None:
+    """Put megatron-core's originals back (tests and benchmarks compare both paths)."""
+    for module, name, _ in _sites():
+        current = getattr(module, name)
+        if hasattr(current, "__wrapped__"):
+            setattr(module, name, current.__wrapped__)

@@ -1,0 +1,201 @@
+"""CPU shortcuts past megatron-core's autograd wrappers (rgkd_megatron/parallel/cpu_shortcuts.py).
+
+- ``no_grad_product`` against a float64 dense product; which orientation it takes (2-4 rows and a
+  weight of 16 MiB or more: weight-major; else megatron's ``torch.matmul(x, W^T)``, bit for bit).
+- each wrapper hands every case it does not cover to the original (recorded), and computes the
+  cases it covers like a dense reference.
+- whole models, with the shortcuts installed vs megatron's originals put back in the same process:
+  TP=1 forward logits, loss and every weight gradient bit for bit (small weights: the matmul path);
+  TP=2 (two gloo ranks) inference logits bit for bit; generation the same tokens and log-probs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from distributed_utils import run_distributed
+
+from rgkd_megatron.parallel import cpu_shortcuts
+from rgkd_megatron.parallel.cpu_shortcuts import (
+    WEIGHT_MAJOR_MIN_BYTES,
+    no_grad_product,
+    shortcut_linear,
+    shortcut_tp_region,
+    shortcut_viewless,
+)
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ w.double().t()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_no_grad_product_matches_dense_and_takes_the_documented_orientation(rows):
+    g = torch.Generator().manual_seed(rows)
+    k = 256
+    w = torch.randn(WEIGHT_MAJOR_MIN_BYTES // (4 * k), k, generator=g)  # exactly the threshold
+    x = torch.randn(rows, 1, k, generator=g)  # [s, b, K] like a decode step's [1, b, h] transposed
+    got = no_grad_product(x, w)
+    want = _dense(x, w)
+    assert got.shape == (rows, 1, w.shape[0]) and got.is_contiguous()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    if rows in (2, 3, 4):
+        assert torch.equal(got.view(rows, -1), torch.mm(w, x.view(rows, k).t()).t())
+    else:
+        assert torch.equal(got, torch.matmul(x, w.t()))
+    small = w[: w.shape[0] // 2]  # below the threshold: always megatron's matmul
+    assert torch.equal(no_grad_product(x, small), torch.matmul(x, small.t()))
+
+
+def _recording(calls: list):
+    def original(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel, **kw):
+        calls.append(kw)
+        return torch.full((1,), -1.0)
+
+    return original
+
+
+def test_linear_shortcut_only_without_a_graph_and_without_sequence_parallelism():
+    calls: list = []
+    linear = shortcut_linear(_recording(calls))
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 2, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+    with torch.no_grad():
+        got = linear(x, w, b, False, False, False, tp_group=None)
+    assert not calls and torch.allclose(got, _dense(x, w) + b, atol=1e-6)
+    assert torch.equal(
+        linear(x, w, None, False, False, False), torch.matmul(x, w.t())
+    )  # nothing needs a grad
+    with torch.no_grad():
+        linear(x, w, b, False, False, True)  # sequence parallel: gathers the input first
+        linear(x, w, b, False, False, False, gtp_remat_size=2)
+    linear(x.requires_grad_(), w, b, False, False, False)  # a graph to build
+    linear(x.detach(), w.requires_grad_(), b, False, False, False)
+    assert len(calls) == 4
+
+
+class _Group:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_tp_region_is_the_identity_on_one_rank_only():
+    calls: list = []
+    region = shortcut_tp_region(lambda t, group: calls.append(group) or t * 2)
+    x = torch.randn(4, requires_grad=True)
+    assert region(x, _Group(1)) is x and not calls
+    assert torch.equal(region(x, _Group(2)), x * 2) and len(calls) == 1
+    region(x, None)  # megatron's default group: decided by the original
+    assert len(calls) == 2
+
+
+def test_viewless_without_grad_mode_is_the_kernel_and_keeps_the_graph_otherwise():
+    from megatron.core.utils import _kernel_make_viewless_tensor
+
+    calls: list = []
+    viewless = shortcut_viewless(lambda t, rg, kg: calls.append(kg) or t, _kernel_make_viewless_tensor)
+    base = torch.randn(6, 4)
+    view = base[1:3]
+    with torch.no_grad():
+        out = viewless(view, True, True)
+    assert out._base is None and out.data_ptr() == view.data_ptr() and torch.equal(out, view)
+    assert viewless(base, True, True) is base  # not a view: as megatron
+    viewless(view, True, True)  # grad mode on: megatron's autograd function
+    assert calls == [True]
+
+
+def _small_model(groups, tp: int):
+    from rgkd_megatron.config.schema import ModelConfig, ParallelConfig
+    from rgkd_megatron.models.builders import build_policy
+
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        max_position_embeddings=32, init_method_std=0.1, spec="local", params_dtype="fp32",
+    )  # fmt: skip
+    torch.manual_seed(5)
+    return build_policy(cfg, ParallelConfig(tensor_model_parallel_size=tp), groups, 256)
+
+
+def _both_paths(fn):
+    """fn() with the shortcuts installed, then with megatron's originals; reinstalled after."""
+    cpu_shortcuts.install()
+    with_shortcuts = fn()
+    cpu_shortcuts.uninstall()
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import transformer_block
+
+    patched = [layers.linear_with_grad_accumulation_and_async_allreduce, layers.reduce_from_tensor_model_parallel_region,
+               transformer_block.make_viewless_tensor]  # fmt: skip
+    assert not any(hasattr(f, "__wrapped__") for f in patched), "uninstall left a shortcut in place"
+    try:
+        originals = fn()
+    finally:
+        cpu_shortcuts.install()
+    return with_shortcuts, originals
+
+
+def _model_body(rank, world_size):
+    import torch.nn.functional as F
+
+    from rgkd_megatron.generation import generate, score
+    from rgkd_megatron.parallel.groups import layout_for_world
+    from rgkd_megatron.training.setup import init_role, teardown_roles
+
+    groups = init_role(layout_for_world(world_size, 1, world_size), seed=3)
+    model = _small_model(groups, world_size)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 256, (3, 12), generator=g)
+    labels = torch.randint(0, 256, (3, 12), generator=g)
+    pos = torch.arange(12).expand(3, 12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    prompts = [[5, 9, 11], [7, 3, 2, 8], [1, 4]]
+    out = {}
+
+    def inference():
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens, pos, None)
+        gen = generate(model, groups, prompts, max_new_tokens=6, temperature=1.0, eos_id=None, pad_id=0,
+                       seed=11, vocab_size=256)  # fmt: skip
+        return logits, gen.responses, gen.logprobs, score(model, groups, gen.sequences(), vocab_size=256)
+
+    def training():
+        model.train()
+        logits = model(tokens, pos, None)
+        if world_size == 1:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        else:
+            loss = logits.float().pow(2).mean()  # vocab-parallel logits: any differentiable function
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    (a, b) = _both_paths(inference)
+    out["inference_equal"] = all(torch.equal(x, y) for x, y in zip(a, b))
+    (la, ga), (lb, gb) = _both_paths(training)
+    out["loss_equal"] = torch.equal(la, lb)
+    out["grads_equal"] = all(torch.equal(x, y) for x, y in zip(ga, gb))
+    out["installed_after"] = hasattr(
+        __import__(
+            "megatron.core.tensor_parallel.layers", fromlist=["x"]
+        ).copy_to_tensor_model_parallel_region,
+        "__wrapped__",
+    )
+    teardown_roles()
+    return out
+
+
+@functools.cache
+def _model_results(world_size: int) -> list[dict]:
+    return run_distributed(_model_body, world_size)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_models_with_and_without_shortcuts_agree_bit_for_bit(world_size):
+    for out in _model_results(world_size):
+        assert out["installed_after"], out
+        assert out["inference_equal"], out
+        assert out["loss_equal"] and out["grads_equal"], out
