@@ -48,10 +48,11 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.buffers import BATCH_FIELDS, Prefetcher, as_numpy, batch_spec, check_out, empty_batch
+from rgkd_megatron.cache.buffers import Prefetcher, as_numpy, batch_spec, check_out, empty_batch
 from rgkd_megatron.cache.codec import decode_into, decode_logprobs, decode_rows, storage_dtype
-from rgkd_megatron.cache.compact import CompactRows
+from rgkd_megatron.cache.compact import CompactBatch, CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
+from rgkd_megatron.cache.gather import batch_ids, batch_runs, stage_runs
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
@@ -426,41 +427,32 @@ class TeacherCacheReader:
         contiguous CPU tensors; a ValueError names a field that differs); returned filled.
         Returns: {'logprobs' [b, s, k] cache dtype, 'ids' [b, s, k] int32, 'lse' [b, s] fp32,
         'tail' [b, s] fp32, 'valid' [b, s] bool}; padding positions are zero and not valid.
+        ``gather_compact(...).decode(out)``: the stored bytes staged, then one CPU decode of the batch.
         """
-        sid = np.asarray(
-            sample_ids_bs.cpu() if torch.is_tensor(sample_ids_bs) else sample_ids_bs, dtype=np.int64
-        )
-        pos = np.asarray(
-            position_ids_bs.cpu() if torch.is_tensor(position_ids_bs) else position_ids_bs, dtype=np.int64
-        )
-        if sid.shape != pos.shape or sid.ndim != 2:
-            raise ValueError(f"sample_ids {sid.shape} and position_ids {pos.shape} must both be [b, s]")
-        b, s = sid.shape
-        if out is None:
-            out = self.empty_batch(b, s)
-        else:
-            check_out(out, batch_spec(b, s, self.k, self.dtype), "gather")
-        parts, valid = [], sid >= 0
-        for row in range(b):
-            for lo, hi in _runs(sid[row], pos[row]):
-                i, start = int(sid[row, lo]), int(pos[row, lo])
-                i, start, end = self._range(i, start, start + hi - lo)
-                shard, a, z = self._shard_rows(i, start, end)
-                parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
-        # the runs' rows, in order, are the valid positions in row-major order: decode them in one
-        # batch, straight into the output when nothing is padding
-        flat = tuple(as_numpy(out[name]).reshape(b * s, *out[name].shape[2:]) for name in BATCH_FIELDS[:4])
-        as_numpy(out["valid"])[...] = valid
-        if valid.all():
-            decode_into(parts, self._format, flat)
-        else:
-            where = np.flatnonzero(valid)
-            dense = tuple(np.empty((where.size, *dst.shape[1:]), dst.dtype) for dst in flat)
-            decode_into(parts, self._format, dense)
-            for dst, col in zip(flat, dense):
-                dst[~valid.reshape(-1)] = 0
-                dst[where] = col
-        return out
+        sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
+        if out is not None:
+            check_out(out, batch_spec(*sid.shape, self.k, self.dtype), "gather")
+        return self.gather_compact(sid, pos).decode(out)
+
+    @_plain_torch
+    def gather_compact(self, sample_ids_bs, position_ids_bs, *, pin_memory: bool = False) -> CompactBatch:
+        """``gather``'s rows as stored (``CompactBatch``: b * s rows of every section, zero bytes at
+        padding positions, and ``valid``), to be moved (``.to(device, non_blocking=True)``; pinned
+        when ``pin_memory``, needs CUDA) and decoded where the loss runs (``.decode()``: the values of
+        ``gather``, bit for bit). Rows are verified and range-checked as in ``gather``."""
+        sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
+        starts, ends = batch_runs(sid, pos)
+        flat_sid, flat_pos, parts = sid.reshape(-1), pos.reshape(-1), []
+        for lo, hi in zip(starts.tolist(), ends.tolist()):
+            first = int(flat_pos[lo])
+            i, start, end = self._range(int(flat_sid[lo]), first, first + hi - lo)
+            shard, a, z = self._shard_rows(i, start, end)
+            parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
+        specs = [(sec.name, sec.dtype, sec.row_shape) for sec in self._shards[0].layout.sections]
+        f = self._format
+        rows = CompactRows(stage_runs(parts, starts, ends, sid.size, specs, pin_memory), f.k, f.dtype, f.version,
+                           f.id_bits)  # fmt: skip
+        return CompactBatch(rows, torch.from_numpy(sid >= 0))
 
     def empty_batch(self, b: int, s: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Uninitialised output buffers for ``gather(..., out=)`` of a [b, s] batch (pinned when asked)."""
@@ -483,13 +475,3 @@ class TeacherCacheReader:
         (``buffers.Prefetcher``); copy what must live longer. Default: new buffers for every batch.
         ``pin_memory`` pins the ring buffers (with CUDA) for faster, asynchronous host-to-device copies."""
         return Prefetcher(self, batches, depth, reuse_buffers, keep, pin_memory)
-
-
-def _runs(sid: np.ndarray, pos: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal [lo, hi) runs of one valid sample id with consecutive positions."""
-    n = sid.shape[0]
-    if n == 0:
-        return []
-    brk = np.flatnonzero((sid[1:] != sid[:-1]) | (pos[1:] != pos[:-1] + 1)) + 1
-    bounds = np.concatenate([[0], brk, [n]])
-    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if sid[lo] >= 0]
