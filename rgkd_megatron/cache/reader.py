@@ -52,7 +52,7 @@ from rgkd_megatron.cache.buffers import Prefetcher, as_numpy, batch_spec, check_
 from rgkd_megatron.cache.codec import decode_into, decode_logprobs, decode_rows, storage_dtype
 from rgkd_megatron.cache.compact import CompactBatch, CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
-from rgkd_megatron.cache.gather import batch_ids, batch_runs, stage_runs
+from rgkd_megatron.cache.gather import batch_ids, batch_runs, stage, with_padding
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
@@ -427,12 +427,19 @@ class TeacherCacheReader:
         contiguous CPU tensors; a ValueError names a field that differs); returned filled.
         Returns: {'logprobs' [b, s, k] cache dtype, 'ids' [b, s, k] int32, 'lse' [b, s] fp32,
         'tail' [b, s] fp32, 'valid' [b, s] bool}; padding positions are zero and not valid.
-        ``gather_compact(...).decode(out)``: the stored bytes staged, then one CPU decode of the batch.
+        The rows of every run and zero rows for padding (``gather.py``) are decoded straight into the
+        output in one CPU decode of the batch (``gather_compact(...).decode()``: the same values).
         """
         sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
-        if out is not None:
-            check_out(out, batch_spec(*sid.shape, self.k, self.dtype), "gather")
-        return self.gather_compact(sid, pos).decode(out)
+        b, s = sid.shape
+        if out is None:
+            out = self.empty_batch(b, s)
+        else:
+            check_out(out, batch_spec(b, s, self.k, self.dtype), "gather")
+        flat = tuple(as_numpy(out[name]).reshape(b * s, *out[name].shape[2:]) for name in TopKRows._fields)
+        decode_into(self._batch_parts(sid, pos), self._format, flat)
+        as_numpy(out["valid"])[...] = sid >= 0
+        return out
 
     @_plain_torch
     def gather_compact(self, sample_ids_bs, position_ids_bs, *, pin_memory: bool = False) -> CompactBatch:
@@ -441,6 +448,18 @@ class TeacherCacheReader:
         when ``pin_memory``, needs CUDA) and decoded where the loss runs (``.decode()``: the values of
         ``gather``, bit for bit). Rows are verified and range-checked as in ``gather``."""
         sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
+        f = self._format
+        payload = stage(self._batch_parts(sid, pos), sid.size, self._specs(), pin_memory)
+        return CompactBatch(
+            CompactRows(payload, f.k, f.dtype, f.version, f.id_bits), torch.from_numpy(sid >= 0)
+        )
+
+    def _specs(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        return [(sec.name, sec.dtype, sec.row_shape) for sec in self._shards[0].layout.sections]
+
+    def _batch_parts(self, sid: np.ndarray, pos: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """The stored rows of a [b, s] batch's runs (verified, range-checked) with zero parts at its
+        padding (``gather.with_padding``): b * s rows in row-major order."""
         starts, ends = batch_runs(sid, pos)
         flat_sid, flat_pos, parts = sid.reshape(-1), pos.reshape(-1), []
         for lo, hi in zip(starts.tolist(), ends.tolist()):
@@ -448,11 +467,7 @@ class TeacherCacheReader:
             i, start, end = self._range(int(flat_sid[lo]), first, first + hi - lo)
             shard, a, z = self._shard_rows(i, start, end)
             parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
-        specs = [(sec.name, sec.dtype, sec.row_shape) for sec in self._shards[0].layout.sections]
-        f = self._format
-        rows = CompactRows(stage_runs(parts, starts, ends, sid.size, specs, pin_memory), f.k, f.dtype, f.version,
-                           f.id_bits)  # fmt: skip
-        return CompactBatch(rows, torch.from_numpy(sid >= 0))
+        return with_padding(parts, starts, ends, sid.size, self._specs())
 
     def empty_batch(self, b: int, s: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Uninitialised output buffers for ``gather(..., out=)`` of a [b, s] batch (pinned when asked)."""
