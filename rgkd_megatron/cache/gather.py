@@ -92,16 +92,13 @@ def stage(
 ) -> dict[str, torch.Tensor]:
     """Per section ``(name, dtype, row_shape)`` of ``specs``: a new [total, *row_shape] CPU tensor
     (views of one allocation, ``buffers.carve``; pinned when asked, needs CUDA) holding the
-    ``parts`` (``with_padding``: ``total`` rows together) one after the other, as stored: one memcpy
-    per part and section, no cast."""
+    ``parts`` (``with_padding``: ``total`` rows together) one after the other, as stored: one
+    ``np.concatenate`` per section, no cast."""
     shapes = [
         ((total, *row_shape), torch.from_numpy(np.empty(0, dtype)).dtype) for _, dtype, row_shape in specs
     ]
     staged = dict(zip((name for name, _, _ in specs), carve(shapes, pin_memory)))
     for name, t in staged.items():
-        dst, row = t.numpy(), 0
-        for part in parts:
-            src = part[name]
-            np.copyto(dst[row : row + len(src)], src)
-            row += len(src)
+        if parts:
+            np.concatenate([part[name] for part in parts], out=t.numpy())
     return staged
