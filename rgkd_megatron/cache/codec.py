@@ -34,6 +34,8 @@ __all__ = [
 
 # the log-probs as ShardArrays hold them (q8: fp32, quantised at write time; bf16: raw bits)
 STORAGE = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "q8": np.dtype("<f4")}
+# the log-probs as reads return them (q8: decoded to fp32; bf16: viewed from its uint16 bits)
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
 IDS = np.dtype("<i4")
 F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")

@@ -141,6 +141,7 @@ class CompactBatch:
         bool} where the payload is; padding positions are zero. ``out``: CPU buffers to decode into
         (``buffers.empty_batch``, checked by the caller), only for a CPU payload."""
         from rgkd_megatron.cache.buffers import BATCH_FIELDS, as_numpy, empty_batch
+        from rgkd_megatron.cache.codec import TORCH_DTYPES
 
         b, s = self.valid.shape
         if self.rows.device.type != "cpu":
@@ -154,8 +155,7 @@ class CompactBatch:
                 "valid": self.valid,
             }
         r = self.rows
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.dtype, torch.float32)
-        out = empty_batch(b, s, r.k, dtype) if out is None else out
+        out = empty_batch(b, s, r.k, TORCH_DTYPES[r.dtype]) if out is None else out
         self.rows.decode_into(
             tuple(as_numpy(out[n]).reshape(b * s, *out[n].shape[2:]) for n in BATCH_FIELDS[:4])
         )

@@ -63,9 +63,9 @@ def with_padding(
     specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
 ) -> list[dict[str, np.ndarray]]:
     """``parts`` (the stored rows of run j, by section, for the runs ``[starts[j], ends[j])``) with a
-    part of zero bytes (a stride-0 view of one zero element) before each run that starts after the previous
-    one ends and after the last: parts that cover rows ``0 .. total`` in order, to decode or stage
-    one after the other (``codec.decode_into`` writes parts consecutively)."""
+    part of zero bytes (a stride-0 view of one zero element) before each run that starts after the
+    previous one ends, and after the last: parts that cover rows ``0 .. total`` in order, to decode or
+    stage one after the other (``codec.decode_into`` writes parts consecutively)."""
     out: list[dict[str, np.ndarray]] = []
     done = 0
 

@@ -7,6 +7,7 @@ Usage::
     rows = cache.get(sample_id, 0, 100)          # TopKRows of rows 0..99 (offsets 1..100 predicted)
     rows = cache.get(sample_id, out=buf)         # into buf = cache.empty_rows(seq_length), reused
     teacher = cache.gather(batch["sample_ids"], batch["position_ids"])   # [b, s, k] for a batch
+    teacher = cache.gather_compact(sid, pos, pin_memory=True).to("cuda", non_blocking=True).decode()
     for batch, teacher in cache.prefetch(batches): ...                    # gathered in a thread
 
 Design choices:
@@ -26,6 +27,8 @@ Design choices:
 - ``gather`` fills padding positions (sample id < 0) with zeros (finite, as the KD losses need) and
   marks them in ``valid``; a position beyond the rows of its sample (the cache's ``seq_length``) is an
   error, never silently zero.
+- ``gather_compact`` (the trainer's path: ``pbkd.teacher_source.CachedTeacher``) stages a batch's
+  stored bytes (``gather.py``) to be moved and decoded where the loss runs: ``gather``'s values.
 - ``prefetch`` runs ``gather`` for the next ``depth`` batches in a daemon thread (numpy copies and
   crc32 release the GIL); an error in the thread is raised in the consumer.
 - Output buffers (``buffers.py``): ``get(..., out=reader.empty_rows(n))`` and ``gather(..., out=
@@ -49,15 +52,13 @@ import numpy as np
 import torch
 
 from rgkd_megatron.cache.buffers import Prefetcher, as_numpy, batch_spec, check_out, empty_batch
-from rgkd_megatron.cache.codec import decode_into, decode_logprobs, decode_rows, storage_dtype
+from rgkd_megatron.cache.codec import TORCH_DTYPES, decode_into, decode_logprobs, decode_rows, storage_dtype
 from rgkd_megatron.cache.compact import CompactBatch, CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
 from rgkd_megatron.cache.gather import batch_ids, batch_runs, stage, with_padding
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
-
-_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
 
 
 # The reader's torch calls (views, in-place kernels, checks of out=) are on plain CPU tensors it makes
@@ -145,7 +146,7 @@ class TeacherCacheReader:
         self._storage = storage_dtype(m["dtype"])
         self._k = int(m["k"])
         self._out_views: tuple | None = None
-        self._out_dtypes = (_TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
+        self._out_dtypes = (TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
         self.row_offsets = self._load_row_index()
         self._shards = [
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
@@ -165,7 +166,7 @@ class TeacherCacheReader:
     num_samples = property(lambda self: len(self.row_offsets) - 1)
     num_rows = property(lambda self: self.manifest["num_rows"])
     format_version = property(lambda self: self.manifest["version"], doc="shard format version (format.py)")
-    dtype = property(lambda self: _TORCH_DTYPES[self.manifest["dtype"]], doc="torch dtype of the log-probs")
+    dtype = property(lambda self: TORCH_DTYPES[self.manifest["dtype"]], doc="torch dtype of the log-probs")
 
     def num_rows_of(self, sample_id: int) -> int:
         """Rows of a sample: ``min(len, seq_length + 1) - 1`` (row t predicts the token at offset t + 1)."""
