@@ -136,18 +136,22 @@ class CompactBatch:
             self.rows.to(device, non_blocking), self.valid.to(device, non_blocking=non_blocking)
         )
 
-    def decode(self, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def decode(
+        self, out: dict[str, torch.Tensor] | None = None, *, torch_ops: bool | None = None
+    ) -> dict[str, torch.Tensor]:
         """{'logprobs' [b, s, k], 'ids' [b, s, k] int32, 'lse' / 'tail' [b, s] fp32, 'valid' [b, s]
         bool} where the payload is; padding positions are zero. ``out``: CPU buffers to decode into
-        (``buffers.empty_batch``, checked by the caller), only for a CPU payload."""
+        (``buffers.empty_batch``, checked by the caller), only with the CPU decode. ``torch_ops``:
+        decode with ``CompactRows.decode_torch`` (default: off the CPU; True on the CPU runs the
+        device decode there, e.g. to check it)."""
         from rgkd_megatron.cache.buffers import BATCH_FIELDS, as_numpy, empty_batch
         from rgkd_megatron.cache.codec import TORCH_DTYPES
 
         b, s = self.valid.shape
-        if self.rows.device.type != "cpu":
+        if self.rows.device.type != "cpu" if torch_ops is None else torch_ops:
             if out is not None:
                 raise ValueError(
-                    f"CompactBatch.decode: out= needs a CPU payload, this one is on {self.rows.device}"
+                    "CompactBatch.decode: out= is for the CPU decode (torch_ops=False, a CPU payload)"
                 )
             got = self.rows.decode_torch()
             return {

@@ -77,9 +77,10 @@ class CachedTeacher:
         ``loss_device()``, where the loss runs) for rows that are teacher responses of the prompts
         ``prompt_ids`` (row i = sample prompt_ids[i] of the dataset); padding positions are zero.
 
-        The stored bytes travel (``reader.gather_compact``: 199 bytes/token at k = 64, q8, pinned
-        when the device is a GPU, copied asynchronously) and are decoded on ``device``: the values of
-        ``reader.gather``, bit for bit, on any device."""
+        On a GPU the stored bytes travel (``reader.gather_compact``: 199 bytes/token at k = 64, q8,
+        pinned, copied asynchronously) and are decoded there; on the CPU ``reader.gather`` decodes
+        the same stored rows straight from the shards (no staging copy). Either way the values of
+        ``reader.gather``, bit for bit."""
         tokens = batch["tokens"]
         b, s = tokens.shape
         sample_ids = torch.full((b, s), -1, dtype=torch.long)
@@ -94,10 +95,12 @@ class CachedTeacher:
                 )
             sample_ids[row, : n - 1] = sample
         where = loss_device() if device is None else torch.device(device)
-        compact = self.reader.gather_compact(
-            sample_ids, torch.arange(s).expand(b, s), pin_memory=where.type == "cuda"
-        )
-        got = (compact if where.type == "cpu" else compact.to(where, non_blocking=True)).decode()
+        positions = torch.arange(s).expand(b, s)
+        if where.type == "cpu":
+            got = self.reader.gather(sample_ids, positions)
+        else:
+            compact = self.reader.gather_compact(sample_ids, positions, pin_memory=where.type == "cuda")
+            got = compact.to(where, non_blocking=True).decode()
         return got["ids"].long(), got["logprobs"].float(), got["tail"]
 
 

@@ -67,7 +67,7 @@ def test_gather_compact_decodes_to_gather_and_the_dense_reference(tmp_path, voca
         compact = reader.gather_compact(torch.from_numpy(sid), torch.from_numpy(pos))
         assert compact.nbytes == sid.size * row_bytes  # the stored bytes, padding positions included
         plain = reader.gather(sid, pos)
-        for got in (compact.decode(), compact.to("cpu").decode(), _torch_decode(compact)):
+        for got in (compact.decode(), compact.to("cpu").decode(), compact.decode(torch_ops=True)):
             assert got["valid"].dtype == torch.bool and np.array_equal(got["valid"].numpy(), sid >= 0)
             for name in FIELDS:
                 assert got[name].dtype == plain[name].dtype and got[name].shape == plain[name].shape
@@ -76,18 +76,14 @@ def test_gather_compact_decodes_to_gather_and_the_dense_reference(tmp_path, voca
                 _assert_batch(got, sid, pos, ref)
 
 
-def _torch_decode(compact):
-    """The device decode (``CompactRows.decode_torch``) run on the CPU, as ``decode`` runs it on a GPU."""
-    b, s = compact.valid.shape
-    rows = compact.rows.decode_torch()
-    return {**{n: t.reshape(b, s, *t.shape[1:]) for n, t in zip(FIELDS, rows)}, "valid": compact.valid}
-
-
 def test_gather_compact_of_a_version_1_cache(tmp_path):
     v1 = _v1_cache(tmp_path, 151_936, 5, np.random.default_rng(3))
     reader = TeacherCacheReader(tmp_path)
     sid, pos = np.array([[3, 3, -1], [4, 4, 4]]), np.array([[0, 1, 0], [2, 3, 4]])
-    for got in (reader.gather_compact(sid, pos).decode(), _torch_decode(reader.gather_compact(sid, pos))):
+    for got in (
+        reader.gather_compact(sid, pos).decode(),
+        reader.gather_compact(sid, pos).decode(torch_ops=True),
+    ):
         for name, col in zip(FIELDS, v1["cols"]):
             for b in range(2):
                 for j in range(3):
