@@ -12,9 +12,10 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
                           the rounds of path vs that round's raw pass (wall time; *_cpu_time: process
                           CPU time). The other paths (JSON "paths"): get into one reused buffer
                           (reader_reuse), gather [8, S] with new buffers (gather: the trainer's path
-                          with the loss on the CPU) and into reused ones (gather_reuse), the prefetch ring (prefetch_reuse), the stored payload of a
-                          sample without decoding (reader_compact) and decoded on the CPU
-                          (reader_compact_decode), and the trainer's GPU path (pbkd
+                          with the loss on the CPU) and into reused ones (gather_reuse), the prefetch
+                          ring (prefetch_reuse), the stored payload of a sample without decoding
+                          (reader_compact) and decoded on the CPU (reader_compact_decode), and the
+                          trainer's GPU path (pbkd
                           CachedTeacher.buckets): gather_compact [8, S], the batch's stored bytes
                           staged for the host-to-device copy, decoded on the GPU (gather_compact: the
                           host side), and the same payload decoded on the CPU (gather_compact_decode;
