@@ -142,3 +142,25 @@ class _Dataset:
 
     def __getitem__(self, i: int):
         return self.rows[i], None
+
+
+def test_a_batch_of_more_than_a_thousand_rows_matches_the_dense_reference(tmp_path):
+    """A batch past ``codec._TORCH_WIDEN_ROWS`` (q8's fp16 sections widened by one torch conversion
+    instead of numpy's casting copies): gather, gather_compact and get against the dense reference."""
+    from rgkd_megatron.cache.codec import _TORCH_WIDEN_ROWS
+
+    _, offsets, _ = _write(tmp_path, 151_936, "q8")
+    reader = TeacherCacheReader(tmp_path, vocab_size=151_936)
+    ref = _reference(reader, offsets)
+    rng = np.random.default_rng(7)
+    samples = [s for s in range(reader.num_samples) if reader.num_rows_of(s) > 0]
+    rows = -(-_TORCH_WIDEN_ROWS // SEQ) + 3
+    sid = np.full((rows, SEQ), -1)
+    pos = np.zeros((rows, SEQ), dtype=np.int64)
+    for r in range(rows):
+        s = int(rng.choice(samples))
+        n = int(rng.integers(1, reader.num_rows_of(s) + 1))  # a prefix of the sample, then padding
+        sid[r, :n], pos[r, :n] = s, np.arange(n)
+    assert sid.size >= _TORCH_WIDEN_ROWS and (sid < 0).any()
+    for got in (reader.gather(sid, pos), reader.gather_compact(sid, pos).decode()):
+        _assert_batch(got, sid, pos, ref)
