@@ -144,6 +144,7 @@ class TeacherCacheReader:
             m["k"], m["dtype"], m["block_rows"], 0, 0, 0, 0, m["version"], id_bits_of(m)
         )
         self._storage = storage_dtype(m["dtype"])
+        self._specs = [(c.name, c.dtype, c.row_shape) for c in layout_of(m, 0).sections]  # (name, dtype, row)
         self._k = int(m["k"])
         self._out_views: tuple | None = None
         self._out_dtypes = (TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
@@ -450,13 +451,10 @@ class TeacherCacheReader:
         ``gather``, bit for bit). Rows are verified and range-checked as in ``gather``."""
         sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
         f = self._format
-        payload = stage(self._batch_parts(sid, pos), sid.size, self._specs(), pin_memory)
+        payload = stage(self._batch_parts(sid, pos), sid.size, self._specs, pin_memory)
         return CompactBatch(
             CompactRows(payload, f.k, f.dtype, f.version, f.id_bits), torch.from_numpy(sid >= 0)
         )
-
-    def _specs(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-        return [(sec.name, sec.dtype, sec.row_shape) for sec in self._shards[0].layout.sections]
 
     def _batch_parts(self, sid: np.ndarray, pos: np.ndarray) -> list[dict[str, np.ndarray]]:
         """The stored rows of a [b, s] batch's runs (verified, range-checked) with zero parts at its
@@ -468,7 +466,7 @@ class TeacherCacheReader:
             i, start, end = self._range(int(flat_sid[lo]), first, first + hi - lo)
             shard, a, z = self._shard_rows(i, start, end)
             parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
-        return with_padding(parts, starts, ends, sid.size, self._specs())
+        return with_padding(parts, starts, ends, sid.size, self._specs)
 
     def empty_batch(self, b: int, s: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Uninitialised output buffers for ``gather(..., out=)`` of a [b, s] batch (pinned when asked)."""
