@@ -11,11 +11,16 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
                           once per round, --read-passes alternated rounds; each ratio is the median over
                           the rounds of path vs that round's raw pass (wall time; *_cpu_time: process
                           CPU time). The other paths (JSON "paths"): get into one reused buffer
-                          (reader_reuse), gather [8, S] with new buffers (gather: what the trainer's
-                          CachedTeacher does) and into reused ones (gather_reuse), the prefetch ring
-                          (prefetch_reuse), the stored payload without decoding (reader_compact) and
-                          decoded on the CPU (reader_compact_decode); the first pass with crc32
-                          verification (reader_first_pass_vs_raw).
+                          (reader_reuse), gather [8, S] with new buffers (gather: the trainer's path
+                          with the loss on the CPU) and into reused ones (gather_reuse), the prefetch
+                          ring (prefetch_reuse), the stored payload of a sample without decoding
+                          (reader_compact) and decoded on the CPU (reader_compact_decode), and the
+                          trainer's GPU path (pbkd
+                          CachedTeacher.buckets): gather_compact [8, S], the batch's stored bytes
+                          staged for the host-to-device copy, decoded on the GPU (gather_compact: the
+                          host side), and the same payload decoded on the CPU (gather_compact_decode;
+                          with the loss on the CPU the trainer calls gather); the first pass with
+                          crc32 verification (reader_first_pass_vs_raw).
     build_vs_forward      build_teacher_cache (teacher forward + vocab-parallel top-k/lse/tail + copy to
                           host + shard writes with sha256/crc32/fsync + manifest) / the teacher forward
                           alone over exactly the same canonical micro-batches (same schedule, same
@@ -248,6 +253,9 @@ def _time_reads(args, directory: str) -> dict:
         "prefetch_reuse": lambda: [t for _, t in reader.prefetch(batches, depth=2, reuse_buffers=True)],
         "get_compact": lambda: [reader.get_compact(int(i)) for i in order],
         "get_compact_decode": lambda: [reader.get_compact(int(i)).decode() for i in order],
+        "gather_compact": lambda: [reader.gather_compact(b["sample_ids"], b["position_ids"]) for b in batches],
+        "gather_compact_decode": lambda: [reader.gather_compact(b["sample_ids"], b["position_ids"]).decode()
+                                          for b in batches],
     }  # fmt: skip
     raw_pass()  # page cache warm for both
     first = timed(passes["get"])[0]  # includes the crc32 verification of every block
@@ -268,7 +276,8 @@ def _time_reads(args, directory: str) -> dict:
     out = {"read_payload_bytes": int(payload), "read_passes": args.read_passes}
     for name, key in [("raw", "raw_memmap"), ("get", "reader"), ("get_reuse", "reader_reuse"), ("gather", "gather"),
                       ("gather_reuse", "gather_reuse"), ("prefetch_reuse", "prefetch_reuse"),
-                      ("get_compact", "reader_compact"), ("get_compact_decode", "reader_compact_decode")]:  # fmt: skip
+                      ("get_compact", "reader_compact"), ("get_compact_decode", "reader_compact_decode"),
+                      ("gather_compact", "gather_compact"), ("gather_compact_decode", "gather_compact_decode")]:  # fmt: skip
         out[f"{key}_gb_per_s"] = per_byte[name] / float(np.median([t[0] for t in times[name]])) / 1e9
         if name != "raw":
             out[f"{key}_vs_raw"] = float(np.median(ratios(name, 0)))
@@ -277,12 +286,18 @@ def _time_reads(args, directory: str) -> dict:
     out["paths"] = {
         "reader": "get(i) per sample, new output tensors (the definition of reader_vs_raw since issue 17)",
         "reader_reuse": "get(i, out=buf), one reused buffer",
-        "gather": "gather [8, S], new buffers: what the trainer does (pbkd CachedTeacher.buckets)",
+        "gather": "gather [8, S], new buffers: the trainer's path when the loss runs on the CPU (pbkd "
+        "CachedTeacher.buckets)",
         "gather_reuse": "gather [8, S] into one reused set of buffers",
         "prefetch_reuse": "prefetch(depth=2, reuse_buffers=True), gathering in its thread",
         "reader_compact": "get_compact(i): the stored bytes copied, NOT decoded (decode deferred to the "
-        "consumer's device; not wired into the trainer)",
+        "consumer's device)",
         "reader_compact_decode": "get_compact(i).decode() on the CPU",
+        "gather_compact": "gather_compact [8, S]: the stored bytes of the batch staged, NOT decoded: the host "
+        "side of the trainer's path (pbkd CachedTeacher.buckets) when the loss runs on a GPU, which copies "
+        "them to the device and decodes there",
+        "gather_compact_decode": "gather_compact [8, S] then .decode() on the CPU (staging copy + CPU decode; "
+        "on the CPU the trainer calls gather, which decodes the same rows without the staging copy)",
         "ratios": "medians over --read-passes rounds of (path bytes/s) / (raw bytes/s of the same round); "
         "*_cpu_time: the same with process CPU time",
     }
@@ -322,7 +337,9 @@ def main(argv=None) -> dict:
     print(f"{'reader.get (first, crc32)':<28}{'':>12}        {reads['reader_first_pass_vs_raw']:.2f}x raw")
     for label, key in [("reader.gather [8, S]", "gather"), ("reader.get into a buffer", "reader_reuse"),
                        ("gather into buffers", "gather_reuse"), ("prefetch ring", "prefetch_reuse"),
-                       ("get_compact (no decode)", "reader_compact")]:  # fmt: skip
+                       ("get_compact (no decode)", "reader_compact"),
+                       ("gather_compact (GPU path)", "gather_compact"),
+                       ("  + CPU decode", "gather_compact_decode")]:  # fmt: skip
         print(f"{label:<28}{reads[key + '_gb_per_s']:>12.2f} GB/s   {reads[key + '_vs_raw']:.2f}x raw")
     print(
         f"{'teacher forward only':<28}{build['forward_only_s']:>12.3f} s   ({build['build_tokens']} tokens)"

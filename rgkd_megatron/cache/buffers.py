@@ -12,6 +12,7 @@ dtype expected and what was given): contiguous CPU tensors of the reader's dtype
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
-__all__ = ["BATCH_FIELDS", "Prefetcher", "as_numpy", "check_out", "empty_batch"]
+__all__ = ["BATCH_FIELDS", "Prefetcher", "as_numpy", "carve", "check_out", "empty_batch"]
 
 BATCH_FIELDS = ("logprobs", "ids", "lse", "tail", "valid")
 
@@ -41,11 +42,34 @@ def batch_spec(b: int, s: int, k: int, dtype: torch.dtype) -> dict[str, tuple[tu
 def empty_batch(
     b: int, s: int, k: int, dtype: torch.dtype, pin_memory: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Uninitialised buffers for a [b, s] batch (``batch_spec``), pinned when asked (needs CUDA)."""
-    return {
-        name: torch.empty(shape, dtype=dt, pin_memory=pin_memory)
-        for name, (shape, dt) in batch_spec(b, s, k, dtype).items()
-    }
+    """Uninitialised buffers for a [b, s] batch (``batch_spec``), pinned when asked (needs CUDA):
+    views of one allocation (``carve``)."""
+    spec = batch_spec(b, s, k, dtype)
+    return dict(zip(spec, carve(list(spec.values()), pin_memory)))
+
+
+def carve(
+    specs: list[tuple[tuple[int, ...], torch.dtype]], pin_memory: bool = False, align: int = 64
+) -> list[torch.Tensor]:
+    """Uninitialised contiguous CPU tensors of the ``(shape, dtype)`` ``specs``, as views of ONE
+    uint8 allocation, each starting at a multiple of ``align`` bytes: tensor i spans bytes
+    ``[o_i, o_i + numel_i * itemsize_i)`` with ``o_0 = 0``, ``o_{i+1} = ceil((o_i + bytes_i) / align)
+    * align``.
+
+    Why one block: glibc serves a request of >= its mmap threshold with a fresh mmap, and returns a
+    heap top larger than twice that threshold to the OS; a batch of separate multi-MB tensors (the
+    [b, s, k] log-probs and ids of ``gather``) therefore comes back as new pages on every call and
+    pays a page fault per 4 KiB on first touch (~600 per [8, 512] batch, most of its time on a
+    2-core CPU), while one block of the same total stays in the heap after the first call."""
+    offsets, total = [], 0
+    for shape, dt in specs:
+        offsets.append(total)
+        total += -(-math.prod(shape) * dt.itemsize // align) * align
+    raw = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin_memory)
+    return [
+        raw[o : o + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+        for o, (shape, dt) in zip(offsets, specs)
+    ]
 
 
 def check_out(

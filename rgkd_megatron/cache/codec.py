@@ -14,6 +14,7 @@ ids int32, lse / tail fp32) into section arrays and back.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,11 +35,17 @@ __all__ = [
 
 # the log-probs as ShardArrays hold them (q8: fp32, quantised at write time; bf16: raw bits)
 STORAGE = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "q8": np.dtype("<f4")}
+# the log-probs as reads return them (q8: decoded to fp32; bf16: viewed from its uint16 bits)
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
 IDS = np.dtype("<i4")
 F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")
 U8 = np.dtype("u1")
 U16 = np.dtype("<u2")
+# rows from which ``decode_into`` widens q8's fp16 sections with one torch conversion (fixed costs
+# ~6 us, then ~0.1 ns per value) rather than numpy's casting copies (~0.5 us per call, then ~1.7 ns
+# per value: numpy converts fp16 element by element); measured on 512- and 4,096-row decodes
+_TORCH_WIDEN_ROWS = 1024
 _LP_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # the KD losses clamp teacher log-probs here
 
 
@@ -161,7 +168,9 @@ def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tu
     """Decode the rows of ``parts`` (section arrays keyed by name, as in ``decode_rows``), one after
     the other, into ``out`` = (logprobs [N, k] in ``storage_dtype``, ids [N, k] int32, lse [N] fp32,
     tail [N] fp32), N the parts' rows together: one copy of each section (widened on the fly where
-    the stored type is narrower) and one batched q8 decode, whatever the number of parts."""
+    the stored type is narrower; q8's fp16 (m, s), lse and tail of N >= ``_TORCH_WIDEN_ROWS`` rows
+    by one torch conversion, ``_widen_fp16``) and one batched q8 decode, whatever the number of
+    parts."""
     if not parts:
         return
     logprobs, ids, lse, tail = out
@@ -178,10 +187,13 @@ def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tu
             row += len(src)
         return dst
 
-    if header.version == 2 and header.dtype == "q8":
+    q8 = header.version == 2 and header.dtype == "q8"
+    # q8's fp16 sections: one torch conversion for a batch, numpy's casting copies for fewer rows
+    wide = _widen_fp16(parts, ("qparams", "lse", "tail")) if q8 and len(ids) >= _TORCH_WIDEN_ROWS else None
+    if q8:
         logprobs[:, 0] = 0  # code 0: the row maximum
         put("logprobs", logprobs[:, 1:])  # the codes, cast to fp32 as they are copied
-        _dequantise_q8_into(logprobs, put("qparams", np.empty((len(ids), 2), F32)))
+        _dequantise_q8_into(logprobs, wide[0] if wide else put("qparams", np.empty((len(ids), 2), F32)))
     else:
         put("logprobs", logprobs)
     if header.version == 2 and header.id_bits > 16:
@@ -191,5 +203,25 @@ def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tu
         )
     else:
         put("ids", ids)
-    put("lse", lse)
-    put("tail", tail)
+    if wide:
+        np.copyto(lse, wide[1])
+        np.copyto(tail, wide[2])
+    else:
+        put("lse", lse)
+        put("tail", tail)
+
+
+def _widen_fp16(parts: list[dict[str, np.ndarray]], names: tuple[str, ...]) -> list[np.ndarray]:
+    """The fp16 sections ``names`` of ``parts`` (rows one part after the other) as fp32 arrays of
+    the parts' rows together, exact (every fp16 is an fp32): the sections' bytes are concatenated
+    into one fp16 scratch (a memcpy per part and section), widened by ONE torch conversion
+    (vectorised: numpy's fp16 cast is element by element, ~10-20x slower on a batch), and split."""
+    flat16 = np.concatenate([p[name].reshape(-1) for name in names for p in parts])
+    flat32 = torch.from_numpy(flat16).float().numpy()
+    n, out, at = sum(len(p[names[0]]) for p in parts), [], 0
+    for name in names:
+        shape = (n, *parts[0][name].shape[1:])
+        size = math.prod(shape)
+        out.append(flat32[at : at + size].reshape(shape))
+        at += size
+    return out

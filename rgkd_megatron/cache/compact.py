@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["CompactRows"]
+__all__ = ["CompactBatch", "CompactRows"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,31 @@ class CompactRows:
         from rgkd_megatron.cache.codec import decode_logprobs, decode_rows
         from rgkd_megatron.cache.reader import TopKRows
 
-        where = next(iter(self.sections.values())).device if device is None else torch.device(device)
+        where = self.device if device is None else torch.device(device)
         if where.type == "cpu":  # numpy's decode (``codec.decode_rows``): the same values, fewer passes
-            # int16 sections are uint16 ones moved by ``to`` (the format has no int16 section)
-            u16 = {
-                n: t.numpy().view(np.uint16) if t.dtype == torch.int16 else t.numpy()
-                for n, t in self.sections.items()
-            }
-            lp, *rest = decode_rows(u16, self)
+            lp, *rest = decode_rows(self.numpy_sections(), self)
             return TopKRows(decode_logprobs(lp, self.dtype), *map(torch.from_numpy, rest))
         return self.decode_torch(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.sections.values())).device
+
+    def numpy_sections(self) -> dict[str, np.ndarray]:
+        """numpy views of the (CPU) sections as the shard stores them (int16 sections, uint16 ones
+        moved by ``to``, as uint16: the format has no int16 section)."""
+        return {
+            n: t.numpy().view(np.uint16) if t.dtype == torch.int16 else t.numpy()
+            for n, t in self.sections.items()
+        }
+
+    def decode_into(self, out: tuple[np.ndarray, ...]) -> None:
+        """The CPU decode (``codec.decode_into``) of the (CPU) payload into ``out`` = (logprobs [n, k]
+        in the storage dtype, ids [n, k] int32, lse [n] fp32, tail [n] fp32), e.g. numpy views of a
+        caller's buffers."""
+        from rgkd_megatron.cache.codec import decode_into
+
+        decode_into([self.numpy_sections()], self, out)
 
     def decode_torch(self, device: torch.device | str | None = None):
         """``decode`` with torch ops on ``device`` (what ``decode`` runs off the CPU)."""
@@ -97,3 +112,56 @@ class CompactRows:
 def _bits16(t: torch.Tensor) -> torch.Tensor:
     """uint16 sections as int16 (same bits): torch moves and views int16 on every device."""
     return t.view(torch.int16) if t.dtype == torch.uint16 else t
+
+
+@dataclass(frozen=True)
+class CompactBatch:
+    """The stored bytes of a [b, s] batch of cache rows (``TeacherCacheReader.gather_compact``):
+    ``rows`` holds b * s rows in row-major order, zero bytes at padding positions (``gather.py``:
+    they decode to zeros), and ``valid`` [b, s] bool marks the positions that are cache rows.
+
+    ``decode`` gives ``gather``'s result bit for bit: on the CPU with the CPU decode (into ``out``
+    when given), on any other device with ``CompactRows.decode_torch`` after ``to(device)``."""
+
+    rows: CompactRows
+    valid: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CompactBatch:
+        """The same batch on ``device`` (asynchronous from pinned memory when ``non_blocking``)."""
+        return CompactBatch(
+            self.rows.to(device, non_blocking), self.valid.to(device, non_blocking=non_blocking)
+        )
+
+    def decode(
+        self, out: dict[str, torch.Tensor] | None = None, *, torch_ops: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{'logprobs' [b, s, k], 'ids' [b, s, k] int32, 'lse' / 'tail' [b, s] fp32, 'valid' [b, s]
+        bool} where the payload is; padding positions are zero. ``out``: CPU buffers to decode into
+        (``buffers.empty_batch``, checked by the caller), only with the CPU decode. ``torch_ops``:
+        decode with ``CompactRows.decode_torch`` (default: off the CPU; True on the CPU runs the
+        device decode there, e.g. to check it)."""
+        from rgkd_megatron.cache.buffers import BATCH_FIELDS, as_numpy, empty_batch
+        from rgkd_megatron.cache.codec import TORCH_DTYPES
+
+        b, s = self.valid.shape
+        if self.rows.device.type != "cpu" if torch_ops is None else torch_ops:
+            if out is not None:
+                raise ValueError(
+                    "CompactBatch.decode: out= is for the CPU decode (torch_ops=False, a CPU payload)"
+                )
+            got = self.rows.decode_torch()
+            return {
+                **{n: t.reshape(b, s, *t.shape[1:]) for n, t in zip(BATCH_FIELDS, got)},
+                "valid": self.valid,
+            }
+        r = self.rows
+        out = empty_batch(b, s, r.k, TORCH_DTYPES[r.dtype]) if out is None else out
+        self.rows.decode_into(
+            tuple(as_numpy(out[n]).reshape(b * s, *out[n].shape[2:]) for n in BATCH_FIELDS[:4])
+        )
+        out["valid"].copy_(self.valid)
+        return out

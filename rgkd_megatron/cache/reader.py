@@ -7,6 +7,7 @@ Usage::
     rows = cache.get(sample_id, 0, 100)          # TopKRows of rows 0..99 (offsets 1..100 predicted)
     rows = cache.get(sample_id, out=buf)         # into buf = cache.empty_rows(seq_length), reused
     teacher = cache.gather(batch["sample_ids"], batch["position_ids"])   # [b, s, k] for a batch
+    teacher = cache.gather_compact(sid, pos, pin_memory=True).to("cuda", non_blocking=True).decode()
     for batch, teacher in cache.prefetch(batches): ...                    # gathered in a thread
 
 Design choices:
@@ -26,6 +27,8 @@ Design choices:
 - ``gather`` fills padding positions (sample id < 0) with zeros (finite, as the KD losses need) and
   marks them in ``valid``; a position beyond the rows of its sample (the cache's ``seq_length``) is an
   error, never silently zero.
+- ``gather_compact`` (the trainer's path: ``pbkd.teacher_source.CachedTeacher``) stages a batch's
+  stored bytes (``gather.py``) to be moved and decoded where the loss runs: ``gather``'s values.
 - ``prefetch`` runs ``gather`` for the next ``depth`` batches in a daemon thread (numpy copies and
   crc32 release the GIL); an error in the thread is raised in the consumer.
 - Output buffers (``buffers.py``): ``get(..., out=reader.empty_rows(n))`` and ``gather(..., out=
@@ -48,15 +51,14 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.buffers import BATCH_FIELDS, Prefetcher, as_numpy, batch_spec, check_out, empty_batch
-from rgkd_megatron.cache.codec import decode_into, decode_logprobs, decode_rows, storage_dtype
-from rgkd_megatron.cache.compact import CompactRows
+from rgkd_megatron.cache.buffers import Prefetcher, as_numpy, batch_spec, check_out, empty_batch
+from rgkd_megatron.cache.codec import TORCH_DTYPES, decode_into, decode_logprobs, decode_rows, storage_dtype
+from rgkd_megatron.cache.compact import CompactBatch, CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
+from rgkd_megatron.cache.gather import batch_ids, batch_runs, stage, with_padding
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
-
-_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "q8": torch.float32}
 
 
 # The reader's torch calls (views, in-place kernels, checks of out=) are on plain CPU tensors it makes
@@ -142,9 +144,10 @@ class TeacherCacheReader:
             m["k"], m["dtype"], m["block_rows"], 0, 0, 0, 0, m["version"], id_bits_of(m)
         )
         self._storage = storage_dtype(m["dtype"])
+        self._specs = [(c.name, c.dtype, c.row_shape) for c in layout_of(m, 0).sections]  # (name, dtype, row)
         self._k = int(m["k"])
         self._out_views: tuple | None = None
-        self._out_dtypes = (_TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
+        self._out_dtypes = (TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
         self.row_offsets = self._load_row_index()
         self._shards = [
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
@@ -164,7 +167,7 @@ class TeacherCacheReader:
     num_samples = property(lambda self: len(self.row_offsets) - 1)
     num_rows = property(lambda self: self.manifest["num_rows"])
     format_version = property(lambda self: self.manifest["version"], doc="shard format version (format.py)")
-    dtype = property(lambda self: _TORCH_DTYPES[self.manifest["dtype"]], doc="torch dtype of the log-probs")
+    dtype = property(lambda self: TORCH_DTYPES[self.manifest["dtype"]], doc="torch dtype of the log-probs")
 
     def num_rows_of(self, sample_id: int) -> int:
         """Rows of a sample: ``min(len, seq_length + 1) - 1`` (row t predicts the token at offset t + 1)."""
@@ -426,41 +429,44 @@ class TeacherCacheReader:
         contiguous CPU tensors; a ValueError names a field that differs); returned filled.
         Returns: {'logprobs' [b, s, k] cache dtype, 'ids' [b, s, k] int32, 'lse' [b, s] fp32,
         'tail' [b, s] fp32, 'valid' [b, s] bool}; padding positions are zero and not valid.
+        The rows of every run and zero rows for padding (``gather.py``) are decoded straight into the
+        output in one CPU decode of the batch (``gather_compact(...).decode()``: the same values).
         """
-        sid = np.asarray(
-            sample_ids_bs.cpu() if torch.is_tensor(sample_ids_bs) else sample_ids_bs, dtype=np.int64
-        )
-        pos = np.asarray(
-            position_ids_bs.cpu() if torch.is_tensor(position_ids_bs) else position_ids_bs, dtype=np.int64
-        )
-        if sid.shape != pos.shape or sid.ndim != 2:
-            raise ValueError(f"sample_ids {sid.shape} and position_ids {pos.shape} must both be [b, s]")
+        sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
         b, s = sid.shape
         if out is None:
             out = self.empty_batch(b, s)
         else:
             check_out(out, batch_spec(b, s, self.k, self.dtype), "gather")
-        parts, valid = [], sid >= 0
-        for row in range(b):
-            for lo, hi in _runs(sid[row], pos[row]):
-                i, start = int(sid[row, lo]), int(pos[row, lo])
-                i, start, end = self._range(i, start, start + hi - lo)
-                shard, a, z = self._shard_rows(i, start, end)
-                parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
-        # the runs' rows, in order, are the valid positions in row-major order: decode them in one
-        # batch, straight into the output when nothing is padding
-        flat = tuple(as_numpy(out[name]).reshape(b * s, *out[name].shape[2:]) for name in BATCH_FIELDS[:4])
-        as_numpy(out["valid"])[...] = valid
-        if valid.all():
-            decode_into(parts, self._format, flat)
-        else:
-            where = np.flatnonzero(valid)
-            dense = tuple(np.empty((where.size, *dst.shape[1:]), dst.dtype) for dst in flat)
-            decode_into(parts, self._format, dense)
-            for dst, col in zip(flat, dense):
-                dst[~valid.reshape(-1)] = 0
-                dst[where] = col
+        flat = tuple(as_numpy(out[name]).reshape(b * s, *out[name].shape[2:]) for name in TopKRows._fields)
+        decode_into(self._batch_parts(sid, pos), self._format, flat)
+        as_numpy(out["valid"])[...] = sid >= 0
         return out
+
+    @_plain_torch
+    def gather_compact(self, sample_ids_bs, position_ids_bs, *, pin_memory: bool = False) -> CompactBatch:
+        """``gather``'s rows as stored (``CompactBatch``: b * s rows of every section, zero bytes at
+        padding positions, and ``valid``), to be moved (``.to(device, non_blocking=True)``; pinned
+        when ``pin_memory``, needs CUDA) and decoded where the loss runs (``.decode()``: the values of
+        ``gather``, bit for bit). Rows are verified and range-checked as in ``gather``."""
+        sid, pos = batch_ids(sample_ids_bs, position_ids_bs)
+        f = self._format
+        payload = stage(self._batch_parts(sid, pos), sid.size, self._specs, pin_memory)
+        return CompactBatch(
+            CompactRows(payload, f.k, f.dtype, f.version, f.id_bits), torch.from_numpy(sid >= 0)
+        )
+
+    def _batch_parts(self, sid: np.ndarray, pos: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """The stored rows of a [b, s] batch's runs (verified, range-checked) with zero parts at its
+        padding (``gather.with_padding``): b * s rows in row-major order."""
+        starts, ends = batch_runs(sid, pos)
+        flat_sid, flat_pos, parts = sid.reshape(-1), pos.reshape(-1), []
+        for lo, hi in zip(starts.tolist(), ends.tolist()):
+            first = int(flat_pos[lo])
+            i, start, end = self._range(int(flat_sid[lo]), first, first + hi - lo)
+            shard, a, z = self._shard_rows(i, start, end)
+            parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
+        return with_padding(parts, starts, ends, sid.size, self._specs)
 
     def empty_batch(self, b: int, s: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """Uninitialised output buffers for ``gather(..., out=)`` of a [b, s] batch (pinned when asked)."""
@@ -483,13 +489,3 @@ class TeacherCacheReader:
         (``buffers.Prefetcher``); copy what must live longer. Default: new buffers for every batch.
         ``pin_memory`` pins the ring buffers (with CUDA) for faster, asynchronous host-to-device copies."""
         return Prefetcher(self, batches, depth, reuse_buffers, keep, pin_memory)
-
-
-def _runs(sid: np.ndarray, pos: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal [lo, hi) runs of one valid sample id with consecutive positions."""
-    n = sid.shape[0]
-    if n == 0:
-        return []
-    brk = np.flatnonzero((sid[1:] != sid[:-1]) | (pos[1:] != pos[:-1] + 1)) + 1
-    bounds = np.concatenate([[0], brk, [n]])
-    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if sid[lo] >= 0]
