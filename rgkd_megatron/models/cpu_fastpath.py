@@ -102,7 +102,11 @@ def _to_batch_major(layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
     )
     if not layer._rgkd_batch_major:
         return None
-    return (args[0].transpose(0, 1).contiguous(), *args[1:]), kwargs
+    hidden_bsh = args[0].transpose(0, 1).contiguous()
+    # strides recomputed from the shape: ``contiguous`` keeps the transposed stride of a size-1
+    # dimension ([b, 1, h] at a decode step), on which ``torch.matmul`` with a frozen weight does
+    # not fold into one GEMM (it broadcasts the weight into a batched product)
+    return (hidden_bsh.view(hidden_bsh.shape), *args[1:]), kwargs
 
 
 def _back_to_sequence_major(layer: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -87,8 +87,12 @@ class _Group:
 def test_tp_region_is_the_identity_on_one_rank_only():
     calls: list = []
     region = shortcut_tp_region(lambda t, group: calls.append(group) or t * 2)
-    x = torch.randn(4, requires_grad=True)
-    assert region(x, _Group(1)) is x and not calls
+    x = torch.randn(1, 3, 4).transpose(0, 1).contiguous().requires_grad_()  # odd size-1 stride
+    one = region(x, _Group(1))
+    assert one.data_ptr() == x.data_ptr() and torch.equal(one, x) and not calls
+    assert one.stride() == torch.empty(3, 1, 4).stride()  # what an autograd function gives back
+    (grad,) = torch.autograd.grad(one.sum(), x)
+    assert torch.equal(grad, torch.ones_like(x))
     assert torch.equal(region(x, _Group(2)), x * 2) and len(calls) == 1
     region(x, None)  # megatron's default group: decided by the original
     assert len(calls) == 2
@@ -178,6 +182,29 @@ def _model_body(rank, world_size):
     (la, ga), (lb, gb) = _both_paths(training)
     out["loss_equal"] = torch.equal(la, lb)
     out["grads_equal"] = all(torch.equal(x, y) for x, y in zip(ga, gb))
+    # a frozen model (a teacher): the linear layers' other entry point; every decode step's
+    # products stay GEMMs (a TP region returning an odd-strided [b, 1, h] once made torch.matmul
+    # broadcast the vocabulary projection into a batched product)
+    model.requires_grad_(False)
+    (a, b) = _both_paths(inference)
+    out["frozen_inference_equal"] = all(torch.equal(x, y) for x, y in zip(a, b))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        inference()
+    vocab = model.vocab_size // world_size  # the projection's output width on this rank
+    out["batched_projections"] = [
+        e.input_shapes
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key in ("aten::bmm", "aten::baddbmm") and any(sh and sh[-1] == vocab for sh in e.input_shapes)
+    ]
+    odd = torch.randn(1, 3, 8).transpose(0, 1).contiguous()  # stride 24 on the size-1 dimension
+    tp = groups.pg_collection.tp
+    from megatron.core.tensor_parallel import layers
+
+    want = layers.copy_to_tensor_model_parallel_region.__wrapped__(odd, group=tp)
+    got = layers.copy_to_tensor_model_parallel_region(odd, group=tp)
+    out["region_strides"] = (got.stride(), want.stride(), torch.equal(got, want))
     out["installed_after"] = hasattr(
         __import__(
             "megatron.core.tensor_parallel.layers", fromlist=["x"]
@@ -199,3 +226,7 @@ def test_models_with_and_without_shortcuts_agree_bit_for_bit(world_size):
         assert out["installed_after"], out
         assert out["inference_equal"], out
         assert out["loss_equal"] and out["grads_equal"], out
+        assert out["frozen_inference_equal"], out
+        assert not out["batched_projections"], out
+        got, want, equal = out["region_strides"]
+        assert equal and (got == want if world_size == 1 else True), out
