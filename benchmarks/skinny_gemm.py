@@ -1,11 +1,13 @@
 """Few-row products against large weights on the CPU: ``x @ W^T`` (megatron's and transformers'
-orientation) vs ``(W @ x^T)^T`` (``parallel.cpu_shortcuts.no_grad_product``'s choice for 2-4 rows
-and weights of 16 MiB or more), fp32, one process.
+orientation) vs ``(W @ x^T)^T`` (what ``parallel.cpu_shortcuts.no_grad_product`` takes for 2-8
+rows against fp32 weights of 16 MiB or more when its own quick measurement finds it faster), fp32,
+one process.
 
 For each weight shape [N, K] and row count M: the median time of each orientation over alternated
-repeats, the ratio (``x @ W^T`` time / chosen time: > 1 means the shortcut is faster), the largest
-relative difference of the two results, and whether ``no_grad_product`` takes the weight-major path
-there. The LAST line printed is a JSON object.
+repeats, the ratio (``x @ W^T`` time / weight-major time), the largest relative difference of each
+result to a float64 product, which orientation ``no_grad_product`` chose (``RGKD_CPU_SKINNY_GEMM``
+as set, ``auto`` by default) and its speedup over ``x @ W^T`` as this benchmark's longer timing
+measures it (< 1 means the quick choice was wrong). The LAST line printed is a JSON object.
 
     OMP_NUM_THREADS=1 python benchmarks/skinny_gemm.py --threads 1
 """
@@ -63,7 +65,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from rgkd_megatron.parallel.cpu_shortcuts import WEIGHT_MAJOR_MIN_BYTES, WEIGHT_MAJOR_ROWS
+    from rgkd_megatron.parallel.cpu_shortcuts import (
+        WEIGHT_MAJOR_MIN_BYTES,
+        WEIGHT_MAJOR_ROWS,
+        weight_major_chosen,
+    )
 
     g = torch.Generator().manual_seed(0)
     rows = [int(m) for m in args.rows.split(",")]
@@ -77,11 +83,12 @@ def main(argv=None) -> dict:
             input_major, weight_major = _input_major(x, w), _weight_major(x, w)
             scale = ref.abs().max().item()
             t_in, t_w = _median_ms(partial(_input_major, x, w), args.repeats, partial(_weight_major, x, w))
-            chosen = big and m in WEIGHT_MAJOR_ROWS
+            chosen = big and m in WEIGHT_MAJOR_ROWS and weight_major_chosen(x, w)  # its own quick measurement
             results.append({
                 "n": n, "k": k, "m": m, "weight_mib": round(w.numel() * 4 / 2**20, 1),
                 "input_major_ms": round(t_in, 3), "weight_major_ms": round(t_w, 3),
                 "weight_major_speedup": round(t_in / t_w, 3), "shortcut_takes_weight_major": chosen,
+                "shortcut_eligible": big and m in WEIGHT_MAJOR_ROWS,
                 "shortcut_speedup": round(t_in / (t_w if chosen else t_in), 3),
                 "max_rel_diff_input_major": (input_major - ref).abs().max().item() / scale,
                 "max_rel_diff_weight_major": (weight_major - ref).abs().max().item() / scale,
@@ -91,12 +98,17 @@ def main(argv=None) -> dict:
                 f"W [{n:>6}, {k:>4}] {r['weight_mib']:>6.1f} MiB  M={m}: x@W^T {t_in:8.2f} ms  W@x^T {t_w:8.2f} ms  "
                 f"x{r['weight_major_speedup']:.2f}  {'<- shortcut' if chosen else ''}"
             )
-    chosen = [r["shortcut_speedup"] for r in results if r["shortcut_takes_weight_major"]]
+    eligible = [r for r in results if r["shortcut_eligible"]]
+    speedups = [r["shortcut_speedup"] for r in eligible]
     summary = {
         "benchmark": "skinny_gemm",
         "torch_threads": torch.get_num_threads(),
-        "shortcut_speedup_min": min(chosen),
-        "shortcut_speedup_median": statistics.median(chosen),
+        "orientation_env": os.environ.get("RGKD_CPU_SKINNY_GEMM", "auto"),
+        "shortcut_takes_weight_major": sum(r["shortcut_takes_weight_major"] for r in eligible),
+        "shortcut_eligible": len(eligible),
+        # over the eligible shapes; 1.0 where the shortcut keeps x @ W^T
+        "shortcut_speedup_min": min(speedups, default=None),
+        "shortcut_speedup_median": statistics.median(speedups) if speedups else None,
         "max_rel_diff_weight_major": max(r["max_rel_diff_weight_major"] for r in results),
         "max_rel_diff_input_major": max(r["max_rel_diff_input_major"] for r in results),
         "results": results,

@@ -151,45 +151,46 @@ def generate(
     context = StaticInferenceContext(b, total_len) if use_kv_cache else None
 
     pos, cached, steps = int(prompt_len_b.min()), 0, 0
-    # a decode step on one rank allocates nothing (the KV cache exists after the prefill): no device
-    # mode there on CPU (cpu_compat.plain_torch; a no-op context on GPU)
+    # a decode step on one rank asks for no device (the KV cache exists after the prefill): the whole
+    # step, forward, sampling and bookkeeping, runs without the device mode on CPU
+    # (cpu_compat.plain_torch; a no-op context on GPU)
     plain_decode = context is not None and groups.layout.tp == 1 and groups.layout.pp == 1
     with inference_mode(gpt):
         while True:
-            # feed [cached, pos) with the cache (the whole prefix without); get the logits at pos
-            start = cached if context is not None else 0
             with plain_torch() if plain_decode and steps > 0 else contextlib.nullcontext():
+                # feed [cached, pos) with the cache (the whole prefix without); get the logits at pos
+                start = cached if context is not None else 0
                 logits_bsv = stage_forward(gpt, groups, tokens_bl[:, start:pos], start, context, gather=True)
-            steps += 1
-            if context is not None:
-                context.increment_sequence_len_offset(pos - cached)
-                context.enable_decode_mode()
-                cached = pos
-            in_prompt_b = pos < prompt_len_b
-            active_b = ~in_prompt_b & ~stopped_b
-            step_bc = None
-            if groups.is_last_stage:
-                ids_b, logp_b = sample_next_tokens(
-                    logits_bsv[:, -1], generator, temperature=temperature, top_k=top_k, top_p=top_p,
-                    vocab_size=vocab_size,
-                )  # fmt: skip
-                ids_b = torch.where(in_prompt_b, tokens_bl[:, pos], torch.where(active_b, ids_b, pad_id))
-                step_bc = torch.stack([ids_b.double(), logp_b.double()], dim=1)
-            step_bc = _share_step_result(step_bc, b, groups)
-            ids_b, logp_b = step_bc[:, 0].long(), step_bc[:, 1].float()
+                steps += 1
+                if context is not None:
+                    context.increment_sequence_len_offset(pos - cached)
+                    context.enable_decode_mode()
+                    cached = pos
+                in_prompt_b = pos < prompt_len_b
+                active_b = ~in_prompt_b & ~stopped_b
+                step_bc = None
+                if groups.is_last_stage:
+                    ids_b, logp_b = sample_next_tokens(
+                        logits_bsv[:, -1], generator, temperature=temperature, top_k=top_k, top_p=top_p,
+                        vocab_size=vocab_size,
+                    )  # fmt: skip
+                    ids_b = torch.where(in_prompt_b, tokens_bl[:, pos], torch.where(active_b, ids_b, pad_id))
+                    step_bc = torch.stack([ids_b.double(), logp_b.double()], dim=1)
+                step_bc = _share_step_result(step_bc, b, groups)
+                ids_b, logp_b = step_bc[:, 0].long(), step_bc[:, 1].float()
 
-            tokens_bl[:, pos] = ids_b
-            act = rows_b[active_b]
-            responses_br[act, response_len_b[act]] = ids_b[act]
-            logprobs_br[act, response_len_b[act]] = logp_b[act]
-            response_len_b += active_b.long()
-            if eos_id is not None:
-                finished_b |= active_b & (ids_b == eos_id)
-            stopped_b |= finished_b | (response_len_b >= max_new_tokens)
-            pos += 1
-            if bool(stopped_b.all()):
-                break
-            assert pos < total_len, "every row stops within max_prompt_len + max_new_tokens"
+                tokens_bl[:, pos] = ids_b
+                act = rows_b[active_b]
+                responses_br[act, response_len_b[act]] = ids_b[act]
+                logprobs_br[act, response_len_b[act]] = logp_b[act]
+                response_len_b += active_b.long()
+                if eos_id is not None:
+                    finished_b |= active_b & (ids_b == eos_id)
+                stopped_b |= finished_b | (response_len_b >= max_new_tokens)
+                pos += 1
+                if bool(stopped_b.all()):
+                    break
+                assert pos < total_len, "every row stops within max_prompt_len + max_new_tokens"
 
     longest = max(int(response_len_b.max()), 0)
     return GenerationOutput(

@@ -11,8 +11,8 @@ for every other case.
    ``y = x @ W^T (+ b)`` (``torch.matmul(input, weight.t())``, then ``output + bias``); the rest is
    bookkeeping for the backward. When no gradient can flow (grad mode off, or no input requires a
    gradient) the shortcut makes the same two calls, except for a decode step's few rows against a
-   large weight (``no_grad_product``: the same sums in the order MKL runs fastest, fp32 rounding
-   apart).
+   large weight (``no_grad_product``: the same sums in the orientation measured faster on this
+   machine, fp32 rounding apart).
 2. ``tp_regions``: ``copy_to`` / ``reduce_from`` / ``gather_from_tensor_model_parallel_region``
    (tensor_parallel/mappings.py) are the identity, forward and backward, on a TP group of one rank
    (megatron's own ``_reduce`` / ``_gather_along_last_dim`` / ``_split_along_last_dim`` return their
@@ -27,17 +27,26 @@ Measured by ``benchmarks/hf_side_by_side.py`` (generation) and ``benchmarks/step
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import statistics
+import time
 from typing import Any, Callable
 
 import torch
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "install",
     "no_grad_product",
+    "prefer_weight_major",
+    "reset_orientation_choices",
     "shortcut_linear",
     "shortcut_tp_region",
     "shortcut_viewless",
     "uninstall",
+    "weight_major_chosen",
 ]
 
 LINEAR_TARGETS = (
@@ -63,19 +72,82 @@ def _needs_graph(*tensors: torch.Tensor | None) -> bool:
 # weight-major products (below): weights at least this large (past the caches: the product is
 # memory-bound) and inputs of this many rows (a decode step's batch)
 WEIGHT_MAJOR_MIN_BYTES = 16 << 20
-WEIGHT_MAJOR_ROWS = (2, 3, 4)
+WEIGHT_MAJOR_ROWS = range(2, 9)
+ORIENTATION_ENV = "RGKD_CPU_SKINNY_GEMM"
+ORIENTATIONS = ("auto", "input", "weight")
+CALIBRATION_TRIALS = 3
+WEIGHT_MAJOR_MARGIN = 0.9
+
+_chosen: dict[tuple[int, int, int, torch.dtype], bool] = {}  # (N, K, rows, dtype) -> weight-major
+
+
+def prefer_weight_major(input_major_s: list[float], weight_major_s: list[float]) -> bool:
+    """Whether timed trials favour ``(W @ x^T)^T``: its median at most ``WEIGHT_MAJOR_MARGIN`` times
+    the median of ``x @ W^T`` (ties and small wins keep megatron's product)."""
+    return statistics.median(weight_major_s) <= WEIGHT_MAJOR_MARGIN * statistics.median(input_major_s)
+
+
+def _weight_major(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.mm(weight, x_mk.t()).t().contiguous()
+
+
+def _time_orientations(x_mk: torch.Tensor, weight: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Seconds of ``CALIBRATION_TRIALS`` alternated calls of each orientation on the call's tensors."""
+    input_s: list[float] = []
+    weight_s: list[float] = []
+    products = (
+        (lambda: torch.mm(x_mk, weight.t()), input_s),
+        (lambda: _weight_major(x_mk, weight), weight_s),
+    )
+    for _ in range(CALIBRATION_TRIALS):
+        for product, out in products:
+            start = time.perf_counter()
+            product()
+            out.append(time.perf_counter() - start)
+    return input_s, weight_s
+
+
+def weight_major_chosen(x_mk: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``no_grad_product`` takes ``(W @ x^T)^T`` for x_mk [rows, K] and W [N, K] (an eligible
+    call): as ``RGKD_CPU_SKINNY_GEMM`` says, or measured once per (N, K, rows, dtype) when ``auto``."""
+    mode = os.environ.get(ORIENTATION_ENV, "auto")
+    if mode not in ORIENTATIONS:
+        raise ValueError(f"{ORIENTATION_ENV}={mode!r}: expected one of {ORIENTATIONS}")
+    if mode != "auto":
+        return mode == "weight"
+    key = (weight.shape[0], weight.shape[1], x_mk.shape[0], weight.dtype)
+    if key not in _chosen:
+        input_s, weight_s = _time_orientations(x_mk, weight)
+        _chosen[key] = prefer_weight_major(input_s, weight_s)
+        log.debug(
+            "CPU few-row product W [%d, %d] x %d rows: x @ W^T %.2f ms, (W @ x^T)^T %.2f ms -> %s",
+            key[0], key[1], key[2], statistics.median(input_s) * 1e3, statistics.median(weight_s) * 1e3,
+            "weight-major" if _chosen[key] else "x @ W^T",
+        )  # fmt: skip
+    return _chosen[key]
+
+
+def reset_orientation_choices() -> None:
+    """Forget the measured choices (the next eligible call of each shape measures again)."""
+    _chosen.clear()
 
 
 def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ W^T`` for x [..., K], W [N, K] -> [..., N], as megatron's ``torch.matmul(input,
-    weight.t())`` except for few rows against a large fp32 weight: then ``(W @ x^T)^T``.
+    """``x @ W^T`` for x [..., K], W [N, K] -> [..., N]: megatron's ``torch.matmul(input,
+    weight.t())``, or ``(W @ x^T)^T`` for 2-8 rows against an fp32 weight of 16 MiB or more when
+    that orientation is measurably faster on this machine.
 
-    Why: MKL's sgemm takes 2-3x the time of one matrix-vector product for ``x @ W^T`` with 2-4 rows
-    and a weight that does not fit in the caches (it reads W more than once), while ``W @ x^T``
-    streams W once (``benchmarks/skinny_gemm.py`` prints both orientations per shape; e.g. the
-    SmolLM2 vocabulary projection [49152, 576], 4 rows: 15-20 ms -> 6-10 ms on one core). The same
-    sums in another order: the result differs from ``torch.matmul`` by fp32 rounding only
-    (~1e-7 relative), so only inference calls (no gradient) take this path."""
+    Why: for a decode step's few rows against a weight that does not fit in the caches, MKL's sgemm
+    cost depends on the orientation, and which one wins depends on the CPU: on one Xeon ``x @ W^T``
+    with 2-4 rows took 2-3x a matrix-vector product while ``W @ x^T`` streamed W once; on another
+    ``x @ W^T`` was the faster one up to 6 rows and ``W @ x^T`` from 7 rows on
+    (``benchmarks/skinny_gemm.py`` prints both per shape). So the first eligible call of each
+    (N, K, rows) times both orientations (``CALIBRATION_TRIALS`` alternated calls, on the call's own
+    tensors) and keeps the weight-major one only if ``prefer_weight_major``; the choice holds for
+    the process (``reset_orientation_choices``). ``RGKD_CPU_SKINNY_GEMM=input|weight`` fixes it
+    instead (``input``: always megatron's product, bit for bit). The two orientations are the same
+    sums in another order: they differ by fp32 rounding only (~1e-7 relative), so only inference
+    calls (no gradient) come here."""
     rows = input.numel() // max(input.shape[-1], 1)
     if (
         rows in WEIGHT_MAJOR_ROWS
@@ -84,7 +156,8 @@ def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         and weight.numel() * weight.element_size() >= WEIGHT_MAJOR_MIN_BYTES
     ):
         x_mk = input.reshape(rows, input.shape[-1])
-        return torch.mm(weight, x_mk.t()).t().contiguous().view(*input.shape[:-1], weight.shape[0])
+        if weight_major_chosen(x_mk, weight):
+            return _weight_major(x_mk, weight).view(*input.shape[:-1], weight.shape[0])
     return torch.matmul(input, weight.t())
 
 

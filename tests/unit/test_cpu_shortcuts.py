@@ -1,7 +1,8 @@
 """CPU shortcuts past megatron-core's autograd wrappers (rgkd_megatron/parallel/cpu_shortcuts.py).
 
-- ``no_grad_product`` against a float64 dense product; which orientation it takes (2-4 rows and a
-  weight of 16 MiB or more: weight-major; else megatron's ``torch.matmul(x, W^T)``, bit for bit).
+- ``no_grad_product`` against a float64 dense product; which orientation it takes (2-8 rows and an
+  fp32 weight of 16 MiB or more: the requested or measured one; else megatron's
+  ``torch.matmul(x, W^T)``, bit for bit); the measured choice: once per shape, the faster by a margin.
 - each wrapper hands every case it does not cover to the original (recorded), and computes the
   cases it covers like a dense reference.
 - whole models, with the shortcuts installed vs megatron's originals put back in the same process:
@@ -21,6 +22,7 @@ from rgkd_megatron.parallel import cpu_shortcuts
 from rgkd_megatron.parallel.cpu_shortcuts import (
     WEIGHT_MAJOR_MIN_BYTES,
     no_grad_product,
+    prefer_weight_major,
     shortcut_linear,
     shortcut_tp_region,
     shortcut_viewless,
@@ -31,8 +33,10 @@ def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.double() @ w.double().t()).float()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-def test_no_grad_product_matches_dense_and_takes_the_documented_orientation(rows):
+@pytest.mark.parametrize("orientation", ["input", "weight"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+def test_no_grad_product_matches_dense_and_takes_the_requested_orientation(rows, orientation, monkeypatch):
+    monkeypatch.setenv(cpu_shortcuts.ORIENTATION_ENV, orientation)
     g = torch.Generator().manual_seed(rows)
     k = 256
     w = torch.randn(WEIGHT_MAJOR_MIN_BYTES // (4 * k), k, generator=g)  # exactly the threshold
@@ -41,12 +45,73 @@ def test_no_grad_product_matches_dense_and_takes_the_documented_orientation(rows
     want = _dense(x, w)
     assert got.shape == (rows, 1, w.shape[0]) and got.is_contiguous()
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    if rows in (2, 3, 4):
+    if orientation == "weight" and 2 <= rows <= 8:
         assert torch.equal(got.view(rows, -1), torch.mm(w, x.view(rows, k).t()).t())
     else:
         assert torch.equal(got, torch.matmul(x, w.t()))
     small = w[: w.shape[0] // 2]  # below the threshold: always megatron's matmul
     assert torch.equal(no_grad_product(x, small), torch.matmul(x, small.t()))
+    assert torch.equal(no_grad_product(x.double(), w.double()), torch.matmul(x.double(), w.double().t()))
+
+
+def test_prefer_weight_major_needs_a_clear_win_of_the_medians():
+    assert prefer_weight_major([10.0, 10.0, 30.0], [9.0, 1.0, 50.0])  # medians 10 vs 9: 0.9x
+    assert not prefer_weight_major([10.0, 10.0, 30.0], [9.1, 1.0, 50.0])  # 0.91x: keep x @ W^T
+    assert not prefer_weight_major([5.0, 6.0, 7.0], [6.0, 6.0, 6.0])  # a tie
+
+
+@pytest.mark.parametrize("weight_major_faster", [True, False])
+def test_auto_orientation_measures_each_shape_once_and_keeps_the_faster(weight_major_faster, monkeypatch):
+    monkeypatch.delenv(cpu_shortcuts.ORIENTATION_ENV, raising=False)
+    timed: list[tuple[int, int]] = []
+
+    def fake_timing(x_mk, weight):
+        timed.append((weight.shape[0], x_mk.shape[0]))
+        fast, slow = [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]
+        return (slow, fast) if weight_major_faster else (fast, slow)
+
+    monkeypatch.setattr(cpu_shortcuts, "_time_orientations", fake_timing)
+    cpu_shortcuts.reset_orientation_choices()
+    try:
+        g = torch.Generator().manual_seed(0)
+        k = 256
+        w = torch.randn(WEIGHT_MAJOR_MIN_BYTES // (4 * k), k, generator=g)
+        for rows in (3, 3, 4, 3):
+            x = torch.randn(rows, 1, k, generator=g)
+            weight_major = torch.mm(w, x.view(rows, k).t()).t()
+            got = no_grad_product(x, w).view(rows, -1)
+            assert torch.equal(
+                got, weight_major if weight_major_faster else torch.matmul(x, w.t()).view(rows, -1)
+            )
+        assert timed == [(w.shape[0], 3), (w.shape[0], 4)]  # once per (N, K, rows)
+    finally:
+        cpu_shortcuts.reset_orientation_choices()
+
+
+def test_auto_orientation_times_both_products_on_the_call_tensors(monkeypatch):
+    monkeypatch.delenv(cpu_shortcuts.ORIENTATION_ENV, raising=False)
+    seen: list[torch.Tensor] = []
+    real_mm = torch.mm
+
+    def recording_mm(a, b):
+        seen.append(a if a.shape[0] > b.shape[1] else b)  # the weight operand (or its transpose)
+        return real_mm(a, b)
+
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(1024, 64, generator=g), torch.randn(2, 64, generator=g)
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    input_s, weight_s = cpu_shortcuts._time_orientations(x, w)
+    monkeypatch.setattr(torch, "mm", real_mm)
+    assert len(input_s) == len(weight_s) == cpu_shortcuts.CALIBRATION_TRIALS and min(input_s + weight_s) > 0
+    assert len(seen) == 2 * cpu_shortcuts.CALIBRATION_TRIALS
+    assert all(t.data_ptr() == w.data_ptr() for t in seen)
+
+
+def test_unknown_orientation_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(cpu_shortcuts.ORIENTATION_ENV, "fastest")
+    w = torch.zeros(WEIGHT_MAJOR_MIN_BYTES // (4 * 256), 256)
+    with pytest.raises(ValueError, match=r"RGKD_CPU_SKINNY_GEMM='fastest'.*'auto', 'input', 'weight'"):
+        no_grad_product(torch.zeros(2, 256), w)
 
 
 def _recording(calls: list):
