@@ -83,10 +83,14 @@ def filter_logits(
     (greedy) the logits are returned unscaled (only their argmax matters).
     """
     check_sampling_args(temperature, top_k, top_p)
-    out_bv = mask_padded_vocab(logits_bv.float(), vocab_size)
+    return _filter_masked(mask_padded_vocab(logits_bv.float(), vocab_size), temperature, top_k, top_p)
+
+
+def _filter_masked(masked_bv: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """``filter_logits`` after the padded-vocab mask (``masked_bv`` itself when greedy, never changed)."""
     if temperature > 0:
-        out_bv = out_bv / temperature
-    return top_p_filter(top_k_filter(out_bv, top_k), top_p)
+        masked_bv = masked_bv / temperature
+    return top_p_filter(top_k_filter(masked_bv, top_k), top_p)
 
 
 def inverse_cdf_sample(logits_bv: torch.Tensor, uniforms_b: torch.Tensor) -> torch.Tensor:
@@ -119,13 +123,13 @@ def sample_next_tokens(
     their log-probabilities under the unfiltered policy at temperature 1, over the real vocabulary.
     Consumes exactly ``b`` float64 uniforms from ``generator`` (greedy included).
     """
+    check_sampling_args(temperature, top_k, top_p)
     uniforms_b = torch.rand(logits_bv.shape[0], generator=generator, dtype=torch.float64)
-    filtered_bv = filter_logits(
-        logits_bv, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size
-    )
+    masked_bv = mask_padded_vocab(logits_bv.float(), vocab_size)  # one copy for both uses below
+    filtered_bv = _filter_masked(masked_bv, temperature, top_k, top_p)
     if temperature == 0:
         ids_b = filtered_bv.argmax(dim=-1)
     else:
         ids_b = inverse_cdf_sample(filtered_bv, uniforms_b)
-    logprobs_bv = torch.log_softmax(mask_padded_vocab(logits_bv.float(), vocab_size), dim=-1)
+    logprobs_bv = torch.log_softmax(masked_bv, dim=-1)
     return ids_b, logprobs_bv.gather(-1, ids_b.unsqueeze(-1)).squeeze(-1)
