@@ -374,22 +374,57 @@ def test_kd_loss_unchanged_by_q8_synthetic_teacher(tmp_path):
 
 
 REAL_CACHE = REPO / "runs" / "embedded" / "cache"
+SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.mark.skipif(
-    not (REAL_CACHE / "manifest.json").exists(), reason="no real SmolLM2 cache in runs/embedded"
-)
+def _smollm2_top_k_rows(tokens: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """What a SmolLM2 teacher cache stores for ``tokens`` positions of real text (the example prompts
+    and references), computed with transformers from the shipped GGUF: top-k log-probs rounded to fp16
+    (a version-1 cache's storage), their ids, lse and the tail mass outside the top-k."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not SMOLLM2_GGUF.is_file():
+        pytest.fail(f"{SMOLLM2_GGUF} missing: run `bash scripts/fetch_smollm2.sh` (test setup) first")
+    model = AutoModelForCausalLM.from_pretrained(
+        SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name)
+    records = [json.loads(line) for line in (REPO / "examples" / "data" / "prompts_en.jsonl").open()]
+    text = " ".join(f"{r['prompt']} {r.get('reference', '')}" for r in records)
+    seq = 128
+    ids_bt = torch.tensor(tok(text)["input_ids"][: tokens // seq * seq]).view(-1, seq)
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        logits = model(ids_bt).logits.reshape(-1, model.config.vocab_size).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    tail = (1.0 - top_lp.exp().sum(-1)).clamp_min(0.0)
+    lp16 = top_lp.half().float()
+    return (
+        lp16.numpy(),
+        top_ids.int().numpy(),
+        torch.logsumexp(logits, -1).numpy(),
+        tail.numpy(),
+        logits.shape[1],
+    )
+
+
 def test_kd_loss_unchanged_by_q8_real_cache(tmp_path):
-    """The embedded SmolLM2 teacher cache (written by an earlier version, fp16): re-stored as q8, the KD
-    losses of 512 of its tokens (a student near the teacher) move by < 1e-3 relative."""
-    real = TeacherCacheReader(os.fspath(REAL_CACHE))
-    lp16, ids, lse, tail = real.shard_columns(0)
-    rows = np.random.default_rng(0).permutation(lp16.shape[0])[:512]
-    lp, ids, lse, tail = lp16[rows].astype(np.float32), ids[rows], lse[rows], tail[rows]
-    header = ShardHeader(real.k, "q8", 1024, len(rows), 0, 0, 1, 2, (real.vocab_size - 1).bit_length())
+    """A real SmolLM2 teacher's top-k rows (the embedded run's cache, written by an earlier version in
+    fp16, when ``runs/embedded`` has one; else the same rows computed from the shipped GGUF): re-stored
+    as q8, the KD losses of 512 of its tokens (a student near the teacher) move by < 1e-3 relative."""
+    if (REAL_CACHE / "manifest.json").exists():
+        real = TeacherCacheReader(os.fspath(REAL_CACHE))
+        lp16, ids, lse, tail = real.shard_columns(0)
+        rows = np.random.default_rng(0).permutation(lp16.shape[0])[:512]
+        lp, ids, lse, tail = lp16[rows].astype(np.float32), ids[rows], lse[rows], tail[rows]
+        k, vocab = real.k, real.vocab_size
+    else:
+        k = 32  # the embedded default's --kd-top-k
+        lp, ids, lse, tail, vocab = _smollm2_top_k_rows(512, k)
+    header = ShardHeader(k, "q8", 1024, len(lp), 0, 0, 1, 2, (vocab - 1).bit_length())
     sections = encode_rows(ShardArrays(lp, ids, lse, tail), header)
     names = ["logprobs", "qparams", "ids"] + (["ids_hi"] if header.id_bits > 16 else []) + ["lse", "tail"]
     q_lp, q_ids, _, q_tail = decode_rows(dict(zip(names, sections)), header)
     assert np.array_equal(q_ids, ids)
-    for kind, noise, ref, q in _kd_losses(lp, ids, tail, q_lp, q_tail, real.vocab_size, 1, (0.1,)):
+    for kind, noise, ref, q in _kd_losses(lp, ids, tail, q_lp, q_tail, vocab, 1, (0.1,)):
         assert abs(q - ref) <= 1e-3 * abs(ref), (kind, noise, ref, q)
