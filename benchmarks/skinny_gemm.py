@@ -19,8 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -41,26 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _input_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x @ w.t()
-
-
-def _weight_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.mm(w, x.t()).t().contiguous()
-
-
-def _median_ms(fn, repeats: int, other) -> tuple[float, float]:
-    """Median ms of ``fn`` and of ``other`` over alternated calls (after one warm-up each)."""
-    fn(), other()
-    a, b = [], []
-    for _ in range(repeats):
-        for f, out in ((fn, a), (other, b)):
-            t0 = time.perf_counter()
-            f()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(a) * 1e3, statistics.median(b) * 1e3
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
@@ -68,7 +46,9 @@ def main(argv=None) -> dict:
     from rgkd_megatron.parallel.cpu_shortcuts import (
         WEIGHT_MAJOR_MIN_BYTES,
         WEIGHT_MAJOR_ROWS,
+        time_orientations,
         weight_major_chosen,
+        weight_major_product,
     )
 
     g = torch.Generator().manual_seed(0)
@@ -80,9 +60,9 @@ def main(argv=None) -> dict:
         for m in rows:
             x = torch.randn(m, k, generator=g)
             ref = (x.double() @ w.double().t()).float()
-            input_major, weight_major = _input_major(x, w), _weight_major(x, w)
+            input_major, weight_major = x @ w.t(), weight_major_product(x, w)  # also the warm-up
             scale = ref.abs().max().item()
-            t_in, t_w = _median_ms(partial(_input_major, x, w), args.repeats, partial(_weight_major, x, w))
+            t_in, t_w = (statistics.median(t) * 1e3 for t in time_orientations(x, w, args.repeats))
             chosen = big and m in WEIGHT_MAJOR_ROWS and weight_major_chosen(x, w)  # its own quick measurement
             results.append({
                 "n": n, "k": k, "m": m, "weight_mib": round(w.numel() * 4 / 2**20, 1),

@@ -45,8 +45,10 @@ __all__ = [
     "shortcut_linear",
     "shortcut_tp_region",
     "shortcut_viewless",
+    "time_orientations",
     "uninstall",
     "weight_major_chosen",
+    "weight_major_product",
 ]
 
 LINEAR_TARGETS = (
@@ -87,19 +89,23 @@ def prefer_weight_major(input_major_s: list[float], weight_major_s: list[float])
     return statistics.median(weight_major_s) <= WEIGHT_MAJOR_MARGIN * statistics.median(input_major_s)
 
 
-def _weight_major(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weight_major_product(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(W @ x^T)^T`` for x_mk [rows, K], W [N, K]: [rows, N], contiguous."""
     return torch.mm(weight, x_mk.t()).t().contiguous()
 
 
-def _time_orientations(x_mk: torch.Tensor, weight: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Seconds of ``CALIBRATION_TRIALS`` alternated calls of each orientation on the call's tensors."""
+def time_orientations(
+    x_mk: torch.Tensor, weight: torch.Tensor, trials: int = CALIBRATION_TRIALS
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``trials`` alternated calls of each orientation (``x @ W^T``, then
+    ``weight_major_product``) on the given tensors."""
     input_s: list[float] = []
     weight_s: list[float] = []
     products = (
         (lambda: torch.mm(x_mk, weight.t()), input_s),
-        (lambda: _weight_major(x_mk, weight), weight_s),
+        (lambda: weight_major_product(x_mk, weight), weight_s),
     )
-    for _ in range(CALIBRATION_TRIALS):
+    for _ in range(trials):
         for product, out in products:
             start = time.perf_counter()
             product()
@@ -117,7 +123,7 @@ def weight_major_chosen(x_mk: torch.Tensor, weight: torch.Tensor) -> bool:
         return mode == "weight"
     key = (weight.shape[0], weight.shape[1], x_mk.shape[0], weight.dtype)
     if key not in _chosen:
-        input_s, weight_s = _time_orientations(x_mk, weight)
+        input_s, weight_s = time_orientations(x_mk, weight)
         _chosen[key] = prefer_weight_major(input_s, weight_s)
         log.debug(
             "CPU few-row product W [%d, %d] x %d rows: x @ W^T %.2f ms, (W @ x^T)^T %.2f ms -> %s",
@@ -157,7 +163,7 @@ def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ):
         x_mk = input.reshape(rows, input.shape[-1])
         if weight_major_chosen(x_mk, weight):
-            return _weight_major(x_mk, weight).view(*input.shape[:-1], weight.shape[0])
+            return weight_major_product(x_mk, weight).view(*input.shape[:-1], weight.shape[0])
     return torch.matmul(input, weight.t())
 
 

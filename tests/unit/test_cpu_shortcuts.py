@@ -70,7 +70,7 @@ def test_auto_orientation_measures_each_shape_once_and_keeps_the_faster(weight_m
         fast, slow = [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]
         return (slow, fast) if weight_major_faster else (fast, slow)
 
-    monkeypatch.setattr(cpu_shortcuts, "_time_orientations", fake_timing)
+    monkeypatch.setattr(cpu_shortcuts, "time_orientations", fake_timing)
     cpu_shortcuts.reset_orientation_choices()
     try:
         g = torch.Generator().manual_seed(0)
@@ -100,7 +100,7 @@ def test_auto_orientation_times_both_products_on_the_call_tensors(monkeypatch):
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(1024, 64, generator=g), torch.randn(2, 64, generator=g)
     monkeypatch.setattr(torch, "mm", recording_mm)
-    input_s, weight_s = cpu_shortcuts._time_orientations(x, w)
+    input_s, weight_s = cpu_shortcuts.time_orientations(x, w)
     monkeypatch.setattr(torch, "mm", real_mm)
     assert len(input_s) == len(weight_s) == cpu_shortcuts.CALIBRATION_TRIALS and min(input_s + weight_s) > 0
     assert len(seen) == 2 * cpu_shortcuts.CALIBRATION_TRIALS
