@@ -148,7 +148,9 @@ class CompactBatch:
         from rgkd_megatron.cache.codec import TORCH_DTYPES
 
         b, s = self.valid.shape
-        if self.rows.device.type != "cpu" if torch_ops is None else torch_ops:
+        if torch_ops is None:
+            torch_ops = self.rows.device.type != "cpu"
+        if torch_ops:
             if out is not None:
                 raise ValueError(
                     "CompactBatch.decode: out= is for the CPU decode (torch_ops=False, a CPU payload)"
@@ -158,8 +160,8 @@ class CompactBatch:
                 **{n: t.reshape(b, s, *t.shape[1:]) for n, t in zip(BATCH_FIELDS, got)},
                 "valid": self.valid,
             }
-        r = self.rows
-        out = empty_batch(b, s, r.k, TORCH_DTYPES[r.dtype]) if out is None else out
+        if out is None:
+            out = empty_batch(b, s, self.rows.k, TORCH_DTYPES[self.rows.dtype])
         self.rows.decode_into(
             tuple(as_numpy(out[n]).reshape(b * s, *out[n].shape[2:]) for n in BATCH_FIELDS[:4])
         )
