@@ -15,12 +15,11 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
                           with the loss on the CPU) and into reused ones (gather_reuse), the prefetch
                           ring (prefetch_reuse), the stored payload of a sample without decoding
                           (reader_compact) and decoded on the CPU (reader_compact_decode), and the
-                          trainer's GPU path (pbkd
-                          CachedTeacher.buckets): gather_compact [8, S], the batch's stored bytes
-                          staged for the host-to-device copy, decoded on the GPU (gather_compact: the
-                          host side), and the same payload decoded on the CPU (gather_compact_decode;
-                          with the loss on the CPU the trainer calls gather); the first pass with
-                          crc32 verification (reader_first_pass_vs_raw).
+                          trainer's GPU path (pbkd CachedTeacher.buckets): gather_compact [8, S], the
+                          batch's stored bytes staged for the host-to-device copy, decoded on the GPU
+                          (gather_compact: the host side), and the same payload decoded on the CPU
+                          (gather_compact_decode; with the loss on the CPU the trainer calls gather);
+                          the first pass with crc32 verification (reader_first_pass_vs_raw).
     build_vs_forward      build_teacher_cache (teacher forward + vocab-parallel top-k/lse/tail + copy to
                           host + shard writes with sha256/crc32/fsync + manifest) / the teacher forward
                           alone over exactly the same canonical micro-batches (same schedule, same
