@@ -11,7 +11,8 @@ temporary directory. Both sides load the same HF folder: transformers with ``fro
 - generation (first, on the loaded weights), once per ``--gen-batches`` size (1, 4 and 8 prompts
   by default): the same prompts (the student: tokenized English prompts cut to one length;
   synthetic: random ids), greedy, no stop id, ``--new-tokens`` each; ``model.generate(use_cache=True)``
-  against ``rgkd_megatron.generation.generate`` (KV cache). transformers runs without our CPU
+  against ``rgkd_megatron.generation.generate`` (KV cache; its default lean CPU decoder, and, as a
+  third column, ``decode_path="megatron"``: megatron's ``StaticInferenceContext`` forward). transformers runs without our CPU
   layer's device mode (as it would in a user's process). Whether the greedy tokens agree on the
   first ``--compare-tokens`` positions is printed, not asserted (near-ties may legitimately flip).
 - training: the same micro-batches (masked next-token CE on the last three quarters of each row),
@@ -166,25 +167,29 @@ def _generation(args, hf, engine, groups, prompts: list[list[int]], vocab: int) 
             )  # fmt: skip
         return out[:, prompt_bl.shape[1] :]
 
-    def run_ours() -> torch.Tensor:
-        out = generate(
-            engine.model[0], groups, prompts, max_new_tokens=args.new_tokens, temperature=0.0, eos_id=None,
-            pad_id=0, seed=args.seed, vocab_size=vocab,
-        )  # fmt: skip
-        return out.responses
+    def ours(decode_path: str):
+        def run() -> torch.Tensor:
+            out = generate(
+                engine.model[0], groups, prompts, max_new_tokens=args.new_tokens, temperature=0.0, eos_id=None,
+                pad_id=0, seed=args.seed, vocab_size=vocab, decode_path=decode_path,
+            )  # fmt: skip
+            return out.responses
 
-    tokens = {"hf": run_hf(), "ours": run_ours()}  # also the warm-up
+        return run
+
+    runs = {"hf": run_hf, "ours": ours("auto"), "ours_megatron_decode": ours("megatron")}
+    tokens = {name: run() for name, run in runs.items()}  # also the warm-up
     n = min(args.compare_tokens, args.new_tokens)
     agree_rows = [bool(torch.equal(a[:n], b[:n])) for a, b in zip(tokens["hf"], tokens["ours"])]
     first_diff = [
         next((i for i in range(args.new_tokens) if a[i] != b[i]), None)
         for a, b in zip(tokens["hf"].tolist(), tokens["ours"].tolist())
     ]
-    runs = {"hf": run_hf, "ours": run_ours}
-    times: dict[str, list[float]] = {"hf": [], "ours": []}
-    cpu_times: dict[str, list[float]] = {"hf": [], "ours": []}  # process CPU time: less exposed to load
-    for i in range(args.repeats):  # alternate, order swapped every repeat
-        for name in ("hf", "ours") if i % 2 == 0 else ("ours", "hf"):
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}  # process CPU time: less exposed to load
+    for i in range(args.repeats):  # alternate, the order rotated every repeat
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             t0, c0 = time.perf_counter(), time.process_time()
             runs[name]()
             times[name].append(time.perf_counter() - t0)
@@ -198,6 +203,9 @@ def _generation(args, hf, engine, groups, prompts: list[list[int]], vocab: int) 
         "ours_tokens_per_s": round(generated / seconds["ours"], 1),
         "ratio_ours_over_hf": round(seconds["hf"] / seconds["ours"], 4),
         "ratio_ours_over_hf_cpu": round(cpu_seconds["hf"] / cpu_seconds["ours"], 4),
+        "ours_megatron_decode_tokens_per_s": round(generated / seconds["ours_megatron_decode"], 1),
+        "ratio_lean_over_megatron_decode": round(seconds["ours_megatron_decode"] / seconds["ours"], 4),
+        "megatron_decode_tokens_equal": bool(torch.equal(tokens["ours"], tokens["ours_megatron_decode"])),
         "greedy_compared_tokens": n,
         "greedy_rows_agree": sum(agree_rows),
         "greedy_rows": len(agree_rows),
@@ -305,6 +313,9 @@ def main(argv=None) -> dict:
             f"generation ({gen['batch']} prompts x {args.prompt_length} tokens at most, {args.new_tokens} new, "
             f"greedy, KV cache): hf {gen['hf_tokens_per_s']:.1f} tok/s, ours {gen['ours_tokens_per_s']:.1f} "
             f"tok/s, ours/hf {gen['ratio_ours_over_hf']:.3f} (CPU time {gen['ratio_ours_over_hf_cpu']:.3f}); "
+            f"ours through megatron's decode path {gen['ours_megatron_decode_tokens_per_s']:.1f} tok/s "
+            f"(lean / megatron {gen['ratio_lean_over_megatron_decode']:.3f}, same tokens: "
+            f"{gen['megatron_decode_tokens_equal']}); "
             f"greedy tokens, first {gen['greedy_compared_tokens']}: {gen['greedy_rows_agree']}/"
             f"{gen['greedy_rows']} prompts agree, first differing position {gen['greedy_first_difference']}"
         )

@@ -8,6 +8,9 @@ Design choices:
   ``GPTModel.forward`` (it works on CPU: the cache buffers are plain tensors, allocated on the first
   forward, one pair per layer of the local stage). One prefill forward, then one token per forward.
   ``use_kv_cache=False`` recomputes the whole prefix every step (a reference and a benchmark).
+  On one CPU rank with an fp32 model the cached forward is ``lean_decode.LeanDecoder`` instead (the
+  same mathematics over the same parameters, with its own cache of rotated keys and far less
+  framework work per step; ``decode_path="megatron"`` keeps megatron's path there too).
 - Prompts of different lengths: per-sample offsets, as megatron's static engine does. Rows are
   right-padded into one [b, max_prompt + max_new_tokens] buffer; the prefill covers the shortest
   prompt; at each later position a row still inside its prompt is fed its own prompt token (the
@@ -59,6 +62,7 @@ from megatron.core.inference.communication_utils import (
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.utils import unwrap_model
 
+from rgkd_megatron.generation.lean_decode import LeanDecoder, lean_decode_unsupported
 from rgkd_megatron.generation.sampling import check_sampling_args, sample_next_tokens
 from rgkd_megatron.losses.topk_kd import vocab_parallel_topk_logits
 from rgkd_megatron.parallel.cpu_compat import plain_torch
@@ -114,6 +118,7 @@ def generate(
     seed: int,
     vocab_size: int,
     use_kv_cache: bool = True,
+    decode_path: str = "auto",
 ) -> GenerationOutput:
     """Sample a response for every prompt (collective over the role's TP and PP groups).
 
@@ -128,7 +133,12 @@ def generate(
         seed: seeds the sampling generator (same seed -> same samples).
         vocab_size: real vocabulary; padded-vocab columns (ids >= vocab_size) are never sampled.
         use_kv_cache: False recomputes the whole prefix every step (reference / benchmark).
+        decode_path: with the KV cache, "auto" runs ``lean_decode.LeanDecoder`` where it covers the
+            model (CPU, one rank, fp32; the same mathematics with less framework work per step) and
+            megatron's ``StaticInferenceContext`` forward elsewhere; "megatron" always the latter.
     """
+    if decode_path not in ("auto", "megatron"):
+        raise ValueError(f"generate: decode_path={decode_path!r}, expected 'auto' or 'megatron'")
     gpt = _unwrap(model)
     prompts = [list(map(int, p)) for p in prompts]
     _check_generate_args(
@@ -148,24 +158,37 @@ def generate(
     stopped_b = torch.zeros(b, dtype=torch.bool)
     rows_b = torch.arange(b)
     generator = torch.Generator().manual_seed(seed)
-    context = StaticInferenceContext(b, total_len) if use_kv_cache else None
+    lean = None
+    if use_kv_cache and decode_path == "auto":
+        if lean_decode_unsupported(gpt, groups.layout.tp, groups.layout.pp) is None:
+            lean = LeanDecoder(gpt, b, total_len)
+    context = StaticInferenceContext(b, total_len) if use_kv_cache and lean is None else None
 
     pos, cached, steps = int(prompt_len_b.min()), 0, 0
-    # a decode step on one rank asks for no device (the KV cache exists after the prefill): the whole
-    # step, forward, sampling and bookkeeping, runs without the device mode on CPU
-    # (cpu_compat.plain_torch; a no-op context on GPU)
+    # a decode step on one rank asks for no device (the KV cache exists after the prefill), nor does
+    # the lean decoder's prefill: the whole step, forward, sampling and bookkeeping, runs without the
+    # device mode on CPU (cpu_compat.plain_torch; a no-op context on GPU)
     plain_decode = context is not None and groups.layout.tp == 1 and groups.layout.pp == 1
     with inference_mode(gpt):
         while True:
-            with plain_torch() if plain_decode and steps > 0 else contextlib.nullcontext():
+            with (
+                plain_torch()
+                if lean is not None or (plain_decode and steps > 0)
+                else contextlib.nullcontext()
+            ):
                 # feed [cached, pos) with the cache (the whole prefix without); get the logits at pos
-                start = cached if context is not None else 0
-                logits_bsv = stage_forward(gpt, groups, tokens_bl[:, start:pos], start, context, gather=True)
+                start = cached if use_kv_cache else 0
+                if lean is not None:
+                    logits_bsv = lean.forward(tokens_bl[:, start:pos], start)
+                else:
+                    logits_bsv = stage_forward(
+                        gpt, groups, tokens_bl[:, start:pos], start, context, gather=True
+                    )
                 steps += 1
                 if context is not None:
                     context.increment_sequence_len_offset(pos - cached)
                     context.enable_decode_mode()
-                    cached = pos
+                cached = pos
                 in_prompt_b = pos < prompt_len_b
                 active_b = ~in_prompt_b & ~stopped_b
                 step_bc = None

@@ -125,7 +125,9 @@ def sample_next_tokens(
     """
     check_sampling_args(temperature, top_k, top_p)
     uniforms_b = torch.rand(logits_bv.shape[0], generator=generator, dtype=torch.float64)
-    masked_bv = mask_padded_vocab(logits_bv.float(), vocab_size)  # one copy for both uses below
+    logits_bv = logits_bv.float()
+    # nothing below writes into ``masked_bv``: a masked copy only when there are padding columns
+    masked_bv = logits_bv if vocab_size == logits_bv.shape[-1] else mask_padded_vocab(logits_bv, vocab_size)
     filtered_bv = _filter_masked(masked_bv, temperature, top_k, top_p)
     if temperature == 0:
         ids_b = filtered_bv.argmax(dim=-1)

@@ -230,7 +230,7 @@ def _model_body(rank, world_size):
         with torch.no_grad():
             logits = model(tokens, pos, None)
         gen = generate(model, groups, prompts, max_new_tokens=6, temperature=1.0, eos_id=None, pad_id=0,
-                       seed=11, vocab_size=256)  # fmt: skip
+                       seed=11, vocab_size=256, decode_path="megatron")  # fmt: skip
         return logits, gen.responses, gen.logprobs, score(model, groups, gen.sequences(), vocab_size=256)
 
     def training():
