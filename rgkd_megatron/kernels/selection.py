@@ -18,6 +18,8 @@
 | overlap (parallel.overlap_*)   | as configured; passed to megatron DDP + optimizer |                                   |
 | fusions (derived, GPU only)    | SwiGLU, bias-dropout, masked softmax; RoPE with  |                                   |
 |                                | TE; wgrad accumulation when the CUDA ext exists  |                                   |
+|                                | (CPU: wgrad_accum_cpu for fp32 DDP models, set   |                                   |
+|                                | in build_engine; kernels/cpu_wgrad.py)           |                                   |
 
 The builders attach the model-level part to each model (``model.kernel_selection``); ``build_engine``
 completes it with the optimizer actually built (its class, not a guess) and the DDP flags, and logs

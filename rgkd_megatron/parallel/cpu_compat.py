@@ -39,6 +39,10 @@ On a CPU-only build it installs, once per process:
 7. ``tp_shortcuts``: exact shortcuts past megatron-core's autograd wrappers where they compute
    nothing (a linear layer without a gradient, TP region mappings on one rank, viewless tensors
    without grad mode; ``parallel/cpu_shortcuts.py``): a decode step's Python overhead.
+8. ``wgrad_accum``: a CPU twin of apex's ``fused_weight_gradient_mlp_cuda`` for megatron's
+   linear layers (``kernels/cpu_wgrad.py``): ``training.engine.build_engine`` then switches the
+   linear layers of an fp32 DDP model to gradient-accumulation fusion (the weight gradient
+   accumulated into the DDP grad buffer by the GEMM, as on GPU).
 
 :func:`plain_torch` runs a block without the device mode (for hot loops that create no tensor on a
 device: the cache reader, decode steps of generation).
@@ -65,6 +69,7 @@ ALL_PATCHES = (
     "distopt_torch_adam",
     "grad_scale",
     "tp_shortcuts",
+    "wgrad_accum",
 )
 _applied: set[str] = set()
 _mode: TorchFunctionMode | None = None
@@ -100,12 +105,19 @@ def apply(patches: tuple[str, ...] | None = None) -> tuple[str, ...]:
         "distopt_torch_adam": _patch_distopt_torch_adam,
         "grad_scale": _patch_grad_scale,
         "tp_shortcuts": cpu_shortcuts.install,
+        "wgrad_accum": _install_cpu_wgrad,
     }
     for name in patches:
         if name not in _applied:
             installers[name]()
             _applied.add(name)
     return tuple(sorted(_applied))
+
+
+def _install_cpu_wgrad() -> None:
+    from rgkd_megatron.kernels import cpu_wgrad  # the kernels package imports the losses: lazily
+
+    cpu_wgrad.install()
 
 
 # ------------------------------------------------------------------------------------------ cuda_api

@@ -59,6 +59,10 @@ PATCH_TARGETS: dict[str, tuple[str, ...]] = {
     "tp_shortcuts": cpu_shortcuts.LINEAR_TARGETS
     + cpu_shortcuts.TP_REGION_TARGETS
     + cpu_shortcuts.VIEWLESS_TARGETS,
+    "wgrad_accum": (
+        "megatron.core.tensor_parallel.layers:LinearWithGradAccumulationAndAsyncCommunication.backward",
+        "megatron.core.tensor_parallel.layers:prepare_input_tensors_for_wgrad_compute",
+    ),
 }
 
 _warned: set[str] = set()

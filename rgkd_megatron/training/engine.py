@@ -14,6 +14,7 @@ are exact global means over micro-batches and DP ranks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -29,6 +30,7 @@ from megatron.core.pipeline_parallel.schedules import (
     forward_backward_pipelining_without_interleaving,
 )
 
+from rgkd_megatron.kernels import cpu_wgrad
 from rgkd_megatron.kernels.selection import engine_selection, log_kernel_selection, resolve_optimizer_impl
 from rgkd_megatron.parallel.groups import RoleGroups
 
@@ -99,6 +101,8 @@ def build_engine(
         check_for_nan_in_grad=True,
     )
     ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=pg)
+    # CPU, fp32: weight gradients accumulated into the DDP buffer by the GEMM (kernels/cpu_wgrad.py)
+    wgrad_fused_on_cpu = cpu_wgrad.enable_for_ddp_model(ddp_model) > 0
     config.finalize_model_grads_func = finalize_model_grads  # REQUIRED: SP norm + tied-embedding grads
     if parallel_cfg.overlap_grad_reduce:
         config.no_sync_func = ddp_model.no_sync
@@ -123,7 +127,10 @@ def build_engine(
             opt_config, [ddp_model], use_gloo_process_groups=False, pg_collection=pg
         )
     # one INFO line: spec, optimizer class actually built, dtype, fp8, recompute, kd kernel, overlap
-    log_kernel_selection(engine_selection(model, optimizer, ddp_config))
+    selection = engine_selection(model, optimizer, ddp_config)
+    if wgrad_fused_on_cpu:
+        selection = dataclasses.replace(selection, fusions=(*selection.fusions, "wgrad_accum_cpu"))
+    log_kernel_selection(selection)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup_iters > 0 else lr,
