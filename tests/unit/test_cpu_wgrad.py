@@ -3,7 +3,8 @@
 - the kernel against a float64 ``main_grad + grad_output^T @ input`` (fp32, and low-precision
   activations against an fp32 buffer);
 - whole engines: the DDP grad buffers after a forward/backward over two micro-batches with fusion
-  (the GEMM accumulating into ``main_grad``) against the same engine without it (autograd's weight
+  (the GEMM accumulating into ``main_grad``, the word embedding's rows index-added into it) against
+  the same engine without it (autograd's weight
   gradient added by megatron DDP's hook: megatron's own unfused path, the reference), for tied and
   untied embeddings; the fused engine really took the fused path (every linear weight marked
   ``grad_added_to_main_grad``) and the unfused one did not; a bf16 model and a model outside DDP
@@ -85,8 +86,10 @@ def _engine_grads(groups, tied: bool, fused: bool, dtype: str = "fp32"):
         for name, p in model.named_parameters()
         if name.endswith("weight")
     }
+    embedding = model.embedding.word_embeddings
     return {"grads": grads, "switched": switched, "linears": len(linears), "added": added,
-            "installed": cpu_wgrad.installed()}  # fmt: skip
+            "installed": cpu_wgrad.installed(), "embedding_switched": "forward" in vars(embedding),
+            "zero_out_wgrad": getattr(embedding.weight, "zero_out_wgrad", None)}  # fmt: skip
 
 
 def _body(rank, world_size):
@@ -103,6 +106,8 @@ def _body(rank, world_size):
             "installed": fused["installed"],
             "switched": (fused["switched"], plain["switched"], fused["linears"]),
             "fused_added": fused["added"],
+            "embedding_switched": (fused["embedding_switched"], plain["embedding_switched"]),
+            "zero_out_wgrad": (fused["zero_out_wgrad"], plain["zero_out_wgrad"]),
             "plain_added": plain["added"],
             "max_diff": max(
                 (fused["grads"][n] - plain["grads"][n]).abs().max().item() for n in plain["grads"]
@@ -140,7 +145,10 @@ def test_fused_engine_gradients_equal_megatrons_unfused_path(results, tied):
     assert r["installed"], "the wgrad_accum CPU patch is active in a default process"
     fused_switched, plain_switched, linears = r["switched"]
     assert fused_switched == linears > 0 and plain_switched == 0, r["switched"]
-    linear_weights = [n for n in r["fused_added"] if "linear_" in n or "output_layer" in n]
+    assert r["embedding_switched"] == (True, False), r["embedding_switched"]
+    # tied: megatron's zero placeholder is kept on the unfused path only
+    assert r["zero_out_wgrad"] == ((False, True) if tied else (False, None)), r["zero_out_wgrad"]
+    linear_weights = [n for n in r["fused_added"] if "linear_" in n or "output_layer" in n or "word_emb" in n]
     assert linear_weights and all(r["fused_added"][n] for n in linear_weights), r["fused_added"]
     assert not any(r["plain_added"].values()), r["plain_added"]
     assert r["scale"] > 1e-3, r

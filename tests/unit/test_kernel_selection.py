@@ -331,6 +331,7 @@ def test_recompute_overlap_and_startup_line_on_cpu():
     assert r["losses"][True][-1] < r["losses"][True][0]  # it trains
     assert r["log"] == [  # two engines, two distinct lines (the overlap flags differ)
         "kernel selection: spec=local optimizer=torch(AdamW) dtype=fp32 fp8=off recompute=none kd_kernel=torch "
-        f"distributed_optimizer={flag} overlap_grad_reduce={flag} overlap_param_gather={flag} fusions=none"
+        f"distributed_optimizer={flag} overlap_grad_reduce={flag} overlap_param_gather={flag} "
+        "fusions=wgrad_accum_cpu"  # fp32 DDP on CPU: kernels/cpu_wgrad.py
         for flag in ("false", "true")
     ]
