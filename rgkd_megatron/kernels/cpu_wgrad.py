@@ -41,8 +41,6 @@ __all__ = [
     "wgrad_gemm_accum_fp32",
 ]
 
-LAYERS_MODULE = "megatron.core.tensor_parallel.layers"
-
 
 def wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
     """``main_grad += grad_output^T @ input`` in place: input [t, in], grad_output [t, out] (2-D, as

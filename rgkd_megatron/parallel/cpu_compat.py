@@ -42,7 +42,8 @@ On a CPU-only build it installs, once per process:
 8. ``wgrad_accum``: a CPU twin of apex's ``fused_weight_gradient_mlp_cuda`` for megatron's
    linear layers (``kernels/cpu_wgrad.py``): ``training.engine.build_engine`` then switches the
    linear layers of an fp32 DDP model to gradient-accumulation fusion (the weight gradient
-   accumulated into the DDP grad buffer by the GEMM, as on GPU).
+   accumulated into the DDP grad buffer by the GEMM, as on GPU) and its one-rank word embedding to
+   index-adding its rows into that buffer.
 
 :func:`plain_torch` runs a block without the device mode (for hot loops that create no tensor on a
 device: the cache reader, decode steps of generation).
