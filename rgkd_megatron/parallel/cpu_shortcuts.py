@@ -11,8 +11,8 @@ for every other case.
    ``y = x @ W^T (+ b)`` (``torch.matmul(input, weight.t())``, then ``output + bias``); the rest is
    bookkeeping for the backward. When no gradient can flow (grad mode off, or no input requires a
    gradient) the shortcut makes the same two calls, except for a decode step's few rows against a
-   large weight (``no_grad_product``: the same sums in the orientation measured faster on this
-   machine, fp32 rounding apart).
+   large weight (``no_grad_product``: the same sums in the way measured fastest on this machine,
+   fp32 rounding apart).
 2. ``tp_regions``: ``copy_to`` / ``reduce_from`` / ``gather_from_tensor_model_parallel_region``
    (tensor_parallel/mappings.py) are the identity, forward and backward, on a TP group of one rank
    (megatron's own ``_reduce`` / ``_gather_along_last_dim`` / ``_split_along_last_dim`` return their
@@ -39,15 +39,17 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "install",
+    "block_rows",
+    "blocked_product",
     "no_grad_product",
-    "prefer_weight_major",
-    "reset_orientation_choices",
+    "pick_product",
+    "reset_product_choices",
     "shortcut_linear",
     "shortcut_tp_region",
     "shortcut_viewless",
-    "time_orientations",
+    "skinny_product_choice",
+    "time_products",
     "uninstall",
-    "weight_major_chosen",
     "weight_major_product",
 ]
 
@@ -71,22 +73,17 @@ def _needs_graph(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# weight-major products (below): weights at least this large (past the caches: the product is
-# memory-bound) and inputs of this many rows (a decode step's batch)
-WEIGHT_MAJOR_MIN_BYTES = 16 << 20
-WEIGHT_MAJOR_ROWS = range(2, 9)
-ORIENTATION_ENV = "RGKD_CPU_SKINNY_GEMM"
-ORIENTATIONS = ("auto", "input", "weight")
+# few-row products (below): inputs of this many rows (a decode step's batch) against fp32 weights at
+# least this large (a few-row product there streams the weight: memory-bound)
+SKINNY_MIN_BYTES = 1 << 20
+SKINNY_ROWS = range(2, 9)
+SKINNY_ENV = "RGKD_CPU_SKINNY_GEMM"
+SKINNY_PRODUCTS = ("input", "weight", "blocked")  # megatron's x @ W^T first
+BLOCK_BYTES = 576 << 10  # weight bytes per block of blocked_product: well inside a core's L2
 CALIBRATION_TRIALS = 3
-WEIGHT_MAJOR_MARGIN = 0.9
+SKINNY_MARGIN = 0.9
 
-_chosen: dict[tuple[int, int, int, torch.dtype], bool] = {}  # (N, K, rows, dtype) -> weight-major
-
-
-def prefer_weight_major(input_major_s: list[float], weight_major_s: list[float]) -> bool:
-    """Whether timed trials favour ``(W @ x^T)^T``: its median at most ``WEIGHT_MAJOR_MARGIN`` times
-    the median of ``x @ W^T`` (ties and small wins keep megatron's product)."""
-    return statistics.median(weight_major_s) <= WEIGHT_MAJOR_MARGIN * statistics.median(input_major_s)
+_chosen: dict[tuple[int, int, int, torch.dtype], str] = {}  # (N, K, rows, dtype) -> product
 
 
 def weight_major_product(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -94,76 +91,110 @@ def weight_major_product(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return torch.mm(weight, x_mk.t()).t().contiguous()
 
 
-def time_orientations(
+def block_rows(weight: torch.Tensor) -> int:
+    """Weight rows per block of ``blocked_product``: ``BLOCK_BYTES`` of W [N, K], a multiple of 16,
+    at least 16, at most N."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    return min(weight.shape[0], max(16, BLOCK_BYTES // max(row_bytes, 1) // 16 * 16))
+
+
+def blocked_product(x_mk: torch.Tensor, weight: torch.Tensor, rows_per_block: int = 0) -> torch.Tensor:
+    """``x @ W^T`` for x_mk [rows, K], W [N, K], one ``torch.mm`` per block of ``rows_per_block``
+    weight rows (``block_rows`` when 0), each written into its columns of one [rows, N] output.
+
+    Every output element is the same K-long dot product as in ``x @ W^T``; the blocks only bound
+    how much of W one GEMM call touches, so the library's packed copy of each block stays in the
+    core's cache (one call over the whole weight packs panels larger than L2)."""
+    n = weight.shape[0]
+    block = rows_per_block or block_rows(weight)
+    out = x_mk.new_empty(x_mk.shape[0], n)
+    for start in range(0, n, block):
+        torch.mm(x_mk, weight[start : start + block].t(), out=out[:, start : start + block])
+    return out
+
+
+_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "input": lambda x_mk, weight: torch.mm(x_mk, weight.t()),
+    "weight": weight_major_product,
+    "blocked": blocked_product,
+}
+
+
+def pick_product(seconds: dict[str, list[float]]) -> str:
+    """The product timed trials favour: the alternative (``weight`` or ``blocked``) with the lowest
+    median if that median is at most ``SKINNY_MARGIN`` times ``input``'s, else ``input`` (ties and
+    small wins keep megatron's product)."""
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    best = min((name for name in medians if name != "input"), key=medians.__getitem__, default="input")
+    return best if medians[best] <= SKINNY_MARGIN * medians["input"] else "input"
+
+
+def time_products(
     x_mk: torch.Tensor, weight: torch.Tensor, trials: int = CALIBRATION_TRIALS
-) -> tuple[list[float], list[float]]:
-    """Seconds of ``trials`` alternated calls of each orientation (``x @ W^T``, then
-    ``weight_major_product``) on the given tensors."""
-    input_s: list[float] = []
-    weight_s: list[float] = []
-    products = (
-        (lambda: torch.mm(x_mk, weight.t()), input_s),
-        (lambda: weight_major_product(x_mk, weight), weight_s),
-    )
+) -> dict[str, list[float]]:
+    """Seconds of ``trials`` alternated calls of each of ``SKINNY_PRODUCTS`` on the given tensors."""
+    seconds: dict[str, list[float]] = {name: [] for name in SKINNY_PRODUCTS}
     for _ in range(trials):
-        for product, out in products:
+        for name in SKINNY_PRODUCTS:
             start = time.perf_counter()
-            product()
-            out.append(time.perf_counter() - start)
-    return input_s, weight_s
+            _PRODUCTS[name](x_mk, weight)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
-def weight_major_chosen(x_mk: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``no_grad_product`` takes ``(W @ x^T)^T`` for x_mk [rows, K] and W [N, K] (an eligible
-    call): as ``RGKD_CPU_SKINNY_GEMM`` says, or measured once per (N, K, rows, dtype) when ``auto``."""
-    mode = os.environ.get(ORIENTATION_ENV, "auto")
-    if mode not in ORIENTATIONS:
-        raise ValueError(f"{ORIENTATION_ENV}={mode!r}: expected one of {ORIENTATIONS}")
+def skinny_product_choice(x_mk: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which of ``SKINNY_PRODUCTS`` ``no_grad_product`` computes for x_mk [rows, K] and W [N, K] (an
+    eligible call): as ``RGKD_CPU_SKINNY_GEMM`` says, or measured once per (N, K, rows, dtype) when
+    ``auto``."""
+    mode = os.environ.get(SKINNY_ENV, "auto")
+    if mode != "auto" and mode not in SKINNY_PRODUCTS:
+        raise ValueError(f"{SKINNY_ENV}={mode!r}: expected one of {('auto', *SKINNY_PRODUCTS)}")
     if mode != "auto":
-        return mode == "weight"
+        return mode
     key = (weight.shape[0], weight.shape[1], x_mk.shape[0], weight.dtype)
     if key not in _chosen:
-        input_s, weight_s = time_orientations(x_mk, weight)
-        _chosen[key] = prefer_weight_major(input_s, weight_s)
+        seconds = time_products(x_mk, weight)
+        _chosen[key] = pick_product(seconds)
         log.debug(
-            "CPU few-row product W [%d, %d] x %d rows: x @ W^T %.2f ms, (W @ x^T)^T %.2f ms -> %s",
-            key[0], key[1], key[2], statistics.median(input_s) * 1e3, statistics.median(weight_s) * 1e3,
-            "weight-major" if _chosen[key] else "x @ W^T",
+            "CPU few-row product W [%d, %d] x %d rows: %s -> %s", key[0], key[1], key[2],
+            ", ".join(f"{name} {statistics.median(t) * 1e3:.2f} ms" for name, t in seconds.items()), _chosen[key],
         )  # fmt: skip
     return _chosen[key]
 
 
-def reset_orientation_choices() -> None:
+def reset_product_choices() -> None:
     """Forget the measured choices (the next eligible call of each shape measures again)."""
     _chosen.clear()
 
 
 def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ W^T`` for x [..., K], W [N, K] -> [..., N]: megatron's ``torch.matmul(input,
-    weight.t())``, or ``(W @ x^T)^T`` for 2-8 rows against an fp32 weight of 16 MiB or more when
-    that orientation is measurably faster on this machine.
+    weight.t())``, or, for 2-8 rows against an fp32 weight of 1 MiB or more, whichever of three ways
+    to compute the same sums is measurably faster on this machine.
 
-    Why: for a decode step's few rows against a weight that does not fit in the caches, MKL's sgemm
-    cost depends on the orientation, and which one wins depends on the CPU: on one Xeon ``x @ W^T``
-    with 2-4 rows took 2-3x a matrix-vector product while ``W @ x^T`` streamed W once; on another
-    ``x @ W^T`` was the faster one up to 6 rows and ``W @ x^T`` from 7 rows on
-    (``benchmarks/skinny_gemm.py`` prints both per shape). So the first eligible call of each
-    (N, K, rows) times both orientations (``CALIBRATION_TRIALS`` alternated calls, on the call's own
-    tensors) and keeps the weight-major one only if ``prefer_weight_major``; the choice holds for
-    the process (``reset_orientation_choices``). ``RGKD_CPU_SKINNY_GEMM=input|weight`` fixes it
-    instead (``input``: always megatron's product, bit for bit). The two orientations are the same
-    sums in another order: they differ by fp32 rounding only (~1e-7 relative), so only inference
-    calls (no gradient) come here."""
+    Why: for a decode step's few rows against a weight that does not fit in a core's cache, the
+    BLAS's sgemm cost depends on how the call is shaped, and which shape wins depends on the CPU:
+    on one Xeon ``x @ W^T`` with 2-4 rows took 2-3x a matrix-vector product while ``W @ x^T``
+    (``weight``) streamed W once; on another ``x @ W^T`` was the faster orientation, and the same
+    product cut into blocks of ~576 KiB of W (``blocked_product``) took 0.8x its time
+    (``benchmarks/skinny_gemm.py`` prints all three per shape). So the first eligible call of each
+    (N, K, rows) times the three (``CALIBRATION_TRIALS`` alternated calls, on the call's own
+    tensors) and keeps ``pick_product``'s choice for the process (``reset_product_choices``).
+    ``RGKD_CPU_SKINNY_GEMM=input|weight|blocked`` fixes it instead (``input``: always megatron's
+    product, bit for bit). ``blocked`` makes the same dot products as ``input`` (bit for bit in our checks
+    with the MKL of torch's CPU wheels, though a BLAS may block K differently per call); ``weight``
+    sums in another order (~1e-7 relative), so only inference calls (no gradient) come here."""
     rows = input.numel() // max(input.shape[-1], 1)
     if (
-        rows in WEIGHT_MAJOR_ROWS
+        rows in SKINNY_ROWS
         and weight.dtype == torch.float32 == input.dtype
         and weight.dim() == 2
-        and weight.numel() * weight.element_size() >= WEIGHT_MAJOR_MIN_BYTES
+        and weight.numel() * weight.element_size() >= SKINNY_MIN_BYTES
     ):
         x_mk = input.reshape(rows, input.shape[-1])
-        if weight_major_chosen(x_mk, weight):
-            return weight_major_product(x_mk, weight).view(*input.shape[:-1], weight.shape[0])
+        choice = skinny_product_choice(x_mk, weight)
+        if choice != "input":
+            return _PRODUCTS[choice](x_mk, weight).view(*input.shape[:-1], weight.shape[0])
     return torch.matmul(input, weight.t())
 
 

@@ -1,8 +1,9 @@
 """CPU shortcuts past megatron-core's autograd wrappers (rgkd_megatron/parallel/cpu_shortcuts.py).
 
-- ``no_grad_product`` against a float64 dense product; which orientation it takes (2-8 rows and an
-  fp32 weight of 16 MiB or more: the requested or measured one; else megatron's
-  ``torch.matmul(x, W^T)``, bit for bit); the measured choice: once per shape, the faster by a margin.
+- ``no_grad_product`` against a float64 dense product; which product it takes (2-8 rows and an
+  fp32 weight of 1 MiB or more: the requested or measured one of x @ W^T, weight-major, blocked;
+  else megatron's ``torch.matmul(x, W^T)``, bit for bit); the measured choice: once per shape, the
+  fastest by a margin; the blocked product column by column against a dense one.
 - each wrapper hands every case it does not cover to the original (recorded), and computes the
   cases it covers like a dense reference.
 - whole models, with the shortcuts installed vs megatron's originals put back in the same process:
@@ -20,9 +21,12 @@ from distributed_utils import run_distributed
 
 from rgkd_megatron.parallel import cpu_shortcuts
 from rgkd_megatron.parallel.cpu_shortcuts import (
-    WEIGHT_MAJOR_MIN_BYTES,
+    BLOCK_BYTES,
+    SKINNY_MIN_BYTES,
+    block_rows,
+    blocked_product,
     no_grad_product,
-    prefer_weight_major,
+    pick_product,
     shortcut_linear,
     shortcut_tp_region,
     shortcut_viewless,
@@ -33,84 +37,127 @@ def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.double() @ w.double().t()).float()
 
 
-@pytest.mark.parametrize("orientation", ["input", "weight"])
+@pytest.mark.parametrize("product", ["input", "weight", "blocked"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
-def test_no_grad_product_matches_dense_and_takes_the_requested_orientation(rows, orientation, monkeypatch):
-    monkeypatch.setenv(cpu_shortcuts.ORIENTATION_ENV, orientation)
+def test_no_grad_product_matches_dense_and_takes_the_requested_product(rows, product, monkeypatch):
+    monkeypatch.setenv(cpu_shortcuts.SKINNY_ENV, product)
     g = torch.Generator().manual_seed(rows)
     k = 256
-    w = torch.randn(WEIGHT_MAJOR_MIN_BYTES // (4 * k), k, generator=g)  # exactly the threshold
+    w = torch.randn(SKINNY_MIN_BYTES // (4 * k), k, generator=g)  # exactly the threshold
     x = torch.randn(rows, 1, k, generator=g)  # [s, b, K] like a decode step's [1, b, h] transposed
     got = no_grad_product(x, w)
     want = _dense(x, w)
     assert got.shape == (rows, 1, w.shape[0]) and got.is_contiguous()
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    if orientation == "weight" and 2 <= rows <= 8:
+    if product == "weight" and 2 <= rows <= 8:
         assert torch.equal(got.view(rows, -1), torch.mm(w, x.view(rows, k).t()).t())
-    else:
+    elif product == "input" or not 2 <= rows <= 8:
         assert torch.equal(got, torch.matmul(x, w.t()))
     small = w[: w.shape[0] // 2]  # below the threshold: always megatron's matmul
     assert torch.equal(no_grad_product(x, small), torch.matmul(x, small.t()))
     assert torch.equal(no_grad_product(x.double(), w.double()), torch.matmul(x.double(), w.double().t()))
 
 
-def test_prefer_weight_major_needs_a_clear_win_of_the_medians():
-    assert prefer_weight_major([10.0, 10.0, 30.0], [9.0, 1.0, 50.0])  # medians 10 vs 9: 0.9x
-    assert not prefer_weight_major([10.0, 10.0, 30.0], [9.1, 1.0, 50.0])  # 0.91x: keep x @ W^T
-    assert not prefer_weight_major([5.0, 6.0, 7.0], [6.0, 6.0, 6.0])  # a tie
+@pytest.mark.parametrize("n, k, block", [(1000, 64, 0), (1000, 64, 128), (1000, 64, 1000), (7, 4096, 0)])
+def test_blocked_product_writes_every_column_like_a_dense_product(n, k, block):
+    g = torch.Generator().manual_seed(n + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(3, k, generator=g)
+    got = blocked_product(x, w, block)
+    want = _dense(x, w)
+    assert got.shape == (3, n) and got.is_contiguous()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    # each column is its own dot product: changing one weight row moves only that column
+    w2 = w.clone()
+    w2[n // 2] += 1.0
+    moved = (blocked_product(x, w2, block) - got).abs().amax(dim=0) > 0
+    assert moved.nonzero().flatten().tolist() == [n // 2]
 
 
-@pytest.mark.parametrize("weight_major_faster", [True, False])
-def test_auto_orientation_measures_each_shape_once_and_keeps_the_faster(weight_major_faster, monkeypatch):
-    monkeypatch.delenv(cpu_shortcuts.ORIENTATION_ENV, raising=False)
+def test_block_rows_follow_the_byte_budget():
+    assert block_rows(torch.empty(49152, 576)) == BLOCK_BYTES // (576 * 4) // 16 * 16
+    assert block_rows(torch.empty(100, 576)) == 100  # never more than N
+    assert block_rows(torch.empty(4096, 1 << 20)) == 16  # at least 16 rows
+    assert block_rows(torch.empty(4096, 576, dtype=torch.bfloat16)) == BLOCK_BYTES // (576 * 2) // 16 * 16
+
+
+def test_pick_product_needs_a_clear_win_of_the_medians():
+    assert (
+        pick_product({"input": [10.0, 10.0, 30.0], "weight": [9.0, 1.0, 50.0], "blocked": [20.0] * 3})
+        == "weight"
+    )
+    assert pick_product({"input": [10.0] * 3, "weight": [9.5] * 3, "blocked": [8.0, 9.0, 1.0]}) == "blocked"
+    assert pick_product({"input": [10.0] * 3, "weight": [9.1] * 3, "blocked": [9.2] * 3}) == "input"  # 0.91x
+    assert (
+        pick_product({"input": [5.0, 6.0, 7.0], "weight": [6.0] * 3, "blocked": [6.0] * 3}) == "input"
+    )  # ties
+    assert (
+        pick_product({"input": [10.0] * 3, "weight": [8.0] * 3, "blocked": [7.0] * 3}) == "blocked"
+    )  # the fastest
+
+
+@pytest.mark.parametrize("fastest", ["input", "weight", "blocked"])
+def test_auto_product_measures_each_shape_once_and_keeps_the_fastest(fastest, monkeypatch):
+    monkeypatch.delenv(cpu_shortcuts.SKINNY_ENV, raising=False)
     timed: list[tuple[int, int]] = []
+    calls: list[str] = []
 
     def fake_timing(x_mk, weight):
         timed.append((weight.shape[0], x_mk.shape[0]))
-        fast, slow = [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]
-        return (slow, fast) if weight_major_faster else (fast, slow)
+        return {name: [1.0 if name == fastest else 2.0] * 3 for name in cpu_shortcuts.SKINNY_PRODUCTS}
 
-    monkeypatch.setattr(cpu_shortcuts, "time_orientations", fake_timing)
-    cpu_shortcuts.reset_orientation_choices()
+    def recording_blocked(x_mk, weight, rows_per_block=0):
+        calls.append("blocked")
+        return torch.mm(x_mk, weight.t())
+
+    monkeypatch.setattr(cpu_shortcuts, "time_products", fake_timing)
+    monkeypatch.setitem(cpu_shortcuts._PRODUCTS, "blocked", recording_blocked)
+    cpu_shortcuts.reset_product_choices()
     try:
         g = torch.Generator().manual_seed(0)
         k = 256
-        w = torch.randn(WEIGHT_MAJOR_MIN_BYTES // (4 * k), k, generator=g)
+        w = torch.randn(SKINNY_MIN_BYTES // (4 * k), k, generator=g)
         for rows in (3, 3, 4, 3):
             x = torch.randn(rows, 1, k, generator=g)
             weight_major = torch.mm(w, x.view(rows, k).t()).t()
             got = no_grad_product(x, w).view(rows, -1)
             assert torch.equal(
-                got, weight_major if weight_major_faster else torch.matmul(x, w.t()).view(rows, -1)
+                got, weight_major if fastest == "weight" else torch.matmul(x, w.t()).view(rows, -1)
             )
         assert timed == [(w.shape[0], 3), (w.shape[0], 4)]  # once per (N, K, rows)
+        assert calls == (["blocked"] * 4 if fastest == "blocked" else [])
     finally:
-        cpu_shortcuts.reset_orientation_choices()
+        cpu_shortcuts.reset_product_choices()
 
 
-def test_auto_orientation_times_both_products_on_the_call_tensors(monkeypatch):
-    monkeypatch.delenv(cpu_shortcuts.ORIENTATION_ENV, raising=False)
+def test_auto_product_times_every_product_on_the_call_tensors(monkeypatch):
+    monkeypatch.delenv(cpu_shortcuts.SKINNY_ENV, raising=False)
     seen: list[torch.Tensor] = []
     real_mm = torch.mm
 
-    def recording_mm(a, b):
-        seen.append(a if a.shape[0] > b.shape[1] else b)  # the weight operand (or its transpose)
-        return real_mm(a, b)
+    def recording_mm(a, b, **kwargs):
+        weight_operand = a if a.shape[0] > b.shape[1] else b  # the weight (block), or its transpose
+        seen.append(weight_operand)
+        return real_mm(a, b, **kwargs)
 
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(1024, 64, generator=g), torch.randn(2, 64, generator=g)
     monkeypatch.setattr(torch, "mm", recording_mm)
-    input_s, weight_s = cpu_shortcuts.time_orientations(x, w)
+    seconds = cpu_shortcuts.time_products(x, w)
     monkeypatch.setattr(torch, "mm", real_mm)
-    assert len(input_s) == len(weight_s) == cpu_shortcuts.CALIBRATION_TRIALS and min(input_s + weight_s) > 0
-    assert len(seen) == 2 * cpu_shortcuts.CALIBRATION_TRIALS
-    assert all(t.data_ptr() == w.data_ptr() for t in seen)
+    assert list(seconds) == list(cpu_shortcuts.SKINNY_PRODUCTS)
+    assert all(len(t) == cpu_shortcuts.CALIBRATION_TRIALS and min(t) > 0 for t in seconds.values())
+    blocks = -(-1024 // block_rows(w))
+    assert len(seen) == (2 + blocks) * cpu_shortcuts.CALIBRATION_TRIALS
+    storage = w.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in seen)
 
 
-def test_unknown_orientation_is_refused_by_name(monkeypatch):
-    monkeypatch.setenv(cpu_shortcuts.ORIENTATION_ENV, "fastest")
-    w = torch.zeros(WEIGHT_MAJOR_MIN_BYTES // (4 * 256), 256)
-    with pytest.raises(ValueError, match=r"RGKD_CPU_SKINNY_GEMM='fastest'.*'auto', 'input', 'weight'"):
+def test_unknown_product_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(cpu_shortcuts.SKINNY_ENV, "fastest")
+    w = torch.zeros(SKINNY_MIN_BYTES // (4 * 256), 256)
+    with pytest.raises(
+        ValueError, match=r"RGKD_CPU_SKINNY_GEMM='fastest'.*'auto', 'input', 'weight', 'blocked'"
+    ):
         no_grad_product(torch.zeros(2, 256), w)
 
 
