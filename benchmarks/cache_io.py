@@ -10,8 +10,12 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
                           after a warm-up pass, so the page cache is hot for both. Every read path runs
                           once per round, --read-passes alternated rounds; each ratio is the median over
                           the rounds of path vs that round's raw pass (wall time; *_cpu_time: process
-                          CPU time). The other paths (JSON "paths"): get into one reused buffer
-                          (reader_reuse), gather [8, S] with new buffers (gather: the trainer's path
+                          CPU time). Every path drops each result before its next read, as the raw
+                          pass drops its copies and a training loop its batches (until 2026-12-03 the
+                          reader paths kept a whole pass's results alive, the raw pass none: the
+                          reader paths then also paid the first touch of ~68 MB of fresh pages per
+                          pass, about half of get's time). The other paths (JSON "paths"): get into
+                          one reused buffer (reader_reuse), gather [8, S] with new buffers (gather: the trainer's path
                           with the loss on the CPU) and into reused ones (gather_reuse), the prefetch
                           ring (prefetch_reuse), the stored payload of a sample without decoding
                           (reader_compact) and decoded on the CPU (reader_compact_decode), and the
@@ -243,18 +247,26 @@ def _time_reads(args, directory: str) -> dict:
             for a, b in rs:
                 np.array(mm[a:b])
 
+    def each(fn, items) -> None:
+        """``fn`` over ``items``, each result dropped before the next read (as a training loop drops a
+        batch after its step; the raw pass drops its copies the same way)."""
+        for item in items:
+            fn(item)
+
+    ids = [int(i) for i in order]
     passes = {
         "raw": raw_pass,
-        "get": lambda: [reader.get(int(i)) for i in order],
-        "get_reuse": lambda: [reader.get(int(i), out=rows_buf) for i in order],
-        "gather": lambda: [reader.gather(b["sample_ids"], b["position_ids"]) for b in batches],
-        "gather_reuse": lambda: [reader.gather(b["sample_ids"], b["position_ids"], out=batch_buf) for b in batches],
-        "prefetch_reuse": lambda: [t for _, t in reader.prefetch(batches, depth=2, reuse_buffers=True)],
-        "get_compact": lambda: [reader.get_compact(int(i)) for i in order],
-        "get_compact_decode": lambda: [reader.get_compact(int(i)).decode() for i in order],
-        "gather_compact": lambda: [reader.gather_compact(b["sample_ids"], b["position_ids"]) for b in batches],
-        "gather_compact_decode": lambda: [reader.gather_compact(b["sample_ids"], b["position_ids"]).decode()
-                                          for b in batches],
+        "get": lambda: each(reader.get, ids),
+        "get_reuse": lambda: each(lambda i: reader.get(i, out=rows_buf), ids),
+        "gather": lambda: each(lambda b: reader.gather(b["sample_ids"], b["position_ids"]), batches),
+        "gather_reuse": lambda: each(lambda b: reader.gather(b["sample_ids"], b["position_ids"], out=batch_buf), batches),
+        "prefetch_reuse": lambda: each(lambda item: None, reader.prefetch(batches, depth=2, reuse_buffers=True)),
+        "get_compact": lambda: each(reader.get_compact, ids),
+        "get_compact_decode": lambda: each(lambda i: reader.get_compact(i).decode(), ids),
+        "gather_compact": lambda: each(lambda b: reader.gather_compact(b["sample_ids"], b["position_ids"]), batches),
+        "gather_compact_decode": lambda: each(
+            lambda b: reader.gather_compact(b["sample_ids"], b["position_ids"]).decode(), batches
+        ),
     }  # fmt: skip
     raw_pass()  # page cache warm for both
     first = timed(passes["get"])[0]  # includes the crc32 verification of every block

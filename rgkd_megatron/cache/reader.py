@@ -394,6 +394,15 @@ class TeacherCacheReader:
 
     def _rows_out(self, out: TopKRows, n: int) -> tuple[np.ndarray, ...]:
         """numpy views of the first ``n`` rows of ``get``'s ``out`` after checking it (ValueError)."""
+        cached = self._out_views
+        # the same buffer as the last call, its tensors unchanged (storage, shape, strides, dtype): checked then
+        if (
+            cached is not None
+            and cached[0] is out
+            and cached[1] == [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in out]
+        ):
+            if n <= cached[3]:
+                return tuple(a[:n] for a in cached[2])
         if not isinstance(out, TopKRows):
             raise ValueError(f"get: out must be a TopKRows (reader.empty_rows), got {type(out).__name__}")
         lp, ids, lse, tail = out
@@ -406,10 +415,10 @@ class TeacherCacheReader:
         if not ok:  # the message names the field
             check_out(out._asdict(), self._rows_spec(n), "get", min_rows=True)
         # numpy views of the last ``out`` (a reused buffer: the usual case); holds that one buffer
-        cached = self._out_views
-        if cached is None or cached[0] is not out or cached[1] != [t.data_ptr() for t in out]:
-            cached = self._out_views = (out, [t.data_ptr() for t in out], tuple(as_numpy(t) for t in out))
-        return tuple(a[:n] for a in cached[2])
+        rows = min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0])
+        views = tuple(as_numpy(t) for t in out)
+        self._out_views = (out, [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in out], views, rows)
+        return tuple(a[:n] for a in views)
 
     def _rows_spec(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         spec = batch_spec(1, n, self.k, self.dtype)

@@ -122,6 +122,16 @@ def test_out_buffers_of_the_wrong_shape_or_dtype_are_refused(tmp_path):
             reader.gather(sid, pos, out=out)
         assert expected in str(err.value)
     assert len(reader.get(4, out=good).ids) == n  # still usable after the errors
+    # a buffer accepted once is checked again when it no longer fits: fewer rows than asked for ...
+    short = reader.empty_rows(n - 1)
+    assert len(reader.get(4, 0, n - 1, out=short).ids) == n - 1
+    with pytest.raises(ValueError, match="'logprobs'"):
+        reader.get(4, out=short)
+    # ... or one of its tensors changed in place after it was accepted (same storage, another dtype)
+    assert len(reader.get(4, out=good).ids) == n
+    good.lse.data = good.lse.data.view(torch.int32)
+    with pytest.raises(ValueError, match="'lse'"):
+        reader.get(4, out=good)
 
 
 def _wait_for_producer(it) -> None:
