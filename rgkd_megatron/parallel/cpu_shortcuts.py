@@ -79,11 +79,11 @@ SKINNY_MIN_BYTES = 1 << 20
 SKINNY_ROWS = range(2, 9)
 SKINNY_ENV = "RGKD_CPU_SKINNY_GEMM"
 SKINNY_PRODUCTS = ("input", "weight", "blocked")  # megatron's x @ W^T first
-BLOCK_BYTES = 576 << 10  # weight bytes per block of blocked_product: well inside a core's L2
+BLOCK_BYTES = 576 << 10  # weight bytes per thread in a block of blocked_product: inside a core's L2
 CALIBRATION_TRIALS = 3
 SKINNY_MARGIN = 0.9
 
-_chosen: dict[tuple[int, int, int, torch.dtype], str] = {}  # (N, K, rows, dtype) -> product
+_chosen: dict[tuple[int, int, int, torch.dtype, int], str] = {}  # (N, K, rows, dtype, threads) -> product
 
 
 def weight_major_product(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -91,11 +91,13 @@ def weight_major_product(x_mk: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return torch.mm(weight, x_mk.t()).t().contiguous()
 
 
-def block_rows(weight: torch.Tensor) -> int:
-    """Weight rows per block of ``blocked_product``: ``BLOCK_BYTES`` of W [N, K], a multiple of 16,
-    at least 16, at most N."""
+def block_rows(weight: torch.Tensor, threads: int = 0) -> int:
+    """Weight rows per block of ``blocked_product``: ``BLOCK_BYTES`` of W [N, K] per torch thread
+    (``threads``, 0: ``torch.get_num_threads()``; the BLAS splits a block's rows among them), a
+    multiple of 16, at least 16, at most N."""
     row_bytes = weight.shape[1] * weight.element_size()
-    return min(weight.shape[0], max(16, BLOCK_BYTES // max(row_bytes, 1) // 16 * 16))
+    budget = BLOCK_BYTES * (threads or torch.get_num_threads())
+    return min(weight.shape[0], max(16, budget // max(row_bytes, 1) // 16 * 16))
 
 
 def blocked_product(x_mk: torch.Tensor, weight: torch.Tensor, rows_per_block: int = 0) -> torch.Tensor:
@@ -144,14 +146,14 @@ def time_products(
 
 def skinny_product_choice(x_mk: torch.Tensor, weight: torch.Tensor) -> str:
     """Which of ``SKINNY_PRODUCTS`` ``no_grad_product`` computes for x_mk [rows, K] and W [N, K] (an
-    eligible call): as ``RGKD_CPU_SKINNY_GEMM`` says, or measured once per (N, K, rows, dtype) when
-    ``auto``."""
+    eligible call): as ``RGKD_CPU_SKINNY_GEMM`` says, or measured once per (N, K, rows, dtype, torch
+    threads) when ``auto``."""
     mode = os.environ.get(SKINNY_ENV, "auto")
     if mode != "auto" and mode not in SKINNY_PRODUCTS:
         raise ValueError(f"{SKINNY_ENV}={mode!r}: expected one of {('auto', *SKINNY_PRODUCTS)}")
     if mode != "auto":
         return mode
-    key = (weight.shape[0], weight.shape[1], x_mk.shape[0], weight.dtype)
+    key = (weight.shape[0], weight.shape[1], x_mk.shape[0], weight.dtype, torch.get_num_threads())
     if key not in _chosen:
         seconds = time_products(x_mk, weight)
         _chosen[key] = pick_product(seconds)
@@ -176,7 +178,7 @@ def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     BLAS's sgemm cost depends on how the call is shaped, and which shape wins depends on the CPU:
     on one Xeon ``x @ W^T`` with 2-4 rows took 2-3x a matrix-vector product while ``W @ x^T``
     (``weight``) streamed W once; on another ``x @ W^T`` was the faster orientation, and the same
-    product cut into blocks of ~576 KiB of W (``blocked_product``) took 0.8x its time
+    product cut into blocks of ~576 KiB of W per thread (``blocked_product``) took 0.8x its time
     (``benchmarks/skinny_gemm.py`` prints all three per shape). So the first eligible call of each
     (N, K, rows) times the three (``CALIBRATION_TRIALS`` alternated calls, on the call's own
     tensors) and keeps ``pick_product``'s choice for the process (``reset_product_choices``).

@@ -73,11 +73,14 @@ def test_blocked_product_writes_every_column_like_a_dense_product(n, k, block):
     assert moved.nonzero().flatten().tolist() == [n // 2]
 
 
-def test_block_rows_follow_the_byte_budget():
-    assert block_rows(torch.empty(49152, 576)) == BLOCK_BYTES // (576 * 4) // 16 * 16
-    assert block_rows(torch.empty(100, 576)) == 100  # never more than N
-    assert block_rows(torch.empty(4096, 1 << 20)) == 16  # at least 16 rows
-    assert block_rows(torch.empty(4096, 576, dtype=torch.bfloat16)) == BLOCK_BYTES // (576 * 2) // 16 * 16
+def test_block_rows_follow_the_byte_budget_per_thread(monkeypatch):
+    assert block_rows(torch.empty(49152, 576), 1) == BLOCK_BYTES // (576 * 4) // 16 * 16
+    assert block_rows(torch.empty(49152, 576), 2) == 2 * BLOCK_BYTES // (576 * 4) // 16 * 16
+    assert block_rows(torch.empty(100, 576), 1) == 100  # never more than N
+    assert block_rows(torch.empty(4096, 1 << 20), 1) == 16  # at least 16 rows
+    assert block_rows(torch.empty(4096, 576, dtype=torch.bfloat16), 1) == BLOCK_BYTES // (576 * 2) // 16 * 16
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # 0: torch's thread count
+    assert block_rows(torch.empty(49152, 576)) == 3 * BLOCK_BYTES // (576 * 4) // 16 * 16
 
 
 def test_pick_product_needs_a_clear_win_of_the_medians():
