@@ -1,6 +1,6 @@
 """Few-row products against large weights on the CPU, fp32, one process: megatron's and
 transformers' ``x @ W^T``, the weight-major ``(W @ x^T)^T`` and the same product in blocks of
-~576 KiB of W (``blocked_product``): the three ``parallel.cpu_shortcuts.no_grad_product`` chooses
+~576 KiB of W per torch thread (``blocked_product``): the three ``parallel.cpu_shortcuts.no_grad_product`` chooses
 among for 2-8 rows against fp32 weights of 1 MiB or more, by its own quick measurement.
 
 For each weight shape [N, K] and row count M: the median time of each product over alternated

@@ -80,6 +80,7 @@ SKINNY_ROWS = range(2, 9)
 SKINNY_ENV = "RGKD_CPU_SKINNY_GEMM"
 SKINNY_PRODUCTS = ("input", "weight", "blocked")  # megatron's x @ W^T first
 BLOCK_BYTES = 576 << 10  # weight bytes per thread in a block of blocked_product: inside a core's L2
+MIN_TAIL_ROWS = 16  # blocked_product's last block: at least this many rows (else joined to the one before)
 CALIBRATION_TRIALS = 3
 SKINNY_MARGIN = 0.9
 
@@ -102,23 +103,30 @@ def block_rows(weight: torch.Tensor, threads: int = 0) -> int:
 
 def blocked_product(x_mk: torch.Tensor, weight: torch.Tensor, rows_per_block: int = 0) -> torch.Tensor:
     """``x @ W^T`` for x_mk [rows, K], W [N, K], one ``torch.mm`` per block of ``rows_per_block``
-    weight rows (``block_rows`` when 0), each written into its columns of one [rows, N] output.
+    weight rows (``block_rows`` when 0), each written into its columns of one [rows, N] output; a
+    last block of fewer than ``MIN_TAIL_ROWS`` rows joins the one before it. No graph is built.
 
     Every output element is the same K-long dot product as in ``x @ W^T``; the blocks only bound
     how much of W one GEMM call touches, so the library's packed copy of each block stays in the
-    core's cache (one call over the whole weight packs panels larger than L2)."""
+    core's cache (one call over the whole weight packs panels larger than L2). A block of 1-3 rows
+    would go through MKL's matrix-vector kernels, which round differently: hence the merged tail."""
     n = weight.shape[0]
-    block = rows_per_block or block_rows(weight)
+    block = max(rows_per_block or block_rows(weight), 1)
     out = x_mk.new_empty(x_mk.shape[0], n)
-    for start in range(0, n, block):
-        torch.mm(x_mk, weight[start : start + block].t(), out=out[:, start : start + block])
+    with torch.no_grad():  # out= products cannot build a graph
+        start = 0
+        while start < n:
+            stop = start + block if n - (start + block) >= MIN_TAIL_ROWS else n
+            torch.mm(x_mk, weight[start:stop].t(), out=out[:, start:stop])
+            start = stop
     return out
 
 
+# looked up at call time (tests and benchmarks may replace the module's functions)
 _PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "input": lambda x_mk, weight: torch.mm(x_mk, weight.t()),
-    "weight": weight_major_product,
-    "blocked": blocked_product,
+    "weight": lambda x_mk, weight: weight_major_product(x_mk, weight),
+    "blocked": lambda x_mk, weight: blocked_product(x_mk, weight),
 }
 
 
@@ -181,11 +189,15 @@ def no_grad_product(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     product cut into blocks of ~576 KiB of W per thread (``blocked_product``) took 0.8x its time
     (``benchmarks/skinny_gemm.py`` prints all three per shape). So the first eligible call of each
     (N, K, rows) times the three (``CALIBRATION_TRIALS`` alternated calls, on the call's own
-    tensors) and keeps ``pick_product``'s choice for the process (``reset_product_choices``).
-    ``RGKD_CPU_SKINNY_GEMM=input|weight|blocked`` fixes it instead (``input``: always megatron's
-    product, bit for bit). ``blocked`` makes the same dot products as ``input`` (bit for bit in our checks
-    with the MKL of torch's CPU wheels, though a BLAS may block K differently per call); ``weight``
-    sums in another order (~1e-7 relative), so only inference calls (no gradient) come here."""
+    tensors) and keeps ``pick_product``'s choice for the process (``reset_product_choices``; the
+    key also holds the dtype and torch's thread count). ``RGKD_CPU_SKINNY_GEMM=input|weight|blocked``
+    fixes it instead (``input``: always megatron's product, bit for bit).
+
+    ``blocked`` makes the same dot products as ``input`` (bit for bit in our checks with the MKL of
+    torch's CPU wheels, though a BLAS may block K differently per call); ``weight`` sums in another
+    order (~1e-7 relative), so only inference calls (no gradient) come here. The choice is a timing,
+    so two processes may choose differently: for greedy tokens identical from run to run, set
+    ``RGKD_CPU_SKINNY_GEMM=input``."""
     rows = input.numel() // max(input.shape[-1], 1)
     if (
         rows in SKINNY_ROWS

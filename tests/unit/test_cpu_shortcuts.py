@@ -41,6 +41,11 @@ def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
 def test_no_grad_product_matches_dense_and_takes_the_requested_product(rows, product, monkeypatch):
     monkeypatch.setenv(cpu_shortcuts.SKINNY_ENV, product)
+    ran: list[str] = []
+    for name, fn in list(cpu_shortcuts._PRODUCTS.items()):
+        monkeypatch.setitem(
+            cpu_shortcuts._PRODUCTS, name, lambda x_mk, w, name=name, fn=fn: ran.append(name) or fn(x_mk, w)
+        )
     g = torch.Generator().manual_seed(rows)
     k = 256
     w = torch.randn(SKINNY_MIN_BYTES // (4 * k), k, generator=g)  # exactly the threshold
@@ -53,6 +58,8 @@ def test_no_grad_product_matches_dense_and_takes_the_requested_product(rows, pro
         assert torch.equal(got.view(rows, -1), torch.mm(w, x.view(rows, k).t()).t())
     elif product == "input" or not 2 <= rows <= 8:
         assert torch.equal(got, torch.matmul(x, w.t()))
+    # megatron's product is computed in place (no entry of _PRODUCTS) unless another one is asked for
+    assert ran == ([product] if product != "input" and 2 <= rows <= 8 else [])
     small = w[: w.shape[0] // 2]  # below the threshold: always megatron's matmul
     assert torch.equal(no_grad_product(x, small), torch.matmul(x, small.t()))
     assert torch.equal(no_grad_product(x.double(), w.double()), torch.matmul(x.double(), w.double().t()))
@@ -73,11 +80,47 @@ def test_blocked_product_writes_every_column_like_a_dense_product(n, k, block):
     assert moved.nonzero().flatten().tolist() == [n // 2]
 
 
+@pytest.mark.parametrize(
+    "n, block, sizes",
+    [
+        (1000, 128, [128] * 7 + [104]),  # a tail of 104 rows stays a block
+        (1030, 128, [128] * 7 + [134]),  # a tail of 6 rows joins the block before
+        (1039, 128, [128] * 7 + [143]),  # 15 rows: still joined
+        (1040, 128, [128] * 8 + [16]),  # 16 rows: a block of its own
+        (256, 128, [128, 128]),
+        (1, 128, [1]),
+        (5, 0, [5]),
+    ],
+)
+def test_blocked_product_joins_a_short_last_block_to_the_one_before(n, block, sizes, monkeypatch):
+    calls: list[int] = []
+    real_mm = torch.mm
+
+    def recording_mm(a, b, **kwargs):
+        calls.append(b.shape[1])
+        return real_mm(a, b, **kwargs)
+
+    w, x = torch.randn(n, 8), torch.randn(3, 8)
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    got = blocked_product(x, w, block)
+    monkeypatch.setattr(torch, "mm", real_mm)
+    assert calls == sizes and sum(calls) == n
+    assert ((got - _dense(x, w)).abs().max() / _dense(x, w).abs().max()).item() < 1e-5
+
+
+def test_blocked_product_builds_no_graph_and_refuses_nothing_with_grad_mode_on():
+    w = torch.nn.Parameter(torch.randn(300, 16))
+    x = torch.randn(4, 16, requires_grad=True)
+    got = blocked_product(x, w, 64)  # grad mode on: an out= product would raise without no_grad
+    assert not got.requires_grad
+    assert torch.allclose(got, x.detach() @ w.detach().t(), rtol=1e-5, atol=1e-5)
+
+
 def test_block_rows_follow_the_byte_budget_per_thread(monkeypatch):
     assert block_rows(torch.empty(49152, 576), 1) == BLOCK_BYTES // (576 * 4) // 16 * 16
     assert block_rows(torch.empty(49152, 576), 2) == 2 * BLOCK_BYTES // (576 * 4) // 16 * 16
     assert block_rows(torch.empty(100, 576), 1) == 100  # never more than N
-    assert block_rows(torch.empty(4096, 1 << 20), 1) == 16  # at least 16 rows
+    assert block_rows(torch.empty(4096, 1 << 20, device="meta"), 1) == 16  # at least 16 rows
     assert block_rows(torch.empty(4096, 576, dtype=torch.bfloat16), 1) == BLOCK_BYTES // (576 * 2) // 16 * 16
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # 0: torch's thread count
     assert block_rows(torch.empty(49152, 576)) == 3 * BLOCK_BYTES // (576 * 4) // 16 * 16
@@ -144,13 +187,13 @@ def test_auto_product_times_every_product_on_the_call_tensors(monkeypatch):
 
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(1024, 64, generator=g), torch.randn(2, 64, generator=g)
+    monkeypatch.setattr(cpu_shortcuts, "block_rows", lambda weight: 256)  # four blocks
     monkeypatch.setattr(torch, "mm", recording_mm)
     seconds = cpu_shortcuts.time_products(x, w)
     monkeypatch.setattr(torch, "mm", real_mm)
     assert list(seconds) == list(cpu_shortcuts.SKINNY_PRODUCTS)
     assert all(len(t) == cpu_shortcuts.CALIBRATION_TRIALS and min(t) > 0 for t in seconds.values())
-    blocks = -(-1024 // block_rows(w))
-    assert len(seen) == (2 + blocks) * cpu_shortcuts.CALIBRATION_TRIALS
+    assert len(seen) == (2 + 4) * cpu_shortcuts.CALIBRATION_TRIALS
     storage = w.untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == storage for t in seen)
 
