@@ -15,8 +15,9 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
                           reader paths kept a whole pass's results alive, the raw pass none: the
                           reader paths then also paid the first touch of ~68 MB of fresh pages per
                           pass, about half of get's time). The other paths (JSON "paths"): get into
-                          one reused buffer (reader_reuse), gather [8, S] with new buffers (gather: the trainer's path
-                          with the loss on the CPU) and into reused ones (gather_reuse), the prefetch
+                          one reused buffer (reader_reuse), gather [8, S] with new buffers (gather:
+                          the trainer's path with the loss on the CPU) and into reused ones
+                          (gather_reuse), the prefetch
                           ring (prefetch_reuse), the stored payload of a sample without decoding
                           (reader_compact) and decoded on the CPU (reader_compact_decode), and the
                           trainer's GPU path (pbkd CachedTeacher.buckets): gather_compact [8, S], the

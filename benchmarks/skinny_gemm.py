@@ -1,7 +1,8 @@
 """Few-row products against large weights on the CPU, fp32, one process: megatron's and
 transformers' ``x @ W^T``, the weight-major ``(W @ x^T)^T`` and the same product in blocks of
-~576 KiB of W per torch thread (``blocked_product``): the three ``parallel.cpu_shortcuts.no_grad_product`` chooses
-among for 2-8 rows against fp32 weights of 1 MiB or more, by its own quick measurement.
+~576 KiB of W per torch thread (``blocked_product``): the three that ``no_grad_product``
+(``rgkd_megatron/parallel/cpu_shortcuts.py``) chooses among for 2-8 rows against fp32 weights of
+1 MiB or more, by its own quick measurement.
 
 For each weight shape [N, K] and row count M: the median time of each product over alternated
 repeats, the speedup of each alternative over ``x @ W^T``, the largest relative difference of each
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     from rgkd_megatron.parallel.cpu_shortcuts import (
         SKINNY_MIN_BYTES,
+        SKINNY_PRODUCTS,
         SKINNY_ROWS,
         blocked_product,
         skinny_product_choice,
@@ -95,8 +97,7 @@ def main(argv=None) -> dict:
         "product_env": os.environ.get("RGKD_CPU_SKINNY_GEMM", "auto"),
         "shortcut_eligible": len(eligible),
         "shortcut_takes": {
-            name: sum(r["shortcut_takes"] == name for r in eligible)
-            for name in ("input", "weight", "blocked")
+            name: sum(r["shortcut_takes"] == name for r in eligible) for name in SKINNY_PRODUCTS
         },
         # over the eligible shapes; 1.0 where the shortcut keeps x @ W^T
         "shortcut_speedup_min": min(speedups, default=None),
@@ -104,7 +105,7 @@ def main(argv=None) -> dict:
         "blocked_equals_input_everywhere": all(r["blocked_equals_input"] for r in results),
         **{
             f"max_rel_diff_{name}": max(r[f"max_rel_diff_{name}"] for r in results)
-            for name in ("input", "weight", "blocked")
+            for name in SKINNY_PRODUCTS
         },
         "results": results,
     }

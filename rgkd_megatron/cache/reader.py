@@ -76,6 +76,11 @@ def _plain_torch(fn):
     return wrapper
 
 
+def _layout_of(tensors) -> list[tuple]:
+    """What an accepted output buffer must keep for its checked numpy views to stay valid."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+
+
 class CacheCorruptionError(ValueError):
     """A shard (or the row index) does not hold the bytes the manifest promises."""
 
@@ -396,13 +401,8 @@ class TeacherCacheReader:
         """numpy views of the first ``n`` rows of ``get``'s ``out`` after checking it (ValueError)."""
         cached = self._out_views
         # the same buffer as the last call, its tensors unchanged (storage, shape, strides, dtype): checked then
-        if (
-            cached is not None
-            and cached[0] is out
-            and cached[1] == [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in out]
-        ):
-            if n <= cached[3]:
-                return tuple(a[:n] for a in cached[2])
+        if cached is not None and cached[0] is out and n <= cached[3] and cached[1] == _layout_of(out):
+            return tuple(a[:n] for a in cached[2])
         if not isinstance(out, TopKRows):
             raise ValueError(f"get: out must be a TopKRows (reader.empty_rows), got {type(out).__name__}")
         lp, ids, lse, tail = out
@@ -417,7 +417,7 @@ class TeacherCacheReader:
         # numpy views of the last ``out`` (a reused buffer: the usual case); holds that one buffer
         rows = min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0])
         views = tuple(as_numpy(t) for t in out)
-        self._out_views = (out, [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in out], views, rows)
+        self._out_views = (out, _layout_of(out), views, rows)
         return tuple(a[:n] for a in views)
 
     def _rows_spec(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
