@@ -5,7 +5,8 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
     bytes_vs_dense_fp16   cache bytes per token (shards + row index) / (2 * V), a dense fp16 distribution
     reader_vs_raw         TeacherCacheReader.get over every sample in random order, new output tensors
                           (default verification, blocks already verified: the steady state of training;
-                          decoding the q8 codes and packed ids included) / the same byte ranges (one per
+                          decoding the q8 codes and packed ids included, with the compiled one-pass
+                          kernel when it is built: JSON native_decode) / the same byte ranges (one per
                           section) copied out of a plain np.memmap of the shard files, same order; both
                           after a warm-up pass, so the page cache is hot for both. Every read path runs
                           once per round, --read-passes alternated rounds; each ratio is the median over
@@ -24,6 +25,8 @@ Three side-by-side ratios (one process; CPU/gloo or one GPU):
                           batch's stored bytes staged for the host-to-device copy, decoded on the GPU
                           (gather_compact: the host side), and the same payload decoded on the CPU
                           (gather_compact_decode; with the loss on the CPU the trainer calls gather);
+                          get and gather with the numpy / torch q8 decode instead of the compiled
+                          one-pass kernel (reader_fallback, gather_fallback; RGKD_CACHE_NATIVE=0);
                           the first pass with crc32 verification (reader_first_pass_vs_raw).
     build_vs_forward      build_teacher_cache (teacher forward + vocab-parallel top-k/lse/tail + copy to
                           host + shard writes with sha256/crc32/fsync + manifest) / the teacher forward
@@ -207,6 +210,7 @@ def _write_read_cache(args, work: str) -> str:
 
 def _time_reads(args, directory: str) -> dict:
     """Reader paths vs a raw memmap copy of the same bytes, in alternated passes (module docstring)."""
+    from rgkd_megatron.cache.codec import native_decode
     from rgkd_megatron.cache.manifest import layout_of
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
@@ -254,11 +258,27 @@ def _time_reads(args, directory: str) -> dict:
         for item in items:
             fn(item)
 
+    def with_fallback_decode(fn) -> None:
+        """``fn`` with the numpy / torch q8 decode (RGKD_CACHE_NATIVE=0) instead of the compiled one."""
+        before = os.environ.get("RGKD_CACHE_NATIVE")
+        os.environ["RGKD_CACHE_NATIVE"] = "0"
+        try:
+            fn()
+        finally:
+            if before is None:
+                del os.environ["RGKD_CACHE_NATIVE"]
+            else:
+                os.environ["RGKD_CACHE_NATIVE"] = before
+
     ids = [int(i) for i in order]
     passes = {
         "raw": raw_pass,
         "get": lambda: each(reader.get, ids),
         "get_reuse": lambda: each(lambda i: reader.get(i, out=rows_buf), ids),
+        "get_fallback": lambda: with_fallback_decode(lambda: each(reader.get, ids)),
+        "gather_fallback": lambda: with_fallback_decode(
+            lambda: each(lambda b: reader.gather(b["sample_ids"], b["position_ids"]), batches)
+        ),
         "gather": lambda: each(lambda b: reader.gather(b["sample_ids"], b["position_ids"]), batches),
         "gather_reuse": lambda: each(lambda b: reader.gather(b["sample_ids"], b["position_ids"], out=batch_buf), batches),
         "prefetch_reuse": lambda: each(lambda item: None, reader.prefetch(batches, depth=2, reuse_buffers=True)),
@@ -286,7 +306,7 @@ def _time_reads(args, directory: str) -> dict:
         return [(per_byte[name] / t[clock]) / (payload / r) for t, r in zip(times[name], raw)]
 
     out = {"read_payload_bytes": int(payload), "read_passes": args.read_passes}
-    for name, key in [("raw", "raw_memmap"), ("get", "reader"), ("get_reuse", "reader_reuse"), ("gather", "gather"),
+    for name, key in [("raw", "raw_memmap"), ("get", "reader"), ("get_reuse", "reader_reuse"), ("get_fallback", "reader_fallback"), ("gather", "gather"), ("gather_fallback", "gather_fallback"),
                       ("gather_reuse", "gather_reuse"), ("prefetch_reuse", "prefetch_reuse"),
                       ("get_compact", "reader_compact"), ("get_compact_decode", "reader_compact_decode"),
                       ("gather_compact", "gather_compact"), ("gather_compact_decode", "gather_compact_decode")]:  # fmt: skip
@@ -298,6 +318,9 @@ def _time_reads(args, directory: str) -> dict:
     out["paths"] = {
         "reader": "get(i) per sample, new output tensors (the definition of reader_vs_raw since issue 17)",
         "reader_reuse": "get(i, out=buf), one reused buffer",
+        "reader_fallback": "get(i) with the numpy / torch q8 decode (RGKD_CACHE_NATIVE=0) instead of the "
+        "compiled one-pass decode (rgkd_megatron.cache._rowdecode, used by every other decoding path)",
+        "gather_fallback": "gather [8, S] with the numpy / torch q8 decode (RGKD_CACHE_NATIVE=0)",
         "gather": "gather [8, S], new buffers: the trainer's path when the loss runs on the CPU (pbkd "
         "CachedTeacher.buckets)",
         "gather_reuse": "gather [8, S] into one reused set of buffers",
@@ -313,6 +336,7 @@ def _time_reads(args, directory: str) -> dict:
         "ratios": "medians over --read-passes rounds of (path bytes/s) / (raw bytes/s of the same round); "
         "*_cpu_time: the same with process CPU time",
     }
+    out["native_decode"] = native_decode()
     out["all_vs_raw"] = {name: [round(x, 3) for x in ratios(name, 0)] for name in passes if name != "raw"}
     return {
         **out,
@@ -347,7 +371,9 @@ def main(argv=None) -> dict:
         f"{'reader.get (verified)':<28}{reads['reader_gb_per_s']:>12.2f} GB/s   {reads['reader_vs_raw']:.2f}x raw"
     )
     print(f"{'reader.get (first, crc32)':<28}{'':>12}        {reads['reader_first_pass_vs_raw']:.2f}x raw")
-    for label, key in [("reader.gather [8, S]", "gather"), ("reader.get into a buffer", "reader_reuse"),
+    for label, key in [("reader.get, fallback decode", "reader_fallback"),
+                       ("reader.gather [8, S]", "gather"), ("  fallback decode", "gather_fallback"),
+                       ("reader.get into a buffer", "reader_reuse"),
                        ("gather into buffers", "gather_reuse"), ("prefetch ring", "prefetch_reuse"),
                        ("get_compact (no decode)", "reader_compact"),
                        ("gather_compact (GPU path)", "gather_compact"),

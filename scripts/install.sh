@@ -65,7 +65,9 @@ if [ "$DEV" = 1 ]; then
   stamp=".venv/.rgkd-installed-dev"
   extras="[dev,convert,mpi]"  # mpi: mpi4py for mpirun launches (tests/launch)
 fi
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
+# reinstall when setup.py or the C extension's source changed (pip install -e rebuilds the extension)
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ rgkd_megatron/cache/_rowdecode.c -nt "$stamp" ] \
+   || [ "$(cat "$stamp")" != "$extras" ]; then
   echo "[install] rgkd_megatron${extras} (editable)"
   "${PIP[@]}" install -e ".${extras}"
   echo "$extras" >"$stamp"

@@ -10,11 +10,16 @@ ids int32, lse / tail fp32) into section arrays and back.
   bit-packed LSB first.
 - Decoding writes into caller-given arrays (``decode_into``): a reader reuses its output buffers and
   decodes several row ranges (parts) in one batch.
+- q8 rows decode in one compiled pass (``_rowdecode.c``, built at install time when a C compiler is
+  present) or, without it, with numpy copies and two torch kernels: the same values, bit for bit.
+  ``RGKD_CACHE_NATIVE``: ``auto`` (default: compiled when built), ``0`` (never), ``1`` (required: an
+  error when it was not built).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,12 +28,19 @@ import torch
 if TYPE_CHECKING:  # format.py imports this module
     from rgkd_megatron.cache.format import ShardArrays, ShardHeader
 
+try:  # the optional C extension (setup.py): the one-pass q8 decode
+    from rgkd_megatron.cache import _rowdecode
+except ImportError:  # not built (no compiler at install time): the numpy / torch decode
+    _rowdecode = None
+
 __all__ = [
+    "ZERO_ELEMENT",
     "decode_into",
     "decode_logprobs",
     "decode_rows",
     "encode_logprobs",
     "encode_rows",
+    "native_decode",
     "q8_error_bound",
     "storage_dtype",
 ]
@@ -46,6 +58,9 @@ U16 = np.dtype("<u2")
 # ~6 us, then ~0.1 ns per value) rather than numpy's casting copies (~0.5 us per call, then ~1.7 ns
 # per value: numpy converts fp16 element by element); measured on 512- and 4,096-row decodes
 _TORCH_WIDEN_ROWS = 1024
+# one zero element of any section dtype (read-only): stride-0 views of it are rows of zero bytes
+# (``gather.with_padding``), which decode to zeros in every format
+ZERO_ELEMENT = bytes(16)
 _LP_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # the KD losses clamp teacher log-probs here
 
 
@@ -74,6 +89,51 @@ def decode_logprobs(array: np.ndarray, dtype: str) -> torch.Tensor:
     """ShardArrays/read array -> torch tensor of dtype float16 / bfloat16 / float32 (shares memory)."""
     t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if dtype == "bf16" else t
+
+
+def native_decode() -> bool:
+    """Whether q8 rows decode with the compiled one-pass kernel (``RGKD_CACHE_NATIVE``: ``auto`` /
+    unset: when built; ``0``: never; ``1``: always, a RuntimeError when the extension is missing)."""
+    mode = os.environ.get("RGKD_CACHE_NATIVE", "auto")
+    if mode == "auto":
+        return _rowdecode is not None
+    if mode == "0":
+        return False
+    if mode == "1":
+        if _rowdecode is None:
+            raise RuntimeError(
+                "RGKD_CACHE_NATIVE=1 but rgkd_megatron.cache._rowdecode is not built: reinstall with a C "
+                "compiler and the Python headers (pip install -e .), or unset RGKD_CACHE_NATIVE"
+            )
+        return True
+    raise ValueError(f"RGKD_CACHE_NATIVE={mode!r}: expected auto, 0 or 1")
+
+
+def _decode_q8_native(
+    parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tuple[np.ndarray, ...]
+) -> bool:
+    """``decode_into`` of version-2 q8 parts with the compiled kernel, one call per part (False, nothing
+    written, when not built / disabled or an output is not C-contiguous). A part of ``ZERO_ELEMENT``
+    views (``gather.with_padding``) decodes to zeros: its rows are filled; any other strided part is
+    made contiguous first."""
+    if not native_decode() or not all(a.flags.c_contiguous for a in out):
+        return False
+    hi, row = header.id_bits > 16, 0
+    for p in parts:
+        n = len(p["ids"])
+        if not all(a.flags.c_contiguous for a in p.values()):
+            if all(a.base is ZERO_ELEMENT for a in p.values()):  # zero bytes: m = s = 0, code 0, ids 0
+                for o in out:
+                    o[row : row + n] = 0
+                row += n
+                continue
+            p = {name: np.ascontiguousarray(a) for name, a in p.items()}
+        _rowdecode.q8_rows(
+            n, header.k, header.id_bits, p["logprobs"], p["qparams"], p["ids"], p["ids_hi"] if hi else None,
+            p["lse"], p["tail"], *out, row,
+        )  # fmt: skip
+        row += n
+    return True
 
 
 def _quantise_q8(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,6 +233,9 @@ def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tu
     parts."""
     if not parts:
         return
+    q8 = header.version == 2 and header.dtype == "q8"
+    if q8 and _decode_q8_native(parts, header, out):
+        return
     logprobs, ids, lse, tail = out
     one = parts[0] if len(parts) == 1 else None  # one row range (``get``): one copyto per section
 
@@ -187,7 +250,6 @@ def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tu
             row += len(src)
         return dst
 
-    q8 = header.version == 2 and header.dtype == "q8"
     # q8's fp16 sections: one torch conversion for a batch, numpy's casting copies for fewer rows
     wide = _widen_fp16(parts, ("qparams", "lse", "tail")) if q8 and len(ids) >= _TORCH_WIDEN_ROWS else None
     if q8:

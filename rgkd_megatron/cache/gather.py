@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from rgkd_megatron.cache.buffers import carve
+from rgkd_megatron.cache.codec import ZERO_ELEMENT
 
 __all__ = ["batch_ids", "batch_runs", "stage", "with_padding"]
-
-_ZERO = bytes(16)  # one zero element of any section dtype (read-only)
 
 
 def batch_ids(sample_ids_bs, position_ids_bs) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +70,8 @@ def with_padding(
 
     def zeros(n: int) -> dict[str, np.ndarray]:  # stride 0 over one zero element of each section
         return {
-            name: np.ndarray((n, *row), dtype, _ZERO, 0, (0,) * (1 + len(row))) for name, dtype, row in specs
+            name: np.ndarray((n, *row), dtype, ZERO_ELEMENT, 0, (0,) * (1 + len(row)))
+            for name, dtype, row in specs
         }
 
     for lo, hi, part in zip(starts.tolist(), ends.tolist(), parts):

@@ -176,12 +176,20 @@ def _assert_bits_equal(got, want) -> None:
         assert np.array_equal(g.view(f"u{g.itemsize}"), w.view(f"u{w.itemsize}"))
 
 
-@pytest.mark.parametrize("id_bits", [16, 18])
+@pytest.fixture(params=["1", "0"], ids=["compiled", "numpy-torch"])
+def decode_path(request, monkeypatch):
+    """Both q8 decodes: the compiled one-pass kernel (RGKD_CACHE_NATIVE=1: an error if it is not built)
+    and the numpy / torch fallback (0)."""
+    monkeypatch.setenv("RGKD_CACHE_NATIVE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("id_bits", [15, 16, 18, 21])
 @pytest.mark.parametrize("k", [64, 2, 1])
-def test_q8_decode_is_bit_identical_to_a_dense_reference(id_bits, k):
+def test_q8_decode_is_bit_identical_to_a_dense_reference(id_bits, k, decode_path):
     """decode_rows and the batched decode_into (several parts, one output) against ``_dense_decode``,
     bit for bit, on random codes and edge values of (m, s): zero, -0, zero step, fp16 subnormal step,
-    the -87.3 floor, codes 0 and 255."""
+    the -87.3 floor, codes 0 and 255; with each decode path."""
     rng = np.random.default_rng(k + id_bits)
     n = 300
     codes = rng.integers(0, 256, (n, k - 1), dtype=np.uint8)
@@ -221,9 +229,9 @@ def test_q8_decode_is_bit_identical_to_a_dense_reference(id_bits, k):
 
 
 @pytest.mark.parametrize("vocab", [32_000, 151_936])
-def test_reader_get_and_gather_match_the_dense_reference(tmp_path, vocab):
+def test_reader_get_and_gather_match_the_dense_reference(tmp_path, vocab, decode_path):
     """get and gather (runs across samples and shards, padding) against ``_dense_decode`` of the raw
-    sections of the shards, bit for bit."""
+    sections of the shards, bit for bit, with each decode path."""
     identity, offsets, rows = _write(tmp_path, vocab, "q8")
     reader = TeacherCacheReader(tmp_path, vocab_size=vocab)
     bits = (vocab - 1).bit_length()
