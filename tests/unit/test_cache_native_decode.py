@@ -6,6 +6,8 @@ test_cache_v2.py."""
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,15 @@ def test_extension_is_built_and_used_by_default(monkeypatch):
     assert codec.native_decode()
 
 
-def test_every_fp16_pattern_widens_as_numpy_does():
+def _has_avx2() -> bool:
+    return "avx2" in open("/proc/cpuinfo").read() if platform.machine() == "x86_64" else False
+
+
+ISAS = ["baseline", "avx2"] if _has_avx2() else ["baseline"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_fp16_pattern_widens_as_numpy_does(isa):
     """lse, tail and m through the kernel: all 65,536 fp16 bit patterns (subnormals, +-0, inf, NaN
     payloads) give numpy's fp32 bits; with s = 0 and code 0 every log-prob of the row is m."""
     mod = _compiled()
@@ -51,7 +61,7 @@ def test_every_fp16_pattern_widens_as_numpy_does():
     out = _outputs(n, k)
     codes = np.zeros((n, k - 1), np.uint8)
     ids = np.zeros((n, k), np.uint16)
-    mod.q8_rows(n, k, 16, codes, qparams, ids, None, lse, tail, *out, 0)
+    mod.q8_rows(n, k, 16, codes, qparams, ids, None, lse, tail, *out, 0, isa)
     want = pattern.view(np.float16).astype(np.float32)
     np.testing.assert_array_equal(_bits(out[2]), _bits(want))
     np.testing.assert_array_equal(_bits(out[3]), _bits(want[::-1]))
@@ -61,7 +71,8 @@ def test_every_fp16_pattern_widens_as_numpy_does():
     np.testing.assert_array_equal(_bits(out[0][finite, 1:]), _bits(np.repeat(want[finite, None], 2, 1)))
 
 
-def test_every_step_and_code_against_the_two_rounding_formula():
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_step_and_code_against_the_two_rounding_formula(isa):
     """Every finite fp16 step s with codes 0..255 and a few maxima m: fp32(m) - fp32(c) * fp32(s), product
     rounded then difference, as numpy computes it in float32."""
     mod = _compiled()
@@ -76,7 +87,7 @@ def test_every_step_and_code_against_the_two_rounding_formula():
         out = _outputs(n, k)
         ids = np.zeros((n, k), np.uint16)
         zeros = np.zeros(n, np.float16)
-        mod.q8_rows(n, k, 16, codes, qparams, ids, None, zeros, zeros, *out, 0)
+        mod.q8_rows(n, k, 16, codes, qparams, ids, None, zeros, zeros, *out, 0, isa)
         m32, s32 = qparams.astype(np.float32).T
         want = np.empty((n, k), np.float32)
         want[:, 0] = m32
@@ -97,6 +108,38 @@ def _sections(n: int, k: int, id_bits: int, seed: int) -> dict[str, np.ndarray]:
     if id_bits > 16:
         sec["ids_hi"] = rng.integers(0, 256, (n, -(-k * (id_bits - 16) // 8)), dtype=np.uint8)
     return sec
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 8, 9, 63, 64, 65, 100])
+@pytest.mark.parametrize("id_bits", [9, 16, 17, 23])
+def test_both_builds_match_the_dense_reference(k, id_bits):
+    """The baseline and (where the CPU has it) the AVX2 build of the loops against numpy's formula
+    (product rounded, then the difference) and the bit-by-bit id reference, for widths that leave
+    vector tails of every length; the output starts at row 3 of a larger buffer (row0)."""
+    mod = _compiled()
+    n = 37
+    sec = _sections(n, k, id_bits, k * 100 + id_bits)
+    m, s = sec["qparams"].astype(np.float32).T
+    want_lp = np.empty((n, k), np.float32)
+    want_lp[:, 0] = m
+    want_lp[:, 1:] = m[:, None] - sec["logprobs"].astype(np.float32) * s[:, None]
+    want_ids = sec["ids"].astype(np.int64)
+    if id_bits > 16:
+        h = id_bits - 16
+        bits = np.unpackbits(sec["ids_hi"], axis=1, bitorder="little")[:, : k * h].reshape(n, k, h)
+        want_ids |= (bits.astype(np.int64) << np.arange(16, id_bits)).sum(-1)
+    for isa in ISAS:
+        out = _outputs(n + 5, k)
+        mod.q8_rows(n, k, id_bits, sec["logprobs"], sec["qparams"], sec["ids"], sec.get("ids_hi"), sec["lse"],
+                    sec["tail"], *out, 3, isa)  # fmt: skip
+        np.testing.assert_array_equal(_bits(out[0][3 : 3 + n]), _bits(want_lp), err_msg=isa)
+        np.testing.assert_array_equal(out[1][3 : 3 + n], want_ids.astype(np.int32), err_msg=isa)
+        np.testing.assert_array_equal(out[2][3 : 3 + n], sec["lse"].astype(np.float32), err_msg=isa)
+        assert np.isnan(out[0][:3]).all() and np.isnan(out[0][3 + n :]).all()  # rows outside untouched
+        assert (out[1][:3] == -7).all() and (out[1][3 + n :] == -7).all()
+    with pytest.raises(ValueError, match="isa=fast"):
+        mod.q8_rows(n, k, id_bits, sec["logprobs"], sec["qparams"], sec["ids"], sec.get("ids_hi"), sec["lse"],
+                    sec["tail"], *out, 3, "fast")  # fmt: skip
 
 
 def _zero_part(n: int, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
