@@ -12,7 +12,13 @@ rows): built when a C compiler and the Python headers are present, skipped with 
 (the reader then decodes with numpy / torch: the same values, ~2x slower per row on the CPU).
 """
 
+import hashlib
+
 from setuptools import Extension, find_packages, setup
+
+ROWDECODE = "rgkd_megatron/cache/_rowdecode.c"
+with open(ROWDECODE, "rb") as f:  # the build records its source, so a stale build is recognised
+    ROWDECODE_SHA256 = hashlib.sha256(f.read()).hexdigest()
 
 setup(
     name="rgkd_megatron",
@@ -25,7 +31,8 @@ setup(
     ext_modules=[
         Extension(
             "rgkd_megatron.cache._rowdecode",
-            ["rgkd_megatron/cache/_rowdecode.c"],
+            [ROWDECODE],
+            define_macros=[("ROWDECODE_SOURCE_SHA256", f'"{ROWDECODE_SHA256}"')],
             # -ffp-contract=off: no fused multiply-add, the product and the difference as written
             extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"],
             optional=True,

@@ -65,9 +65,14 @@ if [ "$DEV" = 1 ]; then
   stamp=".venv/.rgkd-installed-dev"
   extras="[dev,convert,mpi]"  # mpi: mpi4py for mpirun launches (tests/launch)
 fi
-# reinstall when setup.py or the C extension's source changed (pip install -e rebuilds the extension)
+# reinstall when setup.py or the C extension's source changed, or the extension is missing while a C
+# compiler is present (pip install -e builds it; without a compiler it is skipped with a warning)
+ext_missing=0
+if command -v cc >/dev/null 2>&1 && ! ls rgkd_megatron/cache/_rowdecode*.so >/dev/null 2>&1; then
+  ext_missing=1
+fi
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ rgkd_megatron/cache/_rowdecode.c -nt "$stamp" ] \
-   || [ "$(cat "$stamp")" != "$extras" ]; then
+   || [ "$ext_missing" = 1 ] || [ "$(cat "$stamp")" != "$extras" ]; then
   echo "[install] rgkd_megatron${extras} (editable)"
   "${PIP[@]}" install -e ".${extras}"
   echo "$extras" >"$stamp"

@@ -10,8 +10,9 @@
  *   lse, tail [n]      fp16
  *   out_*     C-contiguous fp32 [N, k] / int32 [N, k] / fp32 [N] / fp32 [N]: rows row0 .. row0 + n written
  *
- *   logprobs[r, 0] = m, logprobs[r, j] = m - c_j * s (fp32; c_j * s, an 8-bit integer times an fp16, is
- *   exact in fp32, so the result has the one rounding of the difference, as torch's two-op decode);
+ *   logprobs[r, 0] = m - 0 * s, logprobs[r, j] = m - c_j * s (fp32; c_j * s, an 8-bit integer times an
+ *   fp16, is exact in fp32, so the result has the one rounding of the difference, as torch's two-op
+ *   decode: the same bits, NaN payloads aside);
  *   ids[r, j] = lo | hi_bits << 16 (bits LSB first in each row's packed bytes); lse / tail widened.
  *
  * Every buffer's byte length is checked against n, k and id_bits before anything is written; the
@@ -57,7 +58,7 @@ static inline __attribute__((always_inline)) void decode(Py_ssize_t n, Py_ssize_
         const float s = half_to_float(qparams[2 * r + 1]);
         const uint8_t *c = codes + r * (k - 1);
         float *o = out_lp + r * k;
-        o[0] = m;
+        o[0] = m - 0.0f * s; /* m for every finite s >= 0, as the fallback's m - code 0 * s */
         if (k > 1 && r + 1 < n) { /* reads c[k - 1], the next row's first code */
             /* k values from o[1]: the last lands on the next row's o[0], rewritten with its m next;
              * a k-long loop vectorises without a scalar tail when k is a multiple of the width */
@@ -150,6 +151,9 @@ static int need_at_least(const Py_buffer *b, Py_ssize_t bytes, const char *name)
     return 1;
 }
 
+#define MAX_ROWS ((Py_ssize_t)1 << 40)
+#define MAX_K ((Py_ssize_t)1 << 20)
+
 static PyObject *q8_rows(PyObject *self, PyObject *args) {
     Py_ssize_t n, k, row0;
     int id_bits;
@@ -161,9 +165,13 @@ static PyObject *q8_rows(PyObject *self, PyObject *args) {
         return NULL;
     decode_fn run = pick(isa);
     if (run == NULL) return NULL;
-    if (n < 0 || k < 1 || row0 < 0 || id_bits < 1 || id_bits > 31) {
-        PyErr_Format(PyExc_ValueError, "q8_rows: n=%zd k=%zd id_bits=%d row0=%zd out of range", n, k,
-                     id_bits, row0);
+    /* bounds that keep every byte count below (n + row0) * k * 4 < 2^63: no overflow in the checks */
+    if (n < 0 || n > MAX_ROWS || k < 1 || k > MAX_K || row0 < 0 || row0 > MAX_ROWS || id_bits < 1 ||
+        id_bits > 31) {
+        PyErr_Format(PyExc_ValueError,
+                     "q8_rows: n=%zd k=%zd id_bits=%d row0=%zd out of range (0 <= n, row0 <= 2^40, "
+                     "1 <= k <= 2^20, 1 <= id_bits <= 31)",
+                     n, k, id_bits, row0);
         return NULL;
     }
     const int hi_bits = id_bits > 16 ? id_bits - 16 : 0;
@@ -206,6 +214,10 @@ done:
     return result;
 }
 
+#ifndef ROWDECODE_SOURCE_SHA256
+#define ROWDECODE_SOURCE_SHA256 "unknown"
+#endif
+
 static PyMethodDef methods[] = {
     {"q8_rows", q8_rows, METH_VARARGS, "Decode n q8 cache rows into fp32 / int32 outputs at row0."},
     {NULL, NULL, 0, NULL},
@@ -214,4 +226,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rowdecode",
                                     "Compiled one-pass decode of q8 teacher-cache rows.", -1, methods};
 
-PyMODINIT_FUNC PyInit__rowdecode(void) { return PyModule_Create(&module); }
+/* source_sha256: the sha256 of this file when setup.py built it (codec.py ignores a stale build) */
+PyMODINIT_FUNC PyInit__rowdecode(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "source_sha256", ROWDECODE_SOURCE_SHA256) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

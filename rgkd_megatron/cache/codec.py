@@ -18,8 +18,10 @@ ids int32, lse / tail fp32) into section arrays and back.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +33,27 @@ if TYPE_CHECKING:  # format.py imports this module
 try:  # the optional C extension (setup.py): the one-pass q8 decode
     from rgkd_megatron.cache import _rowdecode
 except ImportError:  # not built (no compiler at install time): the numpy / torch decode
+    _rowdecode = None
+
+
+def _stale(module) -> str | None:
+    """Why ``module`` (the built extension) is not the source next to it, or None: a build older than
+    an edit of ``_rowdecode.c`` in a source checkout (an installed wheel has no source to compare)."""
+    source = os.path.join(os.path.dirname(__file__), "_rowdecode.c")
+    if module is None or not os.path.exists(source):
+        return None
+    with open(source, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    built = getattr(module, "source_sha256", "unknown")
+    return None if built == sha else f"built from source sha256 {built[:12]}, the source is now {sha[:12]}"
+
+
+if (_why := _stale(_rowdecode)) is not None:
+    warnings.warn(
+        f"rgkd_megatron.cache._rowdecode is stale ({_why}): decoding the cache with numpy / torch; "
+        "rebuild it with `pip install -e .`",
+        stacklevel=1,
+    )
     _rowdecode = None
 
 __all__ = [
@@ -58,6 +81,7 @@ U16 = np.dtype("<u2")
 # ~6 us, then ~0.1 ns per value) rather than numpy's casting copies (~0.5 us per call, then ~1.7 ns
 # per value: numpy converts fp16 element by element); measured on 512- and 4,096-row decodes
 _TORCH_WIDEN_ROWS = 1024
+_NATIVE_OUT = (F32, IDS, F32, F32)  # the compiled decode's outputs (it checks byte lengths only)
 # one zero element of any section dtype (read-only): stride-0 views of it are rows of zero bytes
 # (``gather.with_padding``), which decode to zeros in every format
 ZERO_ELEMENT = bytes(16)
@@ -113,10 +137,13 @@ def _decode_q8_native(
     parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tuple[np.ndarray, ...]
 ) -> bool:
     """``decode_into`` of version-2 q8 parts with the compiled kernel, one call per part (False, nothing
-    written, when not built / disabled or an output is not C-contiguous). A part of ``ZERO_ELEMENT``
+    written, when not built / disabled or an output is not C-contiguous fp32 / int32 / fp32 / fp32: the
+    fallback casts). A part of ``ZERO_ELEMENT``
     views (``gather.with_padding``) decodes to zeros: its rows are filled; any other strided part is
     made contiguous first."""
-    if not native_decode() or not all(a.flags.c_contiguous for a in out):
+    if not native_decode() or tuple(a.dtype for a in out) != _NATIVE_OUT:
+        return False
+    if not all(a.flags.c_contiguous for a in out):
         return False
     hi, row = header.id_bits > 16, 0
     for p in parts:

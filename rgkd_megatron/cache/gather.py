@@ -24,7 +24,7 @@ import torch
 from rgkd_megatron.cache.buffers import carve
 from rgkd_megatron.cache.codec import ZERO_ELEMENT
 
-__all__ = ["batch_ids", "batch_runs", "stage", "with_padding"]
+__all__ = ["batch_ids", "batch_runs", "locate_runs", "stage", "with_padding"]
 
 
 def batch_ids(sample_ids_bs, position_ids_bs) -> tuple[np.ndarray, np.ndarray]:
@@ -42,16 +42,45 @@ def batch_ids(sample_ids_bs, position_ids_bs) -> tuple[np.ndarray, np.ndarray]:
 def batch_runs(sid: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat (row-major) bounds ``[lo, hi)`` of the runs of a [b, s] batch, in order: a run starts at
     every row start and wherever ``sid[t] != sid[t - 1]`` or ``pos[t] != pos[t - 1] + 1``; runs of
-    padding (``sid < 0``) are left out. One vectorised pass over the whole batch."""
+    padding (``sid < 0``) are left out. One vectorised pass over the flat batch."""
     b, s = sid.shape
     if sid.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    brk = np.ones((b, s), dtype=bool)
-    brk[:, 1:] = (sid[:, 1:] != sid[:, :-1]) | (pos[:, 1:] != pos[:, :-1] + 1)
+    flat_sid, flat_pos = sid.reshape(-1), pos.reshape(-1)
+    brk = np.empty(sid.size, dtype=bool)
+    np.not_equal(flat_sid[1:], flat_sid[:-1], out=brk[1:])
+    brk[1:] |= np.subtract(flat_pos[1:], flat_pos[:-1]) != 1
+    brk[::s] = True  # every row starts a run
     starts = np.flatnonzero(brk)
-    ends = np.append(starts[1:], sid.size)
-    keep = sid.reshape(-1)[starts] >= 0
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1] = sid.size
+    keep = flat_sid[starts] >= 0
     return starts[keep], ends[keep]
+
+
+def locate_runs(
+    sid: np.ndarray,
+    pos: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    row_offsets: np.ndarray,
+    shard_first_sample: np.ndarray,
+    shard_first_row: np.ndarray,
+) -> tuple[list[int], list[int], list[int]] | None:
+    """Per run of ``batch_runs``: (shard index, first row within the shard, rows), as lists; None when
+    some run names a sample the cache lacks or rows past its end (the caller's per-run checks then
+    raise, naming it). Vectorised over the runs."""
+    run_sid = sid.reshape(-1)[starts]
+    first = pos.reshape(-1)[starts]
+    n = ends - starts
+    if run_sid.size and (run_sid.max() >= len(row_offsets) - 1 or first.min() < 0):
+        return None
+    row = row_offsets[run_sid] + first
+    if np.any(row + n > row_offsets[run_sid + 1]):
+        return None
+    shard = np.searchsorted(shard_first_sample, run_sid, side="right") - 1
+    return shard.tolist(), (row - shard_first_row[shard]).tolist(), n.tolist()
 
 
 def with_padding(

@@ -55,7 +55,7 @@ from rgkd_megatron.cache.buffers import Prefetcher, as_numpy, batch_spec, check_
 from rgkd_megatron.cache.codec import TORCH_DTYPES, decode_into, decode_logprobs, decode_rows, storage_dtype
 from rgkd_megatron.cache.compact import CompactBatch, CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
-from rgkd_megatron.cache.gather import batch_ids, batch_runs, stage, with_padding
+from rgkd_megatron.cache.gather import batch_ids, batch_runs, locate_runs, stage, with_padding
 from rgkd_megatron.cache.manifest import check_compatible, id_bits_of, layout_of, load_manifest
 
 __all__ = ["CacheCorruptionError", "TeacherCacheReader", "TopKRows"]
@@ -158,6 +158,10 @@ class TeacherCacheReader:
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
         ]
         self._shard_first_sample = [int(e["first_sample"]) for e in self.manifest["shards"]]
+        self._shard_firsts = (  # (first sample, first row) per shard, for locate_runs
+            np.array(self._shard_first_sample, np.int64),
+            np.array([int(e["first_row"]) for e in self.manifest["shards"]], np.int64),
+        )
         for shard in self._shards:
             self._check_file(shard)
         if verify == "full":
@@ -314,11 +318,15 @@ class TeacherCacheReader:
     def _shard_rows(self, i: int, start: int, end: int) -> tuple[_Shard, int, int]:
         shard = self._shards[bisect.bisect_right(self._shard_first_sample, i) - 1]
         lo = int(self.row_offsets[i]) - shard.entry["first_row"] + start
+        return self._ready(shard, lo, lo + end - start), lo, lo + end - start
+
+    def _ready(self, shard: _Shard, lo: int, hi: int) -> _Shard:
+        """``shard`` opened, its rows [lo, hi) verified (unless verify="none")."""
         if shard.sections is None:
             self._open(shard)
         if not shard.all_verified and self.verify != "none":
-            self._verify_blocks(shard, lo, lo + end - start)
-        return shard, lo, lo + end - start
+            self._verify_blocks(shard, lo, hi)
+        return shard
 
     def _range(self, sample_id: int, start: int, end: int | None) -> tuple[int, int, int]:
         i = self._check_sample(sample_id)
@@ -469,12 +477,19 @@ class TeacherCacheReader:
         """The stored rows of a [b, s] batch's runs (verified, range-checked) with zero parts at its
         padding (``gather.with_padding``): b * s rows in row-major order."""
         starts, ends = batch_runs(sid, pos)
-        flat_sid, flat_pos, parts = sid.reshape(-1), pos.reshape(-1), []
-        for lo, hi in zip(starts.tolist(), ends.tolist()):
-            first = int(flat_pos[lo])
-            i, start, end = self._range(int(flat_sid[lo]), first, first + hi - lo)
-            shard, a, z = self._shard_rows(i, start, end)
-            parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
+        located = locate_runs(sid, pos, starts, ends, self.row_offsets, *self._shard_firsts)
+        parts = []
+        if located is None:  # some run is out of range: the per-run checks raise, naming it
+            flat_sid, flat_pos = sid.reshape(-1), pos.reshape(-1)
+            for lo, hi in zip(starts.tolist(), ends.tolist()):
+                first = int(flat_pos[lo])
+                i, start, end = self._range(int(flat_sid[lo]), first, first + hi - lo)
+                shard, a, z = self._shard_rows(i, start, end)
+                parts.append({n: sec[a:z] for n, sec in shard.sections.items()})
+        else:
+            for index, a, n in zip(*located):
+                shard = self._ready(self._shards[index], a, a + n)
+                parts.append({name: sec[a : a + n] for name, sec in shard.sections.items()})
         return with_padding(parts, starts, ends, sid.size, self._specs)
 
     def empty_batch(self, b: int, s: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from test_cache_buffers import FIELDS, _assert_batch, _bits, _reference
 from test_cache_v2 import SEQ, _v1_cache, _write
 
 from rgkd_megatron.cache import TeacherCacheReader
-from rgkd_megatron.cache.gather import batch_runs
+from rgkd_megatron.cache.gather import batch_runs, locate_runs
 from rgkd_megatron.pbkd.teacher_source import CachedTeacher
 
 # runs that break on a new sample, on a position jump, on padding in the middle, at row starts
@@ -99,6 +99,42 @@ def test_gather_compact_refuses_rows_beyond_a_sample(tmp_path):
     n = reader.num_rows_of(2)
     with pytest.raises(IndexError, match="sample 2"):
         reader.gather_compact(np.array([[2, 2]]), np.array([[n - 1, n]]))
+
+
+def test_locate_runs_matches_the_per_run_lookup_and_refuses_out_of_range(tmp_path):
+    """locate_runs (vectorised over a batch's runs) against the reader's per-sample lookup (shard by
+    bisection, row from the row index) on random valid batches over several shards; None for a run
+    that starts before row 0 or ends past its sample, or names a sample the cache lacks, and gather
+    then raises for exactly that sample."""
+    _write(tmp_path, 32_000, "q8")
+    reader = TeacherCacheReader(tmp_path, vocab_size=32_000)
+    assert reader.num_shards > 1
+    rng = np.random.default_rng(0)
+    rows_of = [reader.num_rows_of(i) for i in range(reader.num_samples)]
+    for _ in range(30):
+        sid = rng.integers(-1, reader.num_samples, (3, 6))
+        pos = np.zeros_like(sid)
+        for (r, j), i in np.ndenumerate(sid):
+            if i >= 0 and rows_of[i] == 0:  # a one-token sample has no rows
+                sid[r, j] = -1
+            pos[r, j] = rng.integers(0, rows_of[i]) if sid[r, j] >= 0 else 0
+        starts, ends = batch_runs(sid, pos)
+        shards, los, counts = locate_runs(sid, pos, starts, ends, reader.row_offsets, *reader._shard_firsts)
+        for a, z, shard, lo, n in zip(starts.tolist(), ends.tolist(), shards, los, counts):
+            i, first = int(sid.reshape(-1)[a]), int(pos.reshape(-1)[a])
+            want_shard, want_lo, want_hi = reader._shard_rows(i, first, first + z - a)
+            assert (reader._shards[shard], lo, lo + n) == (want_shard, want_lo, want_hi)
+    last = reader.num_samples - 1
+    for sid, pos, named in [
+        ([[1, 1]], [[-1, 0]], "sample 1"),
+        ([[2, 2]], [[rows_of[2] - 1, rows_of[2]]], "sample 2"),
+        ([[last + 1, 0]], [[0, 0]], f"sample id {last + 1}"),
+    ]:
+        sid, pos = np.array(sid), np.array(pos)
+        starts, ends = batch_runs(sid, pos)
+        assert locate_runs(sid, pos, starts, ends, reader.row_offsets, *reader._shard_firsts) is None
+        with pytest.raises(IndexError, match=named):
+            reader.gather(sid, pos)
 
 
 def test_cached_teacher_buckets_equal_gather_on_a_written_cache(tmp_path):

@@ -7,6 +7,9 @@ test_cache_v2.py."""
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -52,7 +55,7 @@ ISAS = ["baseline", "avx2"] if _has_avx2() else ["baseline"]
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_fp16_pattern_widens_as_numpy_does(isa):
     """lse, tail and m through the kernel: all 65,536 fp16 bit patterns (subnormals, +-0, inf, NaN
-    payloads) give numpy's fp32 bits; with s = 0 and code 0 every log-prob of the row is m."""
+    payloads) give numpy's fp32 bits; with s = 0 every log-prob of the row is m - 0 * 0."""
     mod = _compiled()
     pattern = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     n, k = pattern.size, 3
@@ -65,7 +68,10 @@ def test_every_fp16_pattern_widens_as_numpy_does(isa):
     want = pattern.view(np.float16).astype(np.float32)
     np.testing.assert_array_equal(_bits(out[2]), _bits(want))
     np.testing.assert_array_equal(_bits(out[3]), _bits(want[::-1]))
-    np.testing.assert_array_equal(_bits(out[0][:, 0]), _bits(want))
+    # column 0 is m - 0 * s: m itself, but arithmetic quiets a signalling NaN (as numpy's does)
+    with np.errstate(invalid="ignore"):
+        col0 = want - np.float32(0) * np.float32(0)
+    np.testing.assert_array_equal(_bits(out[0][:, 0]), _bits(col0))
     finite = np.isfinite(want)
     # m - 0 * 0: -0.0 - (+0.0) = -0.0, so even the sign of zero is m's
     np.testing.assert_array_equal(_bits(out[0][finite, 1:]), _bits(np.repeat(want[finite, None], 2, 1)))
@@ -111,7 +117,7 @@ def _sections(n: int, k: int, id_bits: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 8, 9, 63, 64, 65, 100])
-@pytest.mark.parametrize("id_bits", [9, 16, 17, 23])
+@pytest.mark.parametrize("id_bits", [9, 16, 17, 23, 31])
 def test_both_builds_match_the_dense_reference(k, id_bits):
     """The baseline and (where the CPU has it) the AVX2 build of the loops against numpy's formula
     (product rounded, then the difference) and the bit-by-bit id reference, for widths that leave
@@ -151,16 +157,17 @@ def _zero_part(n: int, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("id_bits", [16, 17])
-def test_parts_padding_and_strided_rows_match_the_fallback_and_torch(monkeypatch, id_bits):
-    """Parts with padding between and after them and one part of strided (non-contiguous) rows: the
-    compiled decode equals the numpy / torch fallback and CompactRows.decode_torch of the same rows
-    laid out contiguously (zeros at padding), bit for bit."""
+@pytest.mark.parametrize("k", [64, 1])
+def test_parts_padding_and_strided_rows_match_the_fallback_and_torch(monkeypatch, id_bits, k):
+    """Parts with padding between and after them, a part of 0 rows and one of strided
+    (non-contiguous) rows: the compiled decode equals the numpy / torch fallback and
+    CompactRows.decode_torch of the same rows laid out contiguously (zeros at padding), bit for bit."""
     _compiled()
-    k = 64
     a, b = _sections(40, k, id_bits, 1), _sections(30, k, id_bits, 2)
     strided = {name: x[::2] for name, x in _sections(20, k, id_bits, 3).items()}
     assert not strided["ids"].flags.c_contiguous
-    parts = [_zero_part(3, a), a, _zero_part(5, a), strided, b, _zero_part(2, a)]
+    empty = {name: x[:0] for name, x in b.items()}
+    parts = [_zero_part(3, a), a, _zero_part(5, a), empty, strided, b, _zero_part(2, a)]
     n = sum(len(p["ids"]) for p in parts)
     header = ShardHeader(k, "q8", 8, n, 0, 0, 1, 2, id_bits)
     got = {}
@@ -258,3 +265,79 @@ def test_switch_selects_the_path(monkeypatch):
     out = _outputs(n, k)
     decode_into([sec], header, out)  # the fallback, silently
     assert np.isfinite(out[0]).all()
+
+
+def test_column_zero_matches_the_fallback_for_any_step(monkeypatch):
+    """m - 0 * s, as the fallback computes column 0: m for finite s >= 0, NaN for an infinite or NaN
+    step (values the writer never stores, compared anyway)."""
+    _compiled()
+    k, n = 4, 6
+    sec = _sections(n, k, 16, 7)
+    sec["qparams"][:, 1] = np.array([0.0, 0.5, -0.5, np.inf, -np.inf, np.nan], np.float16)
+    header = ShardHeader(k, "q8", 8, n, 0, 0, 1, 2, 16)
+    got = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("RGKD_CACHE_NATIVE", mode)
+        got[mode] = _outputs(n, k)
+        decode_into([sec], header, got[mode])
+    np.testing.assert_array_equal(got["1"][0], got["0"][0])  # NaN == NaN here, any payload
+
+
+def test_outputs_of_other_dtypes_take_the_casting_fallback(monkeypatch):
+    """float64 / int64 outputs: the compiled kernel (which checks byte lengths only) is not called; the
+    fallback casts, giving the fp32 / int32 values widened."""
+    _compiled()
+    n, k = 9, 8
+    sec = _sections(n, k, 16, 8)
+    header = ShardHeader(k, "q8", 8, n, 0, 0, 1, 2, 16)
+    monkeypatch.setenv("RGKD_CACHE_NATIVE", "1")
+    want = _outputs(n, k)
+    decode_into([sec], header, want)
+    wide = (np.empty((n, k)), np.empty((n, k), np.int64), np.empty(n), np.empty(n))
+    decode_into([sec], header, wide)
+    for w, g in zip(want, wide):
+        np.testing.assert_array_equal(g, w.astype(g.dtype))
+
+
+_OVERFLOW = """
+import sys
+import numpy as np
+from rgkd_megatron.cache import codec
+mod = codec._rowdecode
+u8, u16 = np.zeros(64, np.uint8), np.zeros(64, np.uint16)
+outs = (np.zeros(64, np.float32), np.zeros(64, np.int32), np.zeros(64, np.float32), np.zeros(64, np.float32))
+cases = {
+    "huge k": (4, 2**62 + 1, 16, np.zeros(0, np.uint8), np.zeros(8, np.uint16), np.zeros(4, np.uint16), None,
+               np.zeros(4, np.uint16), np.zeros(4, np.uint16), *outs, 0),
+    "huge row0": (4, 1, 16, np.zeros(0, np.uint8), np.zeros(8, np.uint16), np.zeros(4, np.uint16), None,
+                  np.zeros(4, np.uint16), np.zeros(4, np.uint16), *outs, 2**62 - 2),
+    "huge n": (2**61, 2, 16, u8, u16, u16, None, u16, u16, *outs, 0),
+    "negative n": (-1, 2, 16, u8, u16, u16, None, u16, u16, *outs, 0),
+}
+for name, args in cases.items():
+    try:
+        mod.q8_rows(*args)
+    except ValueError as e:
+        print(name, "refused:", e)
+    else:
+        print(name, "ACCEPTED")
+        sys.exit(1)
+"""
+
+
+def test_arguments_that_would_overflow_the_size_checks_are_refused():
+    """n / k / row0 so large that the byte counts would wrap: refused before any access (run in a
+    child process, so an out-of-bounds access shows as a crash of the child, not of the test run)."""
+    _compiled()
+    proc = subprocess.run([sys.executable, "-c", _OVERFLOW], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.count("refused: q8_rows: n=") == 4, proc.stdout
+
+
+def test_a_stale_build_is_recognised():
+    """The build records the sha256 of the source it came from; the installed one is current, a module
+    from other source is stale (codec then decodes with numpy / torch, with a warning)."""
+    assert codec._stale(_compiled()) is None
+    other = types.SimpleNamespace(source_sha256="0" * 64)
+    assert "built from source sha256 000000000000" in codec._stale(other)
+    assert codec._stale(types.SimpleNamespace()) is not None  # a build without the record
