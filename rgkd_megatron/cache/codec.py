@@ -136,11 +136,10 @@ def native_decode() -> bool:
 def _decode_q8_native(
     parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tuple[np.ndarray, ...]
 ) -> bool:
-    """``decode_into`` of version-2 q8 parts with the compiled kernel, one call per part (False, nothing
-    written, when not built / disabled or an output is not C-contiguous fp32 / int32 / fp32 / fp32: the
-    fallback casts). A part of ``ZERO_ELEMENT``
-    views (``gather.with_padding``) decodes to zeros: its rows are filled; any other strided part is
-    made contiguous first."""
+    """``decode_into`` of version-2 q8 parts with the compiled kernel, one call per part. False, nothing
+    written, when it is not built / disabled or an output is not C-contiguous fp32 / int32 / fp32 /
+    fp32 (the fallback casts). A part of ``ZERO_ELEMENT`` views (``gather.with_padding``) decodes to
+    zeros: its rows are filled; any other strided part is made contiguous first."""
     if not native_decode() or tuple(a.dtype for a in out) != _NATIVE_OUT:
         return False
     if not all(a.flags.c_contiguous for a in out):
@@ -257,7 +256,8 @@ def decode_into(parts: list[dict[str, np.ndarray]], header: ShardHeader, out: tu
     tail [N] fp32), N the parts' rows together: one copy of each section (widened on the fly where
     the stored type is narrower; q8's fp16 (m, s), lse and tail of N >= ``_TORCH_WIDEN_ROWS`` rows
     by one torch conversion, ``_widen_fp16``) and one batched q8 decode, whatever the number of
-    parts."""
+    parts; version-2 q8 parts go through the compiled one-pass decode instead when it is built
+    (``native_decode``), to the same bits."""
     if not parts:
         return
     q8 = header.version == 2 and header.dtype == "q8"
