@@ -108,10 +108,7 @@ static void decode_baseline(DECODE_ARGS) { decode(DECODE_CALL); }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_AVX2_BUILD 1
 __attribute__((target("avx2"))) static void decode_avx2(DECODE_ARGS) { decode(DECODE_CALL); }
-static int cpu_has_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-}
+static int cpu_has_avx2 = 0; /* set once when the module loads (PyInit__rowdecode) */
 #else
 #define HAVE_AVX2_BUILD 0
 #endif
@@ -125,7 +122,7 @@ static decode_fn pick(const char *isa) {
         return NULL;
     }
 #if HAVE_AVX2_BUILD
-    if (cpu_has_avx2()) return decode_avx2;
+    if (cpu_has_avx2) return decode_avx2;
 #endif
     if (want_avx2) {
         PyErr_SetString(PyExc_ValueError, "q8_rows: isa=avx2 but this CPU or build has no AVX2");
@@ -228,6 +225,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rowdecode",
 
 /* source_sha256: the sha256 of this file when setup.py built it (codec.py ignores a stale build) */
 PyMODINIT_FUNC PyInit__rowdecode(void) {
+#if HAVE_AVX2_BUILD
+    __builtin_cpu_init();
+    cpu_has_avx2 = __builtin_cpu_supports("avx2");
+#endif
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddStringConstant(m, "source_sha256", ROWDECODE_SOURCE_SHA256) < 0) {
         Py_DECREF(m);
