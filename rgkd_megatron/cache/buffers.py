@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from rgkd_megatron.cache.reader import TeacherCacheReader
 
-__all__ = ["BATCH_FIELDS", "Prefetcher", "as_numpy", "carve", "check_out", "empty_batch"]
+__all__ = ["BATCH_FIELDS", "OutRows", "Prefetcher", "as_numpy", "carve", "check_out", "empty_batch"]
 
 BATCH_FIELDS = ("logprobs", "ids", "lse", "tail", "valid")
 
@@ -102,6 +102,52 @@ def check_out(
                 f"{what}: out field {name!r} must be a contiguous CPU tensor (got device {t.device}, "
                 f"contiguous={t.is_contiguous()})"
             )
+
+
+def _layout_of(tensors) -> list[tuple]:
+    """What an accepted output buffer must keep for its checked numpy views to stay valid."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+
+
+class OutRows:
+    """``TeacherCacheReader.get``'s ``out=``: checks a ``row_type`` (``TopKRows``) of contiguous CPU
+    tensors (logprobs [>= n, k] in ``dtype``, ids [>= n, k] int32, lse / tail [>= n] fp32) and gives
+    numpy views of its first n rows. The last accepted buffer (the usual case: one reused buffer) is
+    remembered with its views; it is taken again unchecked while it is the same object with every
+    tensor's storage, shape, strides and dtype unchanged, and n fits its rows."""
+
+    def __init__(self, row_type: type, k: int, dtype: torch.dtype):
+        self._row_type, self._k, self._dtype = row_type, k, dtype
+        self._dtypes = (dtype, torch.int32, torch.float32, torch.float32)
+        self._last: tuple | None = None  # (buffer, its layout, numpy views, rows)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_last": None}  # the views are of this process's memory
+
+    def views(self, out, n: int) -> tuple[np.ndarray, ...]:
+        """numpy views of the first ``n`` rows of ``out`` after checking it (ValueError naming the field)."""
+        last = self._last
+        if last is not None and last[0] is out and n <= last[3] and last[1] == _layout_of(out):
+            return tuple(a[:n] for a in last[2])
+        if not isinstance(out, self._row_type):
+            raise ValueError(
+                f"get: out must be a {self._row_type.__name__} (reader.empty_rows), got {type(out).__name__}"
+            )
+        lp, ids, lse, tail = out
+        ok = all(torch.is_tensor(t) and t.device.type == "cpu" and t.is_contiguous() for t in out) and (
+            (lp.dtype, ids.dtype, lse.dtype, tail.dtype) == self._dtypes
+            and lp.shape[1:] == ids.shape[1:] == (self._k,)
+            and lse.dim() == tail.dim() == 1
+            and min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0]) >= n
+        )
+        if not ok:  # the message names the field
+            spec = batch_spec(1, n, self._k, self._dtype)
+            rows_spec = {name: (shape[1:], dt) for name, (shape, dt) in spec.items() if name != "valid"}
+            check_out(out._asdict(), rows_spec, "get", min_rows=True)
+        rows = min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0])
+        views = tuple(as_numpy(t) for t in out)
+        self._last = (out, _layout_of(out), views, rows)
+        return tuple(a[:n] for a in views)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

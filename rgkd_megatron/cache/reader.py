@@ -51,7 +51,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from rgkd_megatron.cache.buffers import Prefetcher, as_numpy, batch_spec, check_out, empty_batch
+from rgkd_megatron.cache.buffers import OutRows, Prefetcher, as_numpy, batch_spec, check_out, empty_batch
 from rgkd_megatron.cache.codec import TORCH_DTYPES, decode_into, decode_logprobs, decode_rows, storage_dtype
 from rgkd_megatron.cache.compact import CompactBatch, CompactRows
 from rgkd_megatron.cache.format import ShardHeader, read_header
@@ -74,11 +74,6 @@ def _plain_torch(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def _layout_of(tensors) -> list[tuple]:
-    """What an accepted output buffer must keep for its checked numpy views to stay valid."""
-    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
 
 
 class CacheCorruptionError(ValueError):
@@ -150,9 +145,7 @@ class TeacherCacheReader:
         )
         self._storage = storage_dtype(m["dtype"])
         self._specs = [(c.name, c.dtype, c.row_shape) for c in layout_of(m, 0).sections]  # (name, dtype, row)
-        self._k = int(m["k"])
-        self._out_views: tuple | None = None
-        self._out_dtypes = (TORCH_DTYPES[m["dtype"]], torch.int32, torch.float32, torch.float32)
+        self._out_rows = OutRows(TopKRows, int(m["k"]), TORCH_DTYPES[m["dtype"]])
         self.row_offsets = self._load_row_index()
         self._shards = [
             _Shard(os.path.join(self.directory, e["name"]), e, self.manifest) for e in self.manifest["shards"]
@@ -197,7 +190,6 @@ class TeacherCacheReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock")
-        state["_out_views"] = None
         state["_shards"] = [_Shard(s.path, s.entry, self.manifest) for s in self._shards]
         return state
 
@@ -390,7 +382,7 @@ class TeacherCacheReader:
                       np.empty(n, np.float32), np.empty(n, np.float32))  # fmt: skip
             result = TopKRows(self._logprobs_tensor(arrays[0]), *map(torch.from_numpy, arrays[1:]))
         else:
-            arrays = self._rows_out(out, n)
+            arrays = self._out_rows.views(out, n)
             result = out if all(t.shape[0] == n for t in out) else TopKRows(*(t[:n] for t in out))
         decode_into([{name: sec[lo:hi] for name, sec in shard.sections.items()}], self._format, arrays)
         return result
@@ -404,33 +396,6 @@ class TeacherCacheReader:
         f = self._format
         payload = {name: torch.from_numpy(np.array(sec[lo:hi])) for name, sec in shard.sections.items()}
         return CompactRows(payload, f.k, f.dtype, f.version, f.id_bits)
-
-    def _rows_out(self, out: TopKRows, n: int) -> tuple[np.ndarray, ...]:
-        """numpy views of the first ``n`` rows of ``get``'s ``out`` after checking it (ValueError)."""
-        cached = self._out_views
-        # the same buffer as the last call, its tensors unchanged (storage, shape, strides, dtype): checked then
-        if cached is not None and cached[0] is out and n <= cached[3] and cached[1] == _layout_of(out):
-            return tuple(a[:n] for a in cached[2])
-        if not isinstance(out, TopKRows):
-            raise ValueError(f"get: out must be a TopKRows (reader.empty_rows), got {type(out).__name__}")
-        lp, ids, lse, tail = out
-        ok = all(torch.is_tensor(t) and t.device.type == "cpu" and t.is_contiguous() for t in out) and (
-            (lp.dtype, ids.dtype, lse.dtype, tail.dtype) == self._out_dtypes
-            and lp.shape[1:] == ids.shape[1:] == (self._k,)
-            and lse.dim() == tail.dim() == 1
-            and min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0]) >= n
-        )
-        if not ok:  # the message names the field
-            check_out(out._asdict(), self._rows_spec(n), "get", min_rows=True)
-        # numpy views of the last ``out`` (a reused buffer: the usual case); holds that one buffer
-        rows = min(lp.shape[0], ids.shape[0], lse.shape[0], tail.shape[0])
-        views = tuple(as_numpy(t) for t in out)
-        self._out_views = (out, _layout_of(out), views, rows)
-        return tuple(a[:n] for a in views)
-
-    def _rows_spec(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        spec = batch_spec(1, n, self.k, self.dtype)
-        return {name: (shape[1:], dt) for name, (shape, dt) in spec.items() if name != "valid"}
 
     def _logprobs_tensor(self, arr: np.ndarray) -> torch.Tensor:
         return decode_logprobs(arr, self.manifest["dtype"])
